@@ -1,0 +1,126 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""Attention ops of Hybrid Forcing. No diffusers imports here.
+
+Each op has a plain-PyTorch reference (`<op>/naive.py`, the ground truth, runs anywhere) and a Triton kernel
+(`<op>/triton_kernel.py`, CUDA, or CPU through `TRITON_INTERPRET=1`). Models call only the public functions below and
+choose the implementation with `kernel="reference" | "triton"`.
+"""
+
+import torch
+
+from .block_sparse_attention.naive import (
+    block_sparse_attention_naive,
+    num_selected_blocks,
+    select_key_blocks_naive,
+)
+from .linear_memory.naive import linear_memory_absorb_naive, linear_memory_read_naive
+from .rotary import apply_rotary_emb
+
+KERNELS = ("reference", "triton")
+
+
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"`kernel` must be one of {KERNELS}, got {kernel!r}.")
+
+
+def triton_available() -> bool:
+    """True when Triton imports and can run here (a CUDA device, or the interpreter via `TRITON_INTERPRET=1`)."""
+    import os
+
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def block_sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    topk_ratio: float = 1.0,
+    block_size: int = 64,
+    key_centering: str = "heads",
+    scale: float | None = None,
+    kernel: str = "reference",
+) -> torch.Tensor:
+    """
+    Block-sparse softmax attention of `query` over `key`/`value`, block selection included.
+
+    Args:
+        query (`torch.Tensor` of shape `(B, Lq, H, D)`), key / value (`torch.Tensor` of shape `(B, Lk, H, D)`).
+        topk_ratio (`float`): fraction of `block_size`-token key blocks each query block attends to; when it keeps
+            every block the attention is dense and no selection runs.
+        key_centering (`str`): `"heads"` (official) or `"none"`; see `select_key_blocks_naive`.
+        kernel (`str`): `"reference"` or `"triton"`.
+
+    Returns:
+        `torch.Tensor` of shape `(B, Lq, H, D)`, dtype of `query`.
+    """
+    _check_kernel(kernel)
+    num_key_blocks = -(-key.shape[1] // block_size)
+    dense = num_selected_blocks(num_key_blocks, topk_ratio) == num_key_blocks
+    if kernel == "triton":
+        from .block_sparse_attention.triton_kernel import block_sparse_attention_triton
+
+        return block_sparse_attention_triton(
+            query, key, value, topk_ratio=topk_ratio, block_size=block_size, key_centering=key_centering,
+            scale=scale, dense=dense,
+        )
+    block_index = None
+    if not dense:
+        block_index = select_key_blocks_naive(query, key, topk_ratio, block_size, key_centering)
+    return block_sparse_attention_naive(query, key, value, block_index, block_size, scale)
+
+
+def linear_memory_absorb(
+    kv_state: torch.Tensor,
+    kmean_state: torch.Tensor,
+    count: int,
+    key_roped: torch.Tensor,
+    key_raw: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    kernel: str = "reference",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Folds new tokens into the linear memory's running means; returns the new `(kv_state, kmean_state)`.
+    See `linear_memory/naive.py` for the math and shapes."""
+    _check_kernel(kernel)
+    if kernel == "triton":
+        from .linear_memory.triton_kernel import linear_memory_absorb_triton
+
+        return linear_memory_absorb_triton(kv_state, kmean_state, count, key_roped, key_raw, value)
+    return linear_memory_absorb_naive(kv_state, kmean_state, count, key_roped, key_raw, value)
+
+
+def linear_memory_read(
+    query_numerator: torch.Tensor,
+    query_raw: torch.Tensor,
+    kv_state: torch.Tensor,
+    kmean_state: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    kernel: str = "reference",
+) -> torch.Tensor:
+    """Reads the linear memory for every query token: `(q_num · kv) / (relu(q_raw) · kmean + eps)`, float32,
+    `(B, S, H, D)`. See `linear_memory/naive.py`."""
+    _check_kernel(kernel)
+    if kernel == "triton":
+        from .linear_memory.triton_kernel import linear_memory_read_triton
+
+        return linear_memory_read_triton(query_numerator, query_raw, kv_state, kmean_state, eps=eps)
+    return linear_memory_read_naive(query_numerator, query_raw, kv_state, kmean_state, eps)
+
+
+__all__ = [
+    "KERNELS",
+    "apply_rotary_emb",
+    "block_sparse_attention",
+    "linear_memory_absorb",
+    "linear_memory_read",
+    "num_selected_blocks",
+    "select_key_blocks_naive",
+    "triton_available",
+]

@@ -1,0 +1,234 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""Attention processors of [`HybridForcingTransformer3DModel`].
+
+Self-attention (`attn1`): the chunk's queries attend with (block-sparse) softmax to the frames
+[`~diffusers_hybrid.cache.AttentionLayout`] makes visible, and, in hybrid mode, read the linear memory of the frames
+that left the window through the layer's zero-initialised `linear_proj`. Cross-attention (`attn2`): Wan's text
+attention, with the prompt's K/V kept in the cache across passes and chunks.
+
+The processors are stateless; everything per call arrives in a [`HybridAttentionContext`].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..cache import AttentionLayout, ChunkPlan, HybridLayerCache
+from ..ops import apply_rotary_emb, block_sparse_attention, linear_memory_absorb, linear_memory_read
+
+
+def _project_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+    if getattr(attn, "fused_projections", False):
+        if encoder_hidden_states is None:
+            return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        query = attn.to_q(hidden_states)
+        return (query, *attn.to_kv(encoder_hidden_states).chunk(2, dim=-1))
+    source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    return attn.to_q(hidden_states), attn.to_k(source), attn.to_v(source)
+
+
+def _frame_runs(frames: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs `(first, count)` of a sorted frame list."""
+    runs: list[tuple[int, int]] = []
+    for f in frames:
+        if runs and runs[-1][0] + runs[-1][1] == f:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((f, 1))
+    return runs
+
+
+def _gather_frames(x: torch.Tensor, frames: list[int], tokens_per_frame: int) -> torch.Tensor:
+    parts = [x[:, first * tokens_per_frame : (first + n) * tokens_per_frame] for first, n in _frame_runs(frames)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+@dataclass
+class FullSequenceChunk:
+    """One chunk of a `cache_mode="none"` pass: its queries, visible keys and newly absorbed frames."""
+
+    chunk_start: int
+    query_rope: tuple[torch.Tensor, torch.Tensor]
+    key_frames: list[int]
+    key_rope: tuple[torch.Tensor, torch.Tensor]
+    absorb_frames: list[int]
+    absorb_rope: tuple[torch.Tensor, torch.Tensor] | None
+
+
+@dataclass
+class HybridAttentionContext:
+    """
+    Per-call inputs of [`HybridForcingAttnProcessor`], built once per forward by the model and shared by all layers
+    (except `layer_cache`/`snapshot`, which are per layer).
+
+    Args:
+        cache_mode (`str`): `"none"`, `"read"` or `"write"`.
+        layout ([`AttentionLayout`]): what a chunk sees.
+        tokens_per_frame (`int`).
+        topk_ratio (`float`): block-sparse ratio (1.0 = dense softmax).
+        plan ([`ChunkPlan`], cached modes): the chunk being computed.
+        chunks (`list[FullSequenceChunk]`, `"none"` mode): every chunk of the sequence.
+        layer_cache ([`HybridLayerCache`], cached modes).
+        snapshot (`tuple`, optional): detached copies of the cached context for passes that need gradients, so that
+            gradient-checkpointing recomputation sees the same context even after later chunks were written.
+    """
+
+    cache_mode: str
+    layout: AttentionLayout
+    tokens_per_frame: int
+    topk_ratio: float
+    block_size: int
+    key_centering: str
+    linear_query: str
+    linear_eps: float
+    plan: ChunkPlan | None = None
+    chunks: list[FullSequenceChunk] = field(default_factory=list)
+    layer_cache: HybridLayerCache | None = None
+    snapshot: tuple[torch.Tensor, ...] | None = None
+
+    def for_layer(self, layer_cache: HybridLayerCache | None, snapshot=None) -> "HybridAttentionContext":
+        return HybridAttentionContext(**{**self.__dict__, "layer_cache": layer_cache, "snapshot": snapshot})
+
+
+class HybridForcingAttnProcessor:
+    """
+    Self-attention of Hybrid Forcing in the three attention modes.
+
+    Args:
+        kernel (`str`, defaults to `"reference"`): `"reference"` (plain PyTorch, runs anywhere) or `"triton"`.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, kernel: str = "reference"):
+        self.kernel = kernel
+
+    def _attend(self, attn, ctx, query_roped, query_raw, query_rope, keys, values, kv_state, kmean_state, count):
+        out = block_sparse_attention(
+            query_roped, keys, values, topk_ratio=ctx.topk_ratio, block_size=ctx.block_size,
+            key_centering=ctx.key_centering, kernel=self.kernel,
+        )
+        if kv_state is not None and count > 0:
+            if ctx.linear_query == "roped":
+                query_numerator = query_roped
+            else:  # "roped_relu": the RoFormer form R(φ(q)) the official training code uses
+                query_numerator = apply_rotary_emb(F.relu(query_raw), *query_rope)
+            memory = linear_memory_read(
+                query_numerator, query_raw, kv_state, kmean_state, eps=ctx.linear_eps, kernel=self.kernel
+            )
+            out = out + attn.linear_proj(memory.to(out.dtype))
+        return out
+
+    def _cached(self, attn, query, key, value, ctx: HybridAttentionContext) -> torch.Tensor:
+        plan, layer_cache = ctx.plan, ctx.layer_cache
+        query_roped = apply_rotary_emb(query, *plan.query_rope)
+        key_roped = apply_rotary_emb(key, *plan.query_rope)
+        kv_state, kmean_state = layer_cache.kv_state, layer_cache.kmean_state
+        if ctx.snapshot is not None:
+            cached_key, cached_value, kv_state, kmean_state = ctx.snapshot
+            keys, values = torch.cat([cached_key, key_roped], 1), torch.cat([cached_value, value], 1)
+        else:
+            views = None
+            if not (key_roped.requires_grad or value.requires_grad):
+                views = layer_cache.contiguous_keys(plan, key_roped, value)
+            if views is None:
+                cached_key, cached_value = layer_cache.context(plan)
+                views = torch.cat([cached_key, key_roped], 1), torch.cat([cached_value, value], 1)
+            keys, values = views
+        out = self._attend(
+            attn, ctx, query_roped, query, plan.query_rope, keys, values, kv_state, kmean_state, plan.memory_tokens
+        )
+        if ctx.cache_mode == "write":
+            layer_cache.commit(plan, key, key_roped, value, self.kernel)
+        return out
+
+    def _full_sequence(self, attn, query, key, value, ctx: HybridAttentionContext) -> torch.Tensor:
+        tpf, layout = ctx.tokens_per_frame, ctx.layout
+        batch, _, heads, head_dim = query.shape
+        kv_state = kmean_state = None
+        if layout.use_memory:
+            kv_state = query.new_zeros(batch, heads, head_dim, head_dim, dtype=torch.float32)
+            kmean_state = query.new_zeros(batch, heads, head_dim, dtype=torch.float32)
+        count = 0
+        outputs = []
+        for chunk in ctx.chunks:
+            if chunk.absorb_frames:
+                key_abs = _gather_frames(key, chunk.absorb_frames, tpf)
+                value_abs = _gather_frames(value, chunk.absorb_frames, tpf)
+                kv_state, kmean_state = linear_memory_absorb(
+                    kv_state, kmean_state, count, apply_rotary_emb(key_abs, *chunk.absorb_rope), key_abs, value_abs,
+                    kernel=self.kernel,
+                )
+                count += key_abs.shape[1]
+            frames = slice(chunk.chunk_start * tpf, (chunk.chunk_start + layout.chunk_frames) * tpf)
+            query_chunk = query[:, frames]
+            keys = apply_rotary_emb(_gather_frames(key, chunk.key_frames, tpf), *chunk.key_rope)
+            values = _gather_frames(value, chunk.key_frames, tpf)
+            outputs.append(
+                self._attend(
+                    attn, ctx, apply_rotary_emb(query_chunk, *chunk.query_rope), query_chunk, chunk.query_rope,
+                    keys, values, kv_state, kmean_state, count,
+                )
+            )
+        return torch.cat(outputs, dim=1)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb=None,
+        *,
+        context: HybridAttentionContext,
+    ) -> torch.Tensor:
+        query, key, value = _project_qkv(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if context.cache_mode == "none":
+            out = self._full_sequence(attn, query, key, value, context)
+        else:
+            out = self._cached(attn, query, key, value, context)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class HybridForcingCrossAttnProcessor:
+    """
+    Wan's text cross-attention; with a cache (and no gradient) the prompt's K/V are computed once and reused by every
+    later pass until the prompt changes.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb=None,
+        *,
+        layer_cache: HybridLayerCache | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is None:
+            if layer_cache is None or layer_cache.text_key is None:
+                raise ValueError("Cross-attention got no text and the cache holds none.")
+            query = attn.to_q(hidden_states)
+            key, value = layer_cache.text_key, layer_cache.text_value
+        else:
+            query, key, value = _project_qkv(attn, hidden_states, encoder_hidden_states)
+            key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+            value = value.unflatten(2, (attn.heads, -1))
+            if layer_cache is not None:
+                layer_cache.text_key, layer_cache.text_value = key.detach(), value.detach()
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))

@@ -1,0 +1,367 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""Streaming state of the hybrid transformer: what each query sees, and the preallocated per-layer caches.
+
+Frames are *latent* frames. A chunk is `num_frame_per_block` frames. For a chunk whose first frame is `f0`:
+
+- softmax keys: the sink frames `0 .. sink_frames-1`, plus the most recent `local_attn_frames` frames ending with
+  the chunk itself (frames `max(sink, f0 + chunk - local) .. f0 + chunk - 1`), in temporal order;
+- linear memory (hybrid mode): every frame that has left that window (`< f0 + chunk - local`), optionally including
+  the sink frames (the official code absorbs them too);
+- RoPE ("relative" mode): the chunk's queries sit at `f - shift` with `shift = max(0, f0 + chunk - max_rope_frames)`,
+  window keys use the same shift, sink keys stay at their own index, and a frame absorbed into the memory is RoPE'd
+  with the shift of the chunk that first reads it. So no temporal index ever reaches `max_rope_frames` and the stream
+  is unbounded. "absolute" mode uses `f` everywhere (bounded by the RoPE table).
+
+[`AttentionLayout`] is the single place that decides this; the attention processor, the cache and the
+`cache_mode="none"` path all ask it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .ops import apply_rotary_emb, linear_memory_absorb
+
+ATTENTION_MODES = ("dense", "window", "hybrid")
+ROPE_MODES = ("relative", "absolute")
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """
+    Which frames a chunk's queries see, and at which RoPE positions.
+
+    Args:
+        chunk_frames (`int`): frames per chunk (`num_frame_per_block`).
+        sink_frames (`int`): leading frames that stay visible forever (0 in dense mode).
+        window_frames (`int`): most recent non-sink frames visible, the current chunk included.
+        use_memory (`bool`): frames leaving the window are absorbed into the linear memory (hybrid mode).
+        absorb_sink (`bool`): the sink frames are absorbed into the memory too when they leave the window.
+        rope_mode (`str`): `"relative"` (clamped, unbounded) or `"absolute"`.
+        max_rope_frames (`int`): temporal RoPE positions stay below this in relative mode.
+        rope_table_frames (`int`): size of the RoPE table (bounds absolute mode).
+    """
+
+    chunk_frames: int
+    sink_frames: int
+    window_frames: int
+    use_memory: bool
+    absorb_sink: bool
+    rope_mode: str
+    max_rope_frames: int
+    rope_table_frames: int
+
+    @classmethod
+    def from_config(cls, config) -> "AttentionLayout":
+        mode = config.attention_mode
+        if mode == "dense":
+            sink, window, memory = 0, config.dense_max_frames, False
+        else:
+            sink, window, memory = config.sink_frames, config.local_attn_frames, mode == "hybrid"
+        return cls(
+            chunk_frames=config.num_frame_per_block,
+            sink_frames=sink,
+            window_frames=window,
+            use_memory=memory,
+            absorb_sink=config.absorb_sink_frames,
+            rope_mode=config.rope_mode,
+            max_rope_frames=config.max_rope_frames,
+            rope_table_frames=config.rope_max_seq_len,
+        )
+
+    @property
+    def history_frames(self) -> int:
+        """Non-sink frames kept from earlier chunks."""
+        return self.window_frames - self.chunk_frames
+
+    @property
+    def cache_frames(self) -> int:
+        """Frames of K/V a layer cache holds: sink, history, and a scratch slot for the current chunk."""
+        return self.sink_frames + self.window_frames
+
+    def rope_shift(self, chunk_start: int) -> int:
+        if self.rope_mode == "absolute":
+            return 0
+        return max(0, chunk_start + self.chunk_frames - self.max_rope_frames)
+
+    def query_positions(self, chunk_start: int) -> list[int]:
+        shift = self.rope_shift(chunk_start)
+        positions = [f - shift for f in range(chunk_start, chunk_start + self.chunk_frames)]
+        if positions[-1] >= self.rope_table_frames:
+            raise ValueError(
+                f"Frame {positions[-1]} is past the RoPE table ({self.rope_table_frames} frames) in "
+                f"rope_mode={self.rope_mode!r}; use rope_mode='relative' for unbounded streaming."
+            )
+        return positions
+
+    def visible_frames(self, chunk_start: int) -> tuple[list[int], list[int]]:
+        """`(frames, positions)` of the softmax keys of the chunk starting at `chunk_start`, in key order."""
+        end = chunk_start + self.chunk_frames
+        shift = self.rope_shift(chunk_start)
+        sink = list(range(0, min(self.sink_frames, end)))
+        window = list(range(max(self.sink_frames, end - self.window_frames), end))
+        return sink + window, sink + [f - shift for f in window]
+
+    def memory_end(self, chunk_start: int) -> int:
+        """Frames `< memory_end` have left the window of this chunk."""
+        if not self.use_memory or chunk_start < 0:
+            return 0
+        return max(0, chunk_start + self.chunk_frames - self.window_frames)
+
+    def frames_absorbed_for(self, chunk_start: int) -> tuple[list[int], list[int]]:
+        """`(frames, positions)` that enter the memory right before the chunk at `chunk_start` reads it."""
+        first = 0 if self.absorb_sink else self.sink_frames
+        start = max(first, self.memory_end(chunk_start - self.chunk_frames))
+        frames = list(range(start, self.memory_end(chunk_start)))
+        shift = self.rope_shift(chunk_start)
+        return frames, [f - shift for f in frames]
+
+
+@dataclass
+class ChunkPlan:
+    """Everything one forward pass over a cached chunk needs to know, computed once for all layers."""
+
+    chunk_start: int
+    tokens_per_frame: int
+    query_rope: tuple[torch.Tensor, torch.Tensor]
+    # cached frames visible to this chunk: sink slots [0, sink_valid) and the last `history_valid` history slots
+    sink_valid: int
+    history_valid: int
+    memory_tokens: int
+    # filled for cache_mode="write" only
+    sink_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    absorb_frames: list[int] = field(default_factory=list)
+    absorb_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    history_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class HybridLayerCache:
+    """
+    One transformer layer's streaming state, preallocated once.
+
+    Buffers (`T` = tokens per frame, `S` = sink frames, `W` = window frames, `C` = chunk frames):
+        key (`(B, (S+W)·T, H, D)`): RoPE'd keys as the next chunk sees them, laid out `[sink | history | current]`;
+            the current-chunk slot is scratch that every pass overwrites.
+        key_raw (`(B, (S+W-C)·T, H, D)`): the same sink and history keys before RoPE (for re-RoPE and absorption).
+        value (`(B, (S+W)·T, H, D)`).
+        kv_state (`(B, H, D, D)`, float32), kmean_state (`(B, H, D)`, float32): the linear memory (hybrid mode).
+        text_key / text_value (`(B, text_len, H, D)`): cross-attention K/V of the current prompt.
+    """
+
+    def __init__(self, layout: AttentionLayout, batch_size, tokens_per_frame, heads, head_dim, device, dtype):
+        self.layout = layout
+        self.tokens_per_frame = tokens_per_frame
+        total = layout.cache_frames * tokens_per_frame
+        cached = (layout.sink_frames + layout.history_frames) * tokens_per_frame
+        self.key = torch.zeros(batch_size, total, heads, head_dim, device=device, dtype=dtype)
+        self.value = torch.zeros_like(self.key)
+        self.key_raw = torch.zeros(batch_size, cached, heads, head_dim, device=device, dtype=dtype)
+        self.kv_state = self.kmean_state = None
+        if layout.use_memory:
+            self.kv_state = torch.zeros(batch_size, heads, head_dim, head_dim, device=device, dtype=torch.float32)
+            self.kmean_state = torch.zeros(batch_size, heads, head_dim, device=device, dtype=torch.float32)
+        self.text_key: torch.Tensor | None = None
+        self.text_value: torch.Tensor | None = None
+
+    # --- slot arithmetic -------------------------------------------------------------------------------------
+    def _frames(self, first_frame: int, num_frames: int) -> slice:
+        return slice(first_frame * self.tokens_per_frame, (first_frame + num_frames) * self.tokens_per_frame)
+
+    @property
+    def _history_slot(self) -> int:
+        return self.layout.sink_frames
+
+    @property
+    def _current_slot(self) -> int:
+        return self.layout.sink_frames + self.layout.history_frames
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.key, self.value, self.key_raw, self.kv_state, self.kmean_state) if t is not None]
+
+    # --- reads ----------------------------------------------------------------------------------------------
+    def _contiguous_start(self, plan: ChunkPlan) -> int | None:
+        """First slot of `[cached | current]` when it is one contiguous run of slots, else `None`."""
+        if plan.sink_valid == 0:
+            return self._current_slot - plan.history_valid
+        if plan.sink_valid == self.layout.sink_frames and plan.history_valid == self.layout.history_frames:
+            return 0
+        return None
+
+    def context(self, plan: ChunkPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached (sink + history) RoPE'd keys and values visible to the chunk, in key order."""
+        sink = self._frames(0, plan.sink_valid)
+        hist = self._frames(self._current_slot - plan.history_valid, plan.history_valid)
+        start = self._contiguous_start(plan)
+        if start is not None:
+            region = slice(start * self.tokens_per_frame, hist.stop)
+            return self.key[:, region], self.value[:, region]
+        return (
+            torch.cat([self.key[:, sink], self.key[:, hist]], dim=1),
+            torch.cat([self.value[:, sink], self.value[:, hist]], dim=1),
+        )
+
+    def contiguous_keys(self, plan: ChunkPlan, key: torch.Tensor, value: torch.Tensor):
+        """Writes the current chunk's RoPE'd keys and values into the scratch slot and returns `[cached | current]`
+        as views without copying the context, or `None` when the visible slots are not contiguous (early chunks)."""
+        start = self._contiguous_start(plan)
+        if start is None:
+            return None
+        current = self._frames(self._current_slot, self.layout.chunk_frames)
+        self.key[:, current] = key
+        self.value[:, current] = value
+        region = slice(start * self.tokens_per_frame, current.stop)
+        return self.key[:, region], self.value[:, region]
+
+    # --- writes ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def commit(self, plan: ChunkPlan, key_raw: torch.Tensor, key_roped: torch.Tensor, value: torch.Tensor, kernel):
+        """
+        Commits the current chunk (raw keys `(B, C·T, H, D)`, RoPE'd keys, values): absorbs what leaves the window
+        (hybrid), stores sink frames, shifts the history, and re-RoPEs it for the next chunk. Detached: no gradient
+        flows into cached context.
+        """
+        layout, tpf = self.layout, self.tokens_per_frame
+        f0, chunk = plan.chunk_start, layout.chunk_frames
+        key_raw, key_roped, value = key_raw.detach(), key_roped.detach(), value.detach()
+
+        def frame_kv(frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if frame >= f0:
+                sl = self._frames(frame - f0, 1)
+                return key_raw[:, sl], value[:, sl]
+            if frame < layout.sink_frames:
+                sl = self._frames(frame, 1)
+                return self.key_raw[:, sl], self.value[:, sl]
+            slot = self._current_slot - (f0 - frame)
+            return self.key_raw[:, self._frames(slot, 1)], self.value[:, self._frames(slot, 1)]
+
+        # 1. linear memory: frames leaving the window before the next chunk
+        if plan.absorb_frames:
+            pairs = [frame_kv(f) for f in plan.absorb_frames]
+            k_abs = torch.cat([p[0] for p in pairs], dim=1)
+            v_abs = torch.cat([p[1] for p in pairs], dim=1)
+            k_abs_roped = apply_rotary_emb(k_abs, *plan.absorb_rope)
+            kv, kmean = linear_memory_absorb(
+                self.kv_state, self.kmean_state, plan.memory_tokens, k_abs_roped, k_abs, v_abs, kernel=kernel
+            )
+            self.kv_state.copy_(kv)
+            self.kmean_state.copy_(kmean)
+
+        # 2. sink frames of this chunk (positions fixed forever)
+        num_sink_new = max(0, min(layout.sink_frames, f0 + chunk) - f0)
+        if num_sink_new:
+            dst = self._frames(f0, num_sink_new)
+            src = self._frames(0, num_sink_new)
+            self.key_raw[:, dst] = key_raw[:, src]
+            self.key[:, dst] = apply_rotary_emb(key_raw[:, src], *plan.sink_rope)
+            self.value[:, dst] = value[:, src]
+
+        # 3. history = the last `history_frames` frames up to this chunk's end, right-aligned before the scratch slot
+        history = layout.history_frames
+        if history:
+            keep = max(0, history - chunk)  # frames that stay from the old history
+            hist = slice(self._history_slot * tpf, self._current_slot * tpf)
+            if keep:
+                moved = slice(hist.stop - keep * tpf, hist.stop)
+                self.key_raw[:, hist.start : hist.start + keep * tpf] = self.key_raw[:, moved].clone()
+                self.value[:, hist.start : hist.start + keep * tpf] = self.value[:, moved].clone()
+            take = history - keep
+            self.key_raw[:, hist.stop - take * tpf : hist.stop] = key_raw[:, (chunk - take) * tpf :]
+            self.value[:, hist.stop - take * tpf : hist.stop] = value[:, (chunk - take) * tpf :]
+            # 4. RoPE the history once per chunk at the positions the next chunk uses
+            self.key[:, hist] = apply_rotary_emb(self.key_raw[:, hist], *plan.history_rope)
+
+    def reset(self) -> None:
+        for t in self.tensors():
+            t.zero_()
+        self.text_key = self.text_value = None
+
+
+class HybridCache:
+    """
+    Streaming cache of a [`HybridForcingTransformer3DModel`]: a container of [`HybridLayerCache`], one per layer,
+    plus the frame and token counters shared by all layers. Create it with `model.init_cache(...)`; memory stays
+    constant however many chunks are written.
+
+    Attributes:
+        frames_written (`int`): latent frames committed so far (the next chunk starts here).
+        memory_tokens (`int`): tokens absorbed into the linear memory so far.
+    """
+
+    def __init__(self, layout: AttentionLayout, layers: list[HybridLayerCache], batch_size, latent_height,
+                 latent_width, tokens_per_frame, device, dtype):
+        self.layout = layout
+        self.layers = layers
+        self.batch_size = batch_size
+        self.latent_height = latent_height
+        self.latent_width = latent_width
+        self.tokens_per_frame = tokens_per_frame
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.frames_written = 0
+        self.memory_tokens = 0
+        self._text_source: torch.Tensor | None = None
+
+    def __getitem__(self, index: int) -> HybridLayerCache:
+        return self.layers[index]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def memory_frames(self) -> int:
+        return self.memory_tokens // self.tokens_per_frame
+
+    def nbytes(self) -> int:
+        """Bytes held by all preallocated buffers (text K/V included)."""
+        total = 0
+        for layer in self.layers:
+            extra = [t for t in (layer.text_key, layer.text_value) if t is not None]
+            total += sum(t.numel() * t.element_size() for t in layer.tensors() + extra)
+        return total
+
+    # --- text cross-attention K/V ------------------------------------------------------------------------------
+    def text_is_cached(self, encoder_hidden_states: torch.Tensor) -> bool:
+        return self._text_source is encoder_hidden_states and self.layers[0].text_key is not None
+
+    def set_text_source(self, encoder_hidden_states: torch.Tensor | None) -> None:
+        self._text_source = encoder_hidden_states
+        if encoder_hidden_states is None:
+            for layer in self.layers:
+                layer.text_key = layer.text_value = None
+
+    def reset_text(self) -> None:
+        """Forgets the cached prompt K/V (they are recomputed on the next pass)."""
+        self.set_text_source(None)
+
+    def reset(self) -> None:
+        """Empties the cache for a new video (buffers are kept)."""
+        for layer in self.layers:
+            layer.reset()
+        self.frames_written = 0
+        self.memory_tokens = 0
+        self._text_source = None
+
+    def to(self, device=None, dtype=None) -> "HybridCache":
+        """Moves the buffers; `dtype` applies to K/V (the linear memory stays float32)."""
+        for layer in self.layers:
+            for name in ("key", "value", "key_raw", "text_key", "text_value"):
+                t = getattr(layer, name)
+                if t is not None:
+                    setattr(layer, name, t.to(device=device, dtype=dtype))
+            for name in ("kv_state", "kmean_state"):
+                t = getattr(layer, name)
+                if t is not None:
+                    setattr(layer, name, t.to(device=device))
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        return self
+
+    # --- bookkeeping ----------------------------------------------------------------------------------------
+    def advance(self, plan: ChunkPlan) -> None:
+        """Called once after all layers committed a chunk."""
+        self.memory_tokens += len(plan.absorb_frames) * self.tokens_per_frame
+        self.frames_written = plan.chunk_start + self.layout.chunk_frames

@@ -1,0 +1,16 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+from .naive import (
+    block_mask_from_indices,
+    block_sparse_attention_naive,
+    mean_pool_blocks,
+    num_selected_blocks,
+    select_key_blocks_naive,
+)
+
+__all__ = [
+    "block_mask_from_indices",
+    "block_sparse_attention_naive",
+    "mean_pool_blocks",
+    "num_selected_blocks",
+    "select_key_blocks_naive",
+]

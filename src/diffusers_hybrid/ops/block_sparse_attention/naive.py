@@ -1,0 +1,108 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""Plain-PyTorch reference for block selection and block-sparse softmax attention (the kernels' ground truth).
+
+Layout everywhere: `(batch, seq_len, heads, head_dim)`. Queries and keys are cut into contiguous blocks of
+`block_size` tokens (the last block of each may be partial). Every query block attends to the `topk` key blocks
+whose mean-pooled key has the largest dot product with the mean-pooled query block.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def num_selected_blocks(num_key_blocks: int, topk_ratio: float) -> int:
+    """`max(1, floor(ratio * K))`, capped at `K`: never zero (the official `floor` alone gives 0 blocks, i.e. NaN,
+    when `K < 5`)."""
+    if not 0.0 < topk_ratio <= 1.0:
+        raise ValueError(f"`topk_ratio` must be in (0, 1], got {topk_ratio}.")
+    # The epsilon keeps exact products such as 0.2 * 220 = 44 from flooring to 43 through float error.
+    return max(1, min(num_key_blocks, int(math.floor(topk_ratio * num_key_blocks + 1e-6))))
+
+
+def mean_pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean over each block of `block_size` tokens (partial last block: mean over its valid rows), in float32.
+
+    Args:
+        x (`torch.Tensor` of shape `(B, L, H, D)`).
+    Returns:
+        `torch.Tensor` of shape `(B, H, ceil(L / block_size), D)`, float32.
+    """
+    batch, length, heads, dim = x.shape
+    num_blocks = -(-length // block_size)
+    padded = F.pad(x.float(), (0, 0, 0, 0, 0, num_blocks * block_size - length))
+    sums = padded.view(batch, num_blocks, block_size, heads, dim).sum(dim=2)
+    counts = torch.full((num_blocks,), float(block_size), device=x.device)
+    counts[-1] = length - (num_blocks - 1) * block_size
+    return (sums / counts.view(1, -1, 1, 1)).permute(0, 2, 1, 3)
+
+
+def select_key_blocks_naive(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    topk_ratio: float,
+    block_size: int = 64,
+    key_centering: str = "heads",
+) -> torch.Tensor:
+    """
+    Chooses, per (batch, head, query block), the key blocks to attend to.
+
+    Args:
+        query (`torch.Tensor` of shape `(B, Lq, H, D)`), key (`torch.Tensor` of shape `(B, Lk, H, D)`).
+        topk_ratio (`float`): fraction of key blocks kept (see [`num_selected_blocks`]).
+        block_size (`int`): tokens per block.
+        key_centering (`str`): `"heads"` subtracts the mean over the *head* axis from every key before pooling (what
+            the official code does, a bug that changes the ranking; kept to reproduce released checkpoints);
+            `"none"` skips it (centring over tokens would not change the ranking).
+
+    Returns:
+        `torch.LongTensor` of shape `(B, H, ceil(Lq / block_size), topk)`: selected key-block indices, sorted
+        ascending.
+    """
+    if key_centering == "heads":
+        key = key.float() - key.float().mean(dim=2, keepdim=True)
+    elif key_centering != "none":
+        raise ValueError(f"`key_centering` must be 'heads' or 'none', got {key_centering!r}.")
+    pooled_q = mean_pool_blocks(query, block_size)
+    pooled_k = mean_pool_blocks(key, block_size)
+    scores = pooled_q @ pooled_k.transpose(-1, -2)  # (B, H, M, K)
+    topk = num_selected_blocks(pooled_k.shape[2], topk_ratio)
+    return scores.topk(topk, dim=-1).indices.sort(dim=-1).values
+
+
+def block_mask_from_indices(block_index: torch.Tensor, num_key_blocks: int) -> torch.Tensor:
+    """`(B, H, M, topk)` indices -> boolean `(B, H, M, K)` block map."""
+    mask = torch.zeros(*block_index.shape[:-1], num_key_blocks, dtype=torch.bool, device=block_index.device)
+    return mask.scatter_(-1, block_index, True)
+
+
+def block_sparse_attention_naive(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_index: torch.Tensor | None,
+    block_size: int = 64,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """
+    Softmax attention restricted to the selected key blocks, computed densely with a mask in float32.
+
+    Args:
+        query (`(B, Lq, H, D)`), key (`(B, Lk, H, D)`), value (`(B, Lk, H, D)`).
+        block_index (`(B, H, ceil(Lq/bs), topk)` or `None`): selected key blocks; `None` means all keys (dense).
+        scale (`float`, *optional*): defaults to `1/sqrt(D)`.
+
+    Returns:
+        `torch.Tensor` of shape `(B, Lq, H, D)` in the dtype of `query`.
+    """
+    len_q, len_k = query.shape[1], key.shape[1]
+    q, k, v = (t.float().transpose(1, 2) for t in (query, key, value))
+    mask = None
+    if block_index is not None:
+        num_key_blocks = -(-len_k // block_size)
+        block_map = block_mask_from_indices(block_index, num_key_blocks)
+        mask = block_map.repeat_interleave(block_size, dim=2)[:, :, :len_q]
+        mask = mask.repeat_interleave(block_size, dim=3)[..., :len_k]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).to(query.dtype)
