@@ -468,14 +468,15 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
             path_or_state_dict: a `.safetensors` or `.pt`/`.pth` file (read with `weights_only=True`), a folder of
                 `.safetensors` shards, or a state dict.
             config: a dict, or a folder / `config.json` of a diffusers Wan or Hybrid Forcing transformer. If `None`,
-                the architecture is inferred from the weights (head_dim 128, as in every Wan2.1 model).
+                the architecture is inferred from the weights (head_dim 128, as in every Wan2.1 model, unless
+                `attention_head_dim` is given).
             use_ema (`bool`, defaults to `False`): take `generator_ema` when the checkpoint holds both; the default
                 takes `generator` first, as the official inference does.
             **hybrid_config: config overrides (`attention_mode`, ...).
         """
         state_dict = cls._read_original_state_dict(path_or_state_dict, use_ema)
         state_dict = {_rename_original_key(k): v for k, v in state_dict.items()}
-        base = cls._resolve_config(config, state_dict)
+        base = cls._resolve_config(config, state_dict, hybrid_config.get("attention_head_dim", 128))
         model = cls.from_config({**base, **hybrid_config})
         model._load_checked(state_dict, allow_missing_new=True)
         if torch_dtype is not None:
@@ -514,7 +515,7 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
         return state
 
     @classmethod
-    def _resolve_config(cls, config, state_dict) -> dict[str, Any]:
+    def _resolve_config(cls, config, state_dict, head_dim: int = 128) -> dict[str, Any]:
         if isinstance(config, dict):
             return {k: v for k, v in config.items() if not k.startswith("_")}
         if config is not None:
@@ -524,11 +525,16 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
         try:
             patch = state_dict["patch_embedding.weight"]
             dim, in_channels = patch.shape[0], patch.shape[1]
+            if dim % head_dim:
+                raise ValueError(
+                    f"Cannot infer the head layout: width {dim} is not a multiple of attention_head_dim={head_dim}; "
+                    "pass `config=` or `attention_head_dim=`."
+                )
             num_layers = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
             return {
                 "patch_size": tuple(patch.shape[2:]),
-                "num_attention_heads": dim // 128,
-                "attention_head_dim": 128,
+                "num_attention_heads": dim // head_dim,
+                "attention_head_dim": head_dim,
                 "in_channels": in_channels,
                 "out_channels": state_dict["proj_out.weight"].shape[0] // math.prod(patch.shape[2:]),
                 "text_dim": state_dict["condition_embedder.text_embedder.linear_1.weight"].shape[1],

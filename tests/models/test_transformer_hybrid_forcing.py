@@ -1,0 +1,565 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""HybridForcingTransformer3DModel: Wan equivalence, streaming == full sequence, memory, loading, training hooks."""
+
+import copy
+import os
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from diffusers_hybrid import HybridForcingTransformer3DModel
+
+TINY_WAN = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
+    freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=64,
+)
+TINY_HYBRID = dict(
+    num_frame_per_block=3, sink_frames=3, local_attn_frames=6, dense_max_frames=9, max_rope_frames=12,
+    sparse_block_size=8, sparse_topk_ratio=0.5,
+)
+LATENT_H, LATENT_W = 6, 10  # 3x5 = 15 tokens per frame: not a multiple of the sparse block
+MODES = ["dense", "window", "hybrid"]
+
+
+def _inputs(batch=2, frames=3, seed=None, text_len=7):
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    x = torch.randn(batch, 4, frames, LATENT_H, LATENT_W, generator=g)
+    t = torch.rand(batch, frames, generator=g) * 1000
+    text = torch.randn(batch, text_len, 16, generator=g)
+    return x, t, text
+
+
+def _wan(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**{**TINY_WAN, **overrides}).eval()
+
+
+def _hybrid(mode="hybrid", seed=0, memory_on=True, **overrides):
+    wan_overrides = {k: overrides.pop(k) for k in list(overrides) if k in TINY_WAN}
+    model = HybridForcingTransformer3DModel.from_wan(
+        _wan(seed, **wan_overrides), **{**TINY_HYBRID, "attention_mode": mode, **overrides}
+    )
+    if memory_on:  # linear_proj starts at zero; give it weight so the memory branch matters
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn1.linear_proj.weight.normal_(std=0.5)
+                block.attn1.linear_proj.bias.normal_(std=0.1)
+    return model.eval()
+
+
+def _stream(model, x, t, text, passes_per_chunk=2):
+    """Runs `x` chunk by chunk: `passes_per_chunk - 1` read passes then one write pass; returns the write outputs."""
+    chunk = model.config.num_frame_per_block
+    cache = model.init_cache(x.shape[0], LATENT_H, LATENT_W)
+    outputs = []
+    for start in range(0, x.shape[2], chunk):
+        xc, tc = x[:, :, start : start + chunk], t[:, start : start + chunk]
+        for _ in range(passes_per_chunk - 1):
+            read = model(xc, tc, text, cache=cache, frame_offset=start, cache_mode="read").sample
+        out = model(xc, tc, text, cache=cache, frame_offset=start, cache_mode="write").sample
+        if passes_per_chunk > 1:
+            torch.testing.assert_close(read, out, atol=1e-5, rtol=1e-5)
+        outputs.append(out)
+    return torch.cat(outputs, dim=2), cache
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# equivalences
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_from_wan_first_chunk_equals_wan(mode):
+    wan = _wan()
+    model = HybridForcingTransformer3DModel.from_wan(wan, **{**TINY_HYBRID, "attention_mode": mode}).eval()
+    # a first chunk has no history; at ratio 1 the hybrid window is dense and linear_proj is zero
+    model.register_to_config(sparse_topk_ratio=1.0)
+    x, _, text = _inputs()
+    t = torch.tensor([999.0, 321.0])
+    with torch.no_grad():
+        expected = wan(x, t, text).sample
+        actual = model(x, t, text).sample
+        cache = model.init_cache(2, LATENT_H, LATENT_W)
+        streamed = model(x, t, text, cache=cache, cache_mode="write").sample
+    assert all(float(p.detach().abs().sum()) == 0 for n, p in model.named_parameters() if "linear_proj" in n)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(streamed, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rope_mode", ["relative", "absolute"])
+def test_streaming_equals_full_sequence(mode, rope_mode):
+    model = _hybrid(mode, rope_mode=rope_mode)
+    x, t, text = _inputs(frames=18)  # 6 chunks: past the RoPE clamp (12) and well past the window
+    with torch.no_grad():
+        full = model(x, t, text).sample
+        streamed, cache = _stream(model, x, t, text)
+    assert full.abs().mean() > 0.1
+    torch.testing.assert_close(streamed, full, atol=2e-5, rtol=1e-4)
+    assert cache.frames_written == 18
+    if mode == "hybrid":
+        # after the last write the memory is ready for the next chunk (18): every frame before its window
+        # (18 + 3 - 6 = 15 frames), the sink included
+        assert cache.memory_tokens == 15 * 15
+    else:
+        assert cache.memory_tokens == 0
+
+
+def test_streaming_equals_full_sequence_odd_layout():
+    """Sink not aligned with chunks, window not a multiple of the chunk, memory without the sink."""
+    model = _hybrid("hybrid", sink_frames=1, local_attn_frames=5, num_frame_per_block=2, max_rope_frames=9,
+                    absorb_sink_frames=False, sparse_key_centering="none", linear_attn_query="roped_relu")
+    x, t, text = _inputs(frames=14)
+    with torch.no_grad():
+        full = model(x, t, text).sample
+        streamed, cache = _stream(model, x, t, text)
+    torch.testing.assert_close(streamed, full, atol=2e-5, rtol=1e-4)
+    # ready for the next chunk (14, 15): frames 1 .. 10 left its window (14 + 2 - 5 = 11); frame 0 is a sink
+    assert cache.memory_tokens == 10 * 15
+
+
+def test_read_pass_leaves_cache_unchanged():
+    model = _hybrid("hybrid")
+    x, t, text = _inputs(frames=12)
+    with torch.no_grad():
+        _, cache = _stream(model, x[:, :, :9], t[:, :9], text)
+        before = [tensor.clone() for layer in cache.layers for tensor in layer.tensors()]
+        visible = [layer.context(model._chunk_plan(cache, False, (3, 5)))[0].clone() for layer in cache.layers]
+        model(x[:, :, 9:], t[:, 9:], text, cache=cache, frame_offset=9, cache_mode="read")
+        after = [tensor for layer in cache.layers for tensor in layer.tensors()]
+    assert cache.frames_written == 9
+    current = slice((3 + 3) * 15, None)  # the scratch slot of the current chunk may change; nothing else
+    for b, a in zip(before, after):
+        if b.ndim == 4 and b.shape[1] == 9 * 15:
+            torch.testing.assert_close(a[:, :current.start], b[:, :current.start], atol=0, rtol=0)
+        else:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for layer, v in zip(cache.layers, visible):
+        torch.testing.assert_close(layer.context(model._chunk_plan(cache, False, (3, 5)))[0], v, atol=0, rtol=0)
+
+
+def _chunk_output_after_perturbing(model, perturbed_chunk, target_chunk):
+    x, t, text = _inputs(frames=3 * (target_chunk + 1), seed=3)
+    with torch.no_grad():
+        base = model(x, t, text).sample
+        x2 = x.clone()
+        x2[:, :, 3 * perturbed_chunk : 3 * perturbed_chunk + 3] += torch.randn_like(x2[:, :, :3])
+        changed = model(x2, t, text).sample
+    target = slice(3 * target_chunk, 3 * target_chunk + 3)
+    return (changed[:, :, target] - base[:, :, target]).abs().max().item()
+
+
+def test_evicted_frame_reaches_later_chunks_only_through_memory():
+    # one layer: deeper layers would carry the frame forward through the window's hidden states
+    hybrid = _hybrid("hybrid", num_layers=1)
+    window = _hybrid("window", num_layers=1)
+    # chunk 1 (frames 3-5) has left the window of chunk 3 (frames 6-11 visible) and sits in the memory
+    assert _chunk_output_after_perturbing(hybrid, 1, 3) > 1e-3
+    assert _chunk_output_after_perturbing(window, 1, 3) == 0.0
+    # while still in the window, both see it
+    assert _chunk_output_after_perturbing(window, 1, 2) > 1e-3
+
+
+def test_from_wan_kwargs_rejects_unknown_and_zeroes_new_parameters():
+    with pytest.raises(ValueError, match="not_a_field"):
+        HybridForcingTransformer3DModel.from_wan(_wan(), not_a_field=1)
+    model = HybridForcingTransformer3DModel.from_wan(_wan())
+    new = {n: p for n, p in model.named_parameters() if "linear_proj" in n}
+    assert len(new) == 2 * TINY_WAN["num_layers"] and all(float(p.detach().abs().sum()) == 0 for p in new.values())
+    assert set(model.state_dict()) - set(_wan().state_dict()) == set(new)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# cache
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_cache_bytes_constant_over_100_chunks(mode):
+    model = _hybrid(mode, num_layers=1)
+    x, t, text = _inputs(batch=1, frames=3)
+    cache = model.init_cache(1, LATENT_H, LATENT_W)
+    sizes, pointers = [], None
+    with torch.no_grad():
+        for chunk in range(100):
+            offset = cache.frames_written
+            model(x, t[:, :1].expand(1, 3), text, cache=cache, frame_offset=offset, cache_mode="read")
+            model(x, torch.zeros(1), text, cache=cache, frame_offset=offset, cache_mode="write")
+            sizes.append(cache.nbytes())
+            ptrs = [tensor.data_ptr() for layer in cache.layers for tensor in layer.tensors()]
+            pointers = pointers or ptrs
+            assert ptrs == pointers  # no reallocation
+    assert cache.frames_written == 300
+    assert len(set(sizes[1:])) == 1 and sizes[0] == sizes[-1]
+    if mode == "hybrid":
+        assert all(torch.isfinite(layer.kv_state).all() for layer in cache.layers)
+        assert cache.layers[0].kv_state.dtype == torch.float32
+
+
+def test_cache_reset_and_to():
+    model = _hybrid("hybrid")
+    x, t, text = _inputs(frames=9)
+    with torch.no_grad():
+        first, cache = _stream(model, x, t, text)
+        cache.reset()
+        assert cache.frames_written == 0 and cache.memory_tokens == 0
+        out = []
+        for start in range(0, 9, 3):
+            out.append(model(x[:, :, start:start + 3], t[:, start:start + 3], text, cache=cache,
+                             frame_offset=start, cache_mode="write").sample)
+    torch.testing.assert_close(torch.cat(out, 2), first, atol=1e-6, rtol=1e-6)
+    cache.to(dtype=torch.bfloat16)
+    assert cache.layers[0].key.dtype == torch.bfloat16 and cache.layers[0].kv_state.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        model(x[:, :, :3], t[:, :3], text, cache=cache, frame_offset=9, cache_mode="read")
+
+
+def test_text_cache_reused_and_refreshed():
+    model = _hybrid("hybrid")
+    x, t, text = _inputs(frames=6)
+    other_text = torch.randn_like(text)
+    with torch.no_grad():
+        cache = model.init_cache(2, LATENT_H, LATENT_W)
+        model(x[:, :, :3], t[:, :3], text, cache=cache, cache_mode="write")
+        assert cache.text_is_cached(text)
+        # same tensor object: K/V reused, so the embedder is not even called
+        calls = []
+        hook = model.condition_embedder.text_embedder.register_forward_hook(lambda *a: calls.append(1))
+        cached = model(x[:, :, 3:], t[:, 3:], text, cache=cache, frame_offset=3, cache_mode="read").sample
+        assert calls == []
+        # a new prompt tensor is re-encoded
+        switched = model(x[:, :, 3:], t[:, 3:], other_text, cache=cache, frame_offset=3, cache_mode="read").sample
+        assert calls == [1] and cache.text_is_cached(other_text)
+        hook.remove()
+    full = model(x, t, text).sample.detach()
+    torch.testing.assert_close(cached, full[:, :, 3:], atol=2e-5, rtol=1e-4)
+    assert (switched - cached).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# absorption schedule (spec §2.4) and the memory math
+# ------------------------------------------------------------------------------------------------------------------
+def test_absorption_schedule_matches_official_layout():
+    model = HybridForcingTransformer3DModel(**{**TINY_WAN, "attention_mode": "hybrid"})  # official 3/6/21 defaults
+    layout = model.attention_layout
+    table = {n: layout.frames_absorbed_for(3 * n) for n in range(40)}
+    assert table[0] == ([], []) and table[1] == ([], [])
+    assert table[2] == ([0, 1, 2], [0, 1, 2])  # the sink chunk, at its own positions
+    assert table[3] == ([3, 4, 5], [3, 4, 5])
+    assert table[6] == ([12, 13, 14], [12, 13, 14])
+    assert table[7] == ([15, 16, 17], [12, 13, 14])
+    for n in range(7, 40):
+        assert table[n] == ([3 * n - 6, 3 * n - 5, 3 * n - 4], [12, 13, 14])
+    absorbed = [f for frames, _ in table.values() for f in frames]
+    assert absorbed == list(range(len(absorbed)))  # every frame exactly once, no gap
+    # queries and window keys (spec §2.5)
+    assert layout.query_positions(18) == [18, 19, 20] and layout.query_positions(300) == [18, 19, 20]
+    assert layout.visible_frames(21) == ([0, 1, 2, 18, 19, 20, 21, 22, 23], [0, 1, 2, 15, 16, 17, 18, 19, 20])
+    assert layout.visible_frames(3) == ([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5])
+    assert layout.visible_frames(0) == ([0, 1, 2], [0, 1, 2])
+
+
+def test_linear_memory_against_hand_written_loops():
+    from diffusers_hybrid.ops import linear_memory_absorb, linear_memory_read
+
+    torch.manual_seed(0)
+    batch, heads, dim = 2, 3, 5
+    kv = torch.zeros(batch, heads, dim, dim)
+    kmean = torch.zeros(batch, heads, dim)
+    all_keys, all_roped, all_values = [], [], []
+    count = 0
+    for tokens in (7, 4, 9):
+        k_raw, k_rope, v = (torch.randn(batch, tokens, heads, dim) for _ in range(3))
+        kv, kmean = linear_memory_absorb(kv, kmean, count, k_rope, k_raw, v)
+        count += tokens
+        all_keys.append(k_raw), all_roped.append(k_rope), all_values.append(v)
+    keys, roped, values = (torch.cat(x, 1) for x in (all_keys, all_roped, all_values))
+    q_num, q_raw = torch.randn(batch, 6, heads, dim), torch.randn(batch, 6, heads, dim)
+    out = linear_memory_read(q_num, q_raw, kv, kmean, eps=1e-6)
+    for b in range(batch):
+        for h in range(heads):
+            kv_ref = sum(torch.outer(roped[b, i, h], values[b, i, h]) for i in range(count)) / count
+            kmean_ref = sum(torch.relu(keys[b, i, h]) for i in range(count)) / count
+            torch.testing.assert_close(kv[b, h], kv_ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(kmean[b, h], kmean_ref, atol=1e-5, rtol=1e-5)
+            for s in range(6):
+                expected = (q_num[b, s, h] @ kv_ref) / (torch.relu(q_raw[b, s, h]) @ kmean_ref + 1e-6)
+                torch.testing.assert_close(out[b, s, h], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_block_selection_never_empty_never_nan():
+    from diffusers_hybrid.ops import block_sparse_attention, num_selected_blocks, select_key_blocks_naive
+
+    assert num_selected_blocks(4, 0.2) == 1 and num_selected_blocks(220, 0.2) == 44 and num_selected_blocks(5, 1.0) == 5
+    with pytest.raises(ValueError, match="topk_ratio"):
+        num_selected_blocks(10, 0.0)
+    q, k, v = torch.randn(2, 37, 3, 8), torch.randn(2, 29, 3, 8), torch.randn(2, 29, 3, 8)
+    index = select_key_blocks_naive(q, k, 0.1, block_size=8)
+    assert index.shape == (2, 3, 5, 1)
+    out = block_sparse_attention(q, k, v, topk_ratio=0.1, block_size=8)
+    assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# loading and conversion
+# ------------------------------------------------------------------------------------------------------------------
+def test_save_load_round_trip(tmp_path):
+    model = _hybrid("hybrid", local_attn_frames=9, rope_mode="absolute", max_rope_frames=12)
+    model.save_pretrained(tmp_path)
+    loaded = HybridForcingTransformer3DModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.local_attn_frames == 9 and loaded.config.rope_mode == "absolute"
+    x, t, text = _inputs(frames=9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, text).sample, model(x, t, text).sample, atol=0, rtol=0)
+
+
+def test_from_pretrained_of_wan_folder_zero_fills_linear_proj(tmp_path):
+    wan = _wan()
+    wan.save_pretrained(tmp_path)
+    model = HybridForcingTransformer3DModel.from_pretrained(tmp_path, attention_mode="hybrid", **TINY_HYBRID).eval()
+    for name, param in model.named_parameters():
+        assert not param.is_meta, name
+        if "linear_proj" in name:
+            assert float(param.abs().sum()) == 0
+    x, _, text = _inputs()
+    t = torch.tensor([500.0, 20.0])
+    model.register_to_config(sparse_topk_ratio=1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, text).sample, wan(x, t, text).sample, atol=1e-5, rtol=1e-5)
+
+
+# hand-written inverse of the original -> diffusers key map
+_TO_ORIGINAL = {
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "proj_out": "head.head",
+    "scale_shift_table": "head.modulation",
+}
+_BLOCK_TO_ORIGINAL = {
+    "scale_shift_table": "modulation", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o", "attn1.norm_q": "self_attn.norm_q", "attn1.norm_k": "self_attn.norm_k",
+    "attn1.linear_proj": "self_attn.linear_proj", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o", "attn2.norm_q": "cross_attn.norm_q",
+    "attn2.norm_k": "cross_attn.norm_k", "norm2": "norm3",
+}
+
+
+def _to_original(state_dict):
+    out = {}
+    for key, value in state_dict.items():
+        new = key
+        if key.startswith("blocks."):
+            _, index, rest = key.split(".", 2)
+            for diff, orig in _BLOCK_TO_ORIGINAL.items():
+                if rest == diff or rest.startswith(diff + "."):
+                    rest = orig + rest[len(diff):]
+                    break
+            new = f"blocks.{index}.{rest}"
+        else:
+            for diff, orig in _TO_ORIGINAL.items():
+                if key == diff or key.startswith(diff + "."):
+                    new = orig + key[len(diff):]
+                    break
+        out[new] = value.clone()
+    assert len(out) == len(state_dict)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["wan_safetensors", "self_forcing_pt", "hybrid_forcing_pt"])
+def test_original_checkpoint_conversion(tmp_path, fmt):
+    from safetensors.torch import save_file
+
+    source = _hybrid("hybrid")
+    x, t, text = _inputs(frames=9)
+    original = _to_original(source.state_dict())
+    if fmt == "wan_safetensors":
+        original = {"model.diffusion_model." + k: v for k, v in original.items() if "linear_proj" not in k}
+        path = tmp_path / "wan.safetensors"
+        save_file(original, path)
+        expected_model = copy.deepcopy(source)
+        with torch.no_grad():
+            for block in expected_model.blocks:
+                block.attn1.linear_proj.weight.zero_(), block.attn1.linear_proj.bias.zero_()
+    else:
+        if fmt == "self_forcing_pt":
+            original = {k: v for k, v in original.items() if "linear_proj" not in k}
+        wrapped = {"model." + k: v for k, v in original.items()}
+        ema = {k: v + 1.0 for k, v in wrapped.items()}  # the EMA differs: the default must take `generator`
+        path = tmp_path / "ckpt.pt"
+        torch.save({"generator": wrapped, "generator_ema": ema}, path)
+        expected_model = copy.deepcopy(source)
+        if fmt == "self_forcing_pt":
+            with torch.no_grad():
+                for block in expected_model.blocks:
+                    block.attn1.linear_proj.weight.zero_(), block.attn1.linear_proj.bias.zero_()
+    config = {k: v for k, v in source.config.items() if not k.startswith("_")}
+    loaded = HybridForcingTransformer3DModel.from_original_checkpoint(path, config=config).eval()
+    inferred = HybridForcingTransformer3DModel.from_original_checkpoint(path, attention_head_dim=12, **TINY_HYBRID)
+    assert inferred.config.num_attention_heads == 2
+    assert inferred.config.num_layers == 2 and inferred.config.ffn_dim == 32
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, text).sample, expected_model(x, t, text).sample, atol=0, rtol=0)
+    if fmt != "wan_safetensors":
+        ema_model = HybridForcingTransformer3DModel.from_original_checkpoint(path, config=config, use_ema=True)
+        delta = ema_model.proj_out.weight - loaded.proj_out.weight
+        torch.testing.assert_close(delta, torch.ones_like(delta))
+
+
+def test_original_checkpoint_errors_name_keys(tmp_path):
+    state = _to_original(_hybrid("hybrid").state_dict())
+    config = {k: v for k, v in _hybrid("hybrid").config.items() if not k.startswith("_")}
+    state["blocks.0.self_attn.mystery.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="mystery"):
+        HybridForcingTransformer3DModel.from_original_checkpoint(state, config=config)
+    del state["blocks.0.self_attn.mystery.weight"]
+    del state["blocks.1.ffn.0.weight"]
+    with pytest.raises(ValueError, match=r"blocks\.1\.ffn\.net\.0\.proj\.weight"):
+        HybridForcingTransformer3DModel.from_original_checkpoint(state, config=config)
+
+
+def test_conversion_script(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    source = _hybrid("hybrid")
+    path = tmp_path / "hf.safetensors"
+    save_file({"model." + k: v for k, v in _to_original(source.state_dict()).items()}, path)
+    config = tmp_path / "cfg"
+    source.save_config(config)
+    out = tmp_path / "converted"
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "convert_hybrid_forcing_to_diffusers.py")
+    subprocess.run(
+        [sys.executable, script, "--checkpoint_path", str(path), "--config", str(config), "--output_path", str(out)],
+        check=True, capture_output=True,
+    )
+    loaded = HybridForcingTransformer3DModel.from_pretrained(out)
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), source.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# training hooks
+# ------------------------------------------------------------------------------------------------------------------
+def _grads(model, x, t, text, **kwargs):
+    model.zero_grad()
+    model(x, t, text, **kwargs).sample.square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["dense", "hybrid"])
+def test_gradient_checkpointing_equivalence(mode):
+    model = _hybrid(mode).train()
+    x, t, text = _inputs(frames=12)
+    plain = _grads(model, x, t, text)
+    model.enable_gradient_checkpointing()
+    assert model.gradient_checkpointing
+    checkpointed = _grads(model, x, t, text)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
+    if mode == "hybrid":  # 12 frames reach the memory, so its projection learns
+        assert plain["blocks.1.attn1.linear_proj.weight"].abs().sum() > 0
+
+
+def test_gradients_through_read_pass_with_detached_cache():
+    model = _hybrid("hybrid").train()
+    model.enable_gradient_checkpointing()
+    x, t, text = _inputs(frames=12)
+    cache = model.init_cache(2, LATENT_H, LATENT_W)
+    with torch.no_grad():
+        for start in range(0, 9, 3):
+            model(x[:, :, start:start + 3], t[:, start:start + 3], text, cache=cache, frame_offset=start,
+                  cache_mode="write")
+    out = model(x[:, :, 9:], t[:, 9:], text, cache=cache, frame_offset=9, cache_mode="read").sample
+    # a later write must not disturb backward's recomputation
+    with torch.no_grad():
+        model(x[:, :, 9:], torch.zeros(2), text, cache=cache, frame_offset=9, cache_mode="write")
+    out.square().mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None for g in grads.values())
+    assert grads["blocks.0.attn1.to_q.weight"].abs().sum() > 0
+    assert grads["blocks.0.attn1.linear_proj.weight"].abs().sum() > 0
+    assert not any(tensor.requires_grad for layer in cache.layers for tensor in layer.tensors())
+    # same gradient as the equivalent uncheckpointed read against an identical cache
+    reference = _hybrid("hybrid").train()
+    ref_cache = reference.init_cache(2, LATENT_H, LATENT_W)
+    with torch.no_grad():
+        for start in range(0, 9, 3):
+            reference(x[:, :, start:start + 3], t[:, start:start + 3], text, cache=ref_cache, frame_offset=start,
+                      cache_mode="write")
+    reference(x[:, :, 9:], t[:, 9:], text, cache=ref_cache, frame_offset=9, cache_mode="read").sample.square().mean().backward()
+    torch.testing.assert_close(model.blocks[0].attn1.to_q.weight.grad, reference.blocks[0].attn1.to_q.weight.grad,
+                               atol=1e-6, rtol=1e-4)
+
+
+def test_lora_adapters_attach_and_change_output():
+    from peft import LoraConfig
+
+    model = _hybrid("hybrid")
+    x, t, text = _inputs(frames=6)
+    with torch.no_grad():
+        before = model(x, t, text).sample
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    lora = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert any("attn1.to_q" in n for n in lora) and any("ffn.net.2" in n for n in lora)
+    with torch.no_grad():
+        after = model(x, t, text).sample
+        model.disable_adapters()
+        disabled = model(x, t, text).sample
+    assert (after - before).abs().max() > 1e-4
+    torch.testing.assert_close(disabled, before, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors():
+    model = _hybrid("hybrid")
+    x, t, text = _inputs(frames=6)
+    with pytest.raises(ValueError, match="divisible by the patch size"):
+        model(torch.randn(2, 4, 3, 5, 10), t[:, :3], text)
+    with pytest.raises(ValueError, match="divisible by the patch size"):
+        model.init_cache(1, 6, 9)
+    cache = model.init_cache(2, LATENT_H, LATENT_W)
+    with pytest.raises(ValueError, match="one chunk of 3"):
+        model(x, t, text, cache=cache, cache_mode="read")
+    with pytest.raises(ValueError, match="frame_offset"):
+        model(x[:, :, :3], t[:, :3], text, cache=cache, frame_offset=3, cache_mode="read")
+    with pytest.raises(ValueError, match="Batch size 1"):
+        model(x[:1, :, :3], t[:1, :3], text[:1], cache=cache, cache_mode="read")
+    with pytest.raises(ValueError, match="cache_mode"):
+        model(x[:, :, :3], t[:, :3], text, cache=cache, cache_mode="append")
+    with pytest.raises(ValueError, match="needs a `cache`"):
+        model(x[:, :, :3], t[:, :3], text, cache_mode="write")
+    with pytest.raises(ValueError, match="whole number of chunks"):
+        model(x[:, :, :4], t[:, :4], text)
+    with pytest.raises(ValueError, match="timestep"):
+        model(x, t[:, :2], text)
+    with pytest.raises(ValueError, match="Latent size"):
+        model(torch.randn(2, 4, 3, 8, 10), t[:, :3], text, cache=cache, cache_mode="read")
+    with pytest.raises(ValueError, match="attention_mode"):
+        HybridForcingTransformer3DModel(**TINY_WAN, attention_mode="sparse")
+    with pytest.raises(ValueError, match="smaller than a chunk"):
+        HybridForcingTransformer3DModel(**TINY_WAN, local_attn_frames=2, num_frame_per_block=3)
+    with pytest.raises(ValueError, match="max_rope_frames"):
+        HybridForcingTransformer3DModel(**TINY_WAN, max_rope_frames=6)
+    with pytest.raises(ValueError, match="kernel"):
+        model.set_attention_kernel("cuda")
+    absolute = _hybrid("window", rope_mode="absolute", rope_max_seq_len=8, max_rope_frames=8, local_attn_frames=3,
+                       sink_frames=1)
+    with pytest.raises(ValueError, match="RoPE table"):
+        absolute(torch.randn(1, 4, 9, LATENT_H, LATENT_W), torch.zeros(1), text[:1])
+
+
+def test_set_attention_kernel_falls_back_on_cpu(monkeypatch, caplog):
+    import diffusers_hybrid.models.transformer_hybrid_forcing as module
+
+    monkeypatch.setattr(module, "triton_available", lambda: False)
+    model = _hybrid("hybrid")
+    model.set_attention_kernel("triton")
+    assert model.attention_kernel == "reference"
+    assert all(block.attn1.processor.kernel == "reference" for block in model.blocks)
