@@ -563,3 +563,19 @@ def test_set_attention_kernel_falls_back_on_cpu(monkeypatch, caplog):
     model.set_attention_kernel("triton")
     assert model.attention_kernel == "reference"
     assert all(block.attn1.processor.kernel == "reference" for block in model.blocks)
+
+
+def test_fused_qkv_projections_give_the_same_output():
+    model = _hybrid("hybrid")
+    x, t, text = _inputs(frames=6)
+    with torch.no_grad():
+        before = model(x, t, text).sample
+        model.fuse_qkv_projections()
+        assert hasattr(model.blocks[0].attn1, "to_qkv") and hasattr(model.blocks[0].attn2, "to_kv")
+        cache = model.init_cache(2, LATENT_H, LATENT_W)
+        streamed = torch.cat(
+            [model(x[:, :, s:s + 3], t[:, s:s + 3], text, cache=cache, frame_offset=s, cache_mode="write").sample
+             for s in (0, 3)], dim=2)
+        fused = model(x, t, text).sample
+    torch.testing.assert_close(fused, before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(streamed, before, atol=1e-5, rtol=1e-5)
