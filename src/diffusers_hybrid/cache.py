@@ -25,6 +25,16 @@ import torch
 from .ops import apply_rotary_emb, linear_memory_absorb
 
 ATTENTION_MODES = ("dense", "window", "hybrid")
+
+
+def _normalize_device(device) -> torch.device:
+    """`cpu`, `cpu:0`, `cuda` and `cuda:N` compare equal to where tensors actually live."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cpu":
+        return torch.device("cpu")
+    return device
 ROPE_MODES = ("relative", "absolute")
 
 
@@ -297,7 +307,7 @@ class HybridCache:
         self.latent_height = latent_height
         self.latent_width = latent_width
         self.tokens_per_frame = tokens_per_frame
-        self.device = torch.device(device)
+        self.device = _normalize_device(device)
         self.dtype = dtype
         self.frames_written = 0
         self.memory_tokens = 0
@@ -355,7 +365,7 @@ class HybridCache:
                 if t is not None:
                     setattr(layer, name, t.to(device=device))
         if device is not None:
-            self.device = torch.device(device)
+            self.device = _normalize_device(device)
         if dtype is not None:
             self.dtype = dtype
         return self

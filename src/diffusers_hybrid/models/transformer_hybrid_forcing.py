@@ -31,7 +31,15 @@ from ..attention_processors import (
     HybridForcingAttnProcessor,
     HybridForcingCrossAttnProcessor,
 )
-from ..cache import ATTENTION_MODES, ROPE_MODES, AttentionLayout, ChunkPlan, HybridCache, HybridLayerCache
+from ..cache import (
+    ATTENTION_MODES,
+    ROPE_MODES,
+    AttentionLayout,
+    ChunkPlan,
+    HybridCache,
+    HybridLayerCache,
+    _normalize_device,
+)
 from ..ops import KERNELS, triton_available
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
@@ -623,7 +631,7 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
             raise ValueError(
                 f"Latent size {(height, width)} differs from the cache's {(cache.latent_height, cache.latent_width)}."
             )
-        if hidden_states.device != cache.device:
+        if _normalize_device(hidden_states.device) != cache.device:
             raise ValueError(f"Input on {hidden_states.device} but the cache is on {cache.device}.")
         param_dtype = self.blocks[0].attn1.to_q.weight.dtype
         if cache.dtype != param_dtype:
