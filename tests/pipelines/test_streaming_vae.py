@@ -1,0 +1,110 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""StreamingWanDecoder: chunk-by-chunk decoding equals decoding the whole latent video at once."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+
+from diffusers_hybrid import StreamingWanDecoder
+
+VAE_CONFIGS = {
+    "tiny": dict(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1),
+    # Wan2.1's block structure (temporal upsampling in two stages, 2 residual blocks, wider channels)
+    "wan21_shape": dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=2),
+}
+
+
+def _vae(name):
+    torch.manual_seed(0)
+    return AutoencoderKLWan(**VAE_CONFIGS[name]).eval()
+
+
+def _chunks(latents, sizes):
+    out, start = [], 0
+    for size in sizes:
+        out.append(latents[:, :, start : start + size])
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("name", list(VAE_CONFIGS))
+@torch.no_grad()
+def test_streaming_decode_equals_full_decode_exactly(name):
+    vae = _vae(name)
+    latents = torch.randn(2, 16, 9, 4, 6, generator=torch.Generator().manual_seed(1))
+    full = vae.decode(latents).sample
+    assert full.shape == (2, 3, 33, 32, 48)
+    decoder = StreamingWanDecoder(vae)
+    parts = [decoder.decode(chunk) for chunk in _chunks(latents, [3, 3, 3])]
+    assert [p.shape[2] for p in parts] == [9, 12, 12]
+    assert torch.equal(torch.cat(parts, dim=2), full)  # bit-exact in float32
+
+    # any chunking, and the decoder is reusable after reset()
+    decoder.reset()
+    parts = [decoder.decode(chunk) for chunk in _chunks(latents, [1, 5, 2, 1])]
+    assert [p.shape[2] for p in parts] == [1, 20, 8, 4]
+    assert torch.equal(torch.cat(parts, dim=2), full)
+
+
+@torch.no_grad()
+def test_naive_per_chunk_decode_is_wrong():
+    """Why the streaming decoder exists: AutoencoderKLWan.decode restarts its causal cache on every call."""
+    vae = _vae("tiny")
+    latents = torch.randn(1, 16, 6, 4, 4, generator=torch.Generator().manual_seed(2))
+    naive = torch.cat([vae.decode(chunk).sample for chunk in _chunks(latents, [3, 3])], dim=2)
+    assert naive.shape[2] == 18  # instead of 21
+    streamed = torch.cat([StreamingWanDecoder(vae).decode(latents)], dim=2)
+    assert streamed.shape[2] == 21
+
+
+@torch.no_grad()
+def test_whole_chunk_calls_match_up_to_rounding():
+    vae = _vae("wan21_shape")
+    latents = torch.randn(1, 16, 9, 4, 4, generator=torch.Generator().manual_seed(3))
+    full = vae.decode(latents).sample
+    decoder = StreamingWanDecoder(vae, frames_per_call=None)
+    streamed = torch.cat([decoder.decode(chunk) for chunk in _chunks(latents, [3, 3, 3])], dim=2)
+    torch.testing.assert_close(streamed, full, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_cache_memory_is_constant_and_counts():
+    vae = _vae("tiny")
+    decoder = StreamingWanDecoder(vae)
+    assert decoder.nbytes() == 0 and decoder.num_output_frames(3) == 9
+    sizes = []
+    for i in range(12):
+        decoder.decode(torch.randn(1, 16, 3, 4, 4))
+        sizes.append(decoder.nbytes())
+    assert decoder.num_output_frames(3) == 12 and decoder.latent_frames_decoded == 36
+    assert sizes == [sizes[0]] * 12 and sizes[0] > 0
+    decoder.reset()
+    assert decoder.nbytes() == 0 and decoder.latent_frames_decoded == 0
+
+
+def test_denormalize_matches_wan_pipeline():
+    vae = _vae("tiny")
+    latents = torch.randn(1, 16, 3, 2, 2)
+    mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    std = 1.0 / torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
+    torch.testing.assert_close(StreamingWanDecoder(vae).denormalize(latents), latents / std + mean)
+
+
+@torch.no_grad()
+def test_offload_hook_is_triggered_and_bad_input():
+    vae = _vae("tiny")
+    calls = []
+
+    class Hook:
+        def pre_forward(self, module):
+            calls.append(module)
+
+    vae._hf_hook = Hook()
+    decoder = StreamingWanDecoder(vae)
+    decoder.decode(torch.randn(1, 16, 1, 2, 2))
+    assert calls == [vae]
+    with pytest.raises(ValueError, match="latents"):
+        decoder.decode(torch.randn(1, 8, 1, 2, 2))
+    vae.enable_tiling()
+    with pytest.raises(ValueError, match="tiling"):
+        StreamingWanDecoder(vae)
