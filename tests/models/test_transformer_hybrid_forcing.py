@@ -579,3 +579,17 @@ def test_fused_qkv_projections_give_the_same_output():
         fused = model(x, t, text).sample
     torch.testing.assert_close(fused, before, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(streamed, before, atol=1e-5, rtol=1e-5)
+
+
+def test_set_attention_mode_switches_and_validates():
+    model = _hybrid("dense")
+    x, t, text = _inputs(frames=6)
+    model.set_attention_mode("hybrid", sparse_topk_ratio=1.0)
+    reference = _hybrid("hybrid", sparse_topk_ratio=1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, text).sample, reference(x, t, text).sample, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="attention_mode"):
+        model.set_attention_mode("sparse")
+    assert model.config.attention_mode == "hybrid"  # a rejected switch changes nothing
+    with pytest.raises(ValueError, match="cannot change"):
+        model.set_attention_mode("window", num_layers=3)

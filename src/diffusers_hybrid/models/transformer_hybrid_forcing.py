@@ -381,6 +381,31 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
                     f"frames{' plus the memory' if layout.use_memory else ''}: it must be >= {need}."
                 )
 
+    def set_attention_mode(self, attention_mode: str, **attention_config) -> None:
+        """
+        Switches the attention configuration in place (e.g. stage 1 `"dense"` -> stage 2 `"hybrid"`), validating it.
+        Caches made before the switch no longer match: call `init_cache` again.
+
+        Args:
+            attention_mode (`str`): `"dense"`, `"window"` or `"hybrid"`.
+            **attention_config: other config values to change with it (`sink_frames`, `sparse_topk_ratio`, ...).
+        """
+        allowed = {
+            "num_frame_per_block", "sink_frames", "local_attn_frames", "dense_max_frames", "sparse_topk_ratio",
+            "sparse_block_size", "sparse_key_centering", "rope_mode", "max_rope_frames", "absorb_sink_frames",
+            "linear_attn_query", "linear_attn_eps",
+        }
+        unknown = sorted(set(attention_config) - allowed)
+        if unknown:
+            raise ValueError(f"`set_attention_mode` cannot change {unknown}; allowed: {sorted(allowed)}.")
+        previous = {k: self.config[k] for k in ["attention_mode", *attention_config]}
+        self.register_to_config(attention_mode=attention_mode, **attention_config)
+        try:
+            self._check_config()
+        except ValueError:
+            self.register_to_config(**previous)
+            raise
+
     @property
     def attention_layout(self) -> AttentionLayout:
         return AttentionLayout.from_config(self.config)
