@@ -165,12 +165,35 @@ def steady(chunks, start, key="total"):
     return sum(c["frames"] for c in part) / sum(c[key] for c in part), sum(c[key] for c in part) / len(part)
 
 
-def bench_config(pipe, prompt_embeds, args, device, mode, kernel) -> dict:
+def configure(pipe, mode, kernel):
+    """`kernel` is "reference", "triton" or "triton+graphs" (denoising passes replayed from a CUDA graph)."""
+    base, _, extra = kernel.partition("+")
     transformer = pipe.transformer
-    transformer.register_to_config(attention_mode=mode)
-    transformer.set_attention_kernel(kernel)
-    if transformer.attention_kernel != kernel:
-        raise RuntimeError(f"kernel {kernel!r} is not available here (got {transformer.attention_kernel!r})")
+    transformer.set_attention_mode(mode)
+    transformer.set_attention_kernel(base)
+    if transformer.attention_kernel != base:
+        raise RuntimeError(f"kernel {base!r} is not available here (got {transformer.attention_kernel!r})")
+    pipe.enable_cuda_graphs(extra == "graphs")
+
+
+@torch.no_grad()
+def check_graphs(pipe, prompt_embeds, args, device, mode="hybrid", chunks=8) -> dict:
+    """Latents of a session with CUDA-graph replay vs the same session eager (same seed)."""
+    outputs = {}
+    for kernel in ("triton", "triton+graphs"):
+        configure(pipe, mode, kernel)
+        session = open_stream(pipe, prompt_embeds, args, output_type="latent")
+        with session:
+            outputs[kernel] = [chunk.latents.float().clone() for _, chunk in zip(range(chunks), session)]
+            replays = getattr(session._read_graph, "replays", 0)
+    diffs = [(a - b).abs().max().item() for a, b in zip(outputs["triton"], outputs["triton+graphs"])]
+    result = {"mode": mode, "chunks": chunks, "max_abs_diff_per_chunk": diffs, "graph_replays": replays}
+    log(f"[graphs check {mode}] max |eager - graph| per chunk {diffs}, {replays} replays")
+    return result
+
+
+def bench_config(pipe, prompt_embeds, args, device, mode, kernel) -> dict:
+    configure(pipe, mode, kernel)
     reference = kernel == "reference"
     warmup = args.warmup_ref if reference else args.warmup
     n_main = args.chunks_ref if reference else args.chunks
@@ -210,11 +233,7 @@ def bench_config(pipe, prompt_embeds, args, device, mode, kernel) -> dict:
 
 
 def bench_long(pipe, prompt_embeds, args, device, mode, kernel) -> dict:
-    transformer = pipe.transformer
-    transformer.register_to_config(attention_mode=mode)
-    transformer.set_attention_kernel(kernel)
-    if transformer.attention_kernel != kernel:
-        raise RuntimeError(f"kernel {kernel!r} is not available here (got {transformer.attention_kernel!r})")
+    configure(pipe, mode, kernel)
     marks = (10, args.long_chunks // 2, args.long_chunks)
     run = run_session(pipe, prompt_embeds, args, device, args.long_chunks, memory_at=marks)
     fps, ms = steady(run["chunks"], args.steady_from)
@@ -361,6 +380,7 @@ def main():
     parser.add_argument("--long-chunks", type=int, default=200)
     parser.add_argument("--vae-frames-per-call", default="chunk", help="'1' (bit-exact) or 'chunk'")
     parser.add_argument("--skip-offload-check", action="store_true")
+    parser.add_argument("--skip-vae", action="store_true", help="skip the VAE-alone measurement")
     parser.add_argument("--trace", default=None, help="only profile MODE:KERNEL with torch.profiler (no benchmark)")
     parser.add_argument("--quick", action="store_true", help="fewer chunks, no long stream")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny models: checks the script only")
@@ -412,7 +432,10 @@ def main():
     if not args.skip_offload_check:
         RESULTS["offload"] = attempt("offload check", lambda: check_offload(device))
     pipe, prompt_embeds = build(args, device, dtype)
-    RESULTS["vae"] = attempt("vae", lambda: bench_vae(pipe, args, device, dtype))
+    if "triton+graphs" in args.kernels.split(","):
+        RESULTS["graphs_check"] = attempt("graphs check", lambda: check_graphs(pipe, prompt_embeds, args, device))
+    if not args.skip_vae:
+        RESULTS["vae"] = attempt("vae", lambda: bench_vae(pipe, args, device, dtype))
     RESULTS["long"] = []
     for index, kernel in enumerate(args.kernels.split(",")):
         for mode in args.modes.split(","):

@@ -157,8 +157,10 @@ class HybridForcingAttnProcessor:
         outputs = []
         for chunk in ctx.chunks:
             if chunk.absorb_frames:
-                key_abs = _gather_frames(key, chunk.absorb_frames, tpf)
-                value_abs = _gather_frames(value, chunk.absorb_frames, tpf)
+                # the memory is built from detached K/V, as in streaming (absorption happens in the no-grad commit):
+                # gradients reach the linear branch through the queries and `linear_proj`
+                key_abs = _gather_frames(key, chunk.absorb_frames, tpf).detach()
+                value_abs = _gather_frames(value, chunk.absorb_frames, tpf).detach()
                 kv_state, kmean_state = linear_memory_absorb(
                     kv_state, kmean_state, count, apply_rotary_emb(key_abs, *chunk.absorb_rope), key_abs, value_abs,
                     kernel=self.kernel,

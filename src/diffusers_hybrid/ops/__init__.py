@@ -6,6 +6,8 @@ Each op has a plain-PyTorch reference (`<op>/naive.py`, the ground truth, runs a
 choose the implementation with `kernel="reference" | "triton"`.
 """
 
+import warnings
+
 import torch
 
 from .block_sparse_attention.naive import (
@@ -35,6 +37,28 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_TRITON_HEAD_DIMS = {"attention": (16, 32, 64, 128, 256), "memory": (16, 32, 64, 128)}
+_warned: set[str] = set()
+
+
+def _use_triton(op: str, tensor: torch.Tensor, block_size: int | None = None) -> bool:
+    """Whether the Triton kernel takes these inputs; otherwise the op falls back to the reference (one warning)."""
+    reasons = []
+    if tensor.shape[-1] not in _TRITON_HEAD_DIMS[op]:
+        reasons.append(f"head_dim {tensor.shape[-1]} not in {_TRITON_HEAD_DIMS[op]}")
+    if op == "attention" and tensor.dtype not in (torch.bfloat16, torch.float16):
+        reasons.append(f"dtype {tensor.dtype} (bf16/fp16 only)")
+    if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
+        reasons.append(f"block_size {block_size} (a power of two >= 16)")
+    if not reasons:
+        return True
+    message = f"Triton {op} kernel does not take {', '.join(reasons)}; using the reference implementation."
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+    return False
+
+
 def block_sparse_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -62,7 +86,7 @@ def block_sparse_attention(
     _check_kernel(kernel)
     num_key_blocks = -(-key.shape[1] // block_size)
     dense = num_selected_blocks(num_key_blocks, topk_ratio) == num_key_blocks
-    if kernel == "triton":
+    if kernel == "triton" and _use_triton("attention", query, block_size):
         from .block_sparse_attention.triton_kernel import block_sparse_attention_triton
 
         return block_sparse_attention_triton(
@@ -88,7 +112,7 @@ def linear_memory_absorb(
     """Folds new tokens into the linear memory's running means; returns the new `(kv_state, kmean_state)`.
     See `linear_memory/naive.py` for the math and shapes."""
     _check_kernel(kernel)
-    if kernel == "triton":
+    if kernel == "triton" and _use_triton("memory", key_raw):
         from .linear_memory.triton_kernel import linear_memory_absorb_triton
 
         return linear_memory_absorb_triton(kv_state, kmean_state, count, key_roped, key_raw, value)
@@ -107,7 +131,7 @@ def linear_memory_read(
     """Reads the linear memory for every query token: `(q_num · kv) / (relu(q_raw) · kmean + eps)`, float32,
     `(B, S, H, D)`. See `linear_memory/naive.py`."""
     _check_kernel(kernel)
-    if kernel == "triton":
+    if kernel == "triton" and _use_triton("memory", query_raw):
         from .linear_memory.triton_kernel import linear_memory_read_triton
 
         return linear_memory_read_triton(query_numerator, query_raw, kv_state, kmean_state, eps=eps)

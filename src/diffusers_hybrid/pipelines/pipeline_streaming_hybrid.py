@@ -289,6 +289,11 @@ class StreamingHybridSession:
         if output_type != "latent":
             self.decoder = StreamingWanDecoder(pipe.vae, frames_per_call=vae_frames_per_call)
         self._recache = None
+        self._read_graph = None
+        if getattr(pipe, "_use_cuda_graphs", False) and self.cache.device.type == "cuda":
+            from ..utils.cuda_graphs import CUDAGraphReadPass
+
+            self._read_graph = CUDAGraphReadPass(transformer, self.cache)
         if recache_on_switch:
             layout = self.cache.layout
             history = layout.history_frames
@@ -362,6 +367,7 @@ class StreamingHybridSession:
         if self._closed:
             return
         self._closed = True
+        self._read_graph = None
         self.cache = None
         self.decoder = None
         self._recache = None
@@ -395,6 +401,8 @@ class StreamingHybridSession:
 
     def _transformer(self, latents, timestep: float, cache_mode: str) -> torch.Tensor:
         t = torch.full((self.batch_size,), timestep, device=self.device, dtype=torch.float32)
+        if cache_mode == "read" and self._read_graph is not None:
+            return self._read_graph(latents.to(self.transformer_dtype), t, self.prompt_embeds, self.attention_kwargs)
         return self.pipe.transformer(
             hidden_states=latents.to(self.transformer_dtype),
             timestep=t,
@@ -643,6 +651,13 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
         self._interrupt = False
         self._current_timestep = None
+        self._use_cuda_graphs = False
+
+    def enable_cuda_graphs(self, enabled: bool = True) -> None:
+        """Replays the transformer's denoising passes from a CUDA graph once a stream reaches its steady state (window
+        full, RoPE positions clamped): same outputs, far fewer kernel launches. Only used on CUDA devices; each
+        session captures its own graph (and recaptures after a prompt switch)."""
+        self._use_cuda_graphs = bool(enabled)
 
     # ------------------------------------------------------------------------------------------------------------
     # text

@@ -1,0 +1,687 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""Hybrid attention kernels against dense baselines, in one process (needs a CUDA GPU).
+
+Shapes (bf16, batch 1, (B, L, H, D) layout): Wan2.1-1.3B at 832x480 -- one 3-frame chunk (4,680 queries) against
+the sink + window (14,040 keys), 12 heads of 128 --; 2x the tokens per frame; the 14B head layout (40 heads).
+
+Compared: our Triton block-sparse attention at ratios 0.1 / 0.2 / 0.5 / 1.0 (selection included; 1.0 runs the dense
+kernel), PyTorch SDPA with the cuDNN and flash backends (dense over the same window), FlexAttention with the same
+block mask (optional, `--flex`); forward and forward+backward; effective TFLOP/s (dense-equivalent FLOPs / time, and
+the FLOPs actually computed / time); the linear memory ops. Correctness against a float32 reference first.
+
+    python benchmarks/bench_attention.py [--quick] [--explore] [--flex] [--out DIR]
+
+Prints a table last; writes `bench_attention.json` (every figure) to `--out` (default `$OUT` or `.`).
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from diffusers_hybrid.ops import block_sparse_attention, linear_memory_absorb, linear_memory_read  # noqa: E402
+from diffusers_hybrid.ops.block_sparse_attention import triton_kernel as bsa  # noqa: E402
+from diffusers_hybrid.ops.block_sparse_attention.naive import (  # noqa: E402
+    block_sparse_attention_naive,
+    num_selected_blocks,
+    select_key_blocks_naive,
+)
+from diffusers_hybrid.ops.linear_memory.naive import linear_memory_absorb_naive, linear_memory_read_naive  # noqa: E402
+
+SHAPES = {
+    "wan1.3b_832x480": dict(len_q=4680, len_k=14040, heads=12, dim=128),
+    "wan1.3b_2x_tokens": dict(len_q=9360, len_k=28080, heads=12, dim=128),
+    "wan14b_832x480": dict(len_q=4680, len_k=14040, heads=40, dim=128),
+}
+RATIOS = (0.1, 0.2, 0.5, 1.0)
+RESULTS: dict = {"figures": [], "errors": [], "variants": []}
+DEVICE = "cuda"
+DRY_RUN = False  # CPU + interpreter + tiny shapes + fake timings: checks this script, measures nothing
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def commit() -> str:
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def bench(fn, graph: bool = False) -> float:
+    """Median milliseconds (triton.testing.do_bench: L2 flushed before each run)."""
+    import triton.testing
+
+    if DRY_RUN:
+        fn()
+        return 1.0
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def sync(empty: bool = False):
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        if empty:
+            torch.cuda.empty_cache()
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def inputs(shape, dtype=torch.bfloat16, grad=False, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    b, lq, lk, h, d = 1, shape["len_q"], shape["len_k"], shape["heads"], shape["dim"]
+    q = torch.randn(b, lq, h, d, device=DEVICE, dtype=dtype, generator=g)
+    k = torch.randn(b, lk, h, d, device=DEVICE, dtype=dtype, generator=g)
+    v = torch.randn(b, lk, h, d, device=DEVICE, dtype=dtype, generator=g)
+    if grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v
+
+
+def flops_fwd(shape, keys: int) -> float:
+    return 4.0 * shape["len_q"] * keys * shape["heads"] * shape["dim"]
+
+
+def record(shape_name, method, ratio, mode, ms, dense_flops, actual_flops, note=""):
+    row = dict(shape=shape_name, method=method, ratio=ratio, mode=mode, ms=ms,
+               eff_tflops=dense_flops / ms / 1e9, actual_tflops=actual_flops / ms / 1e9, note=note)
+    RESULTS["figures"].append(row)
+    log(f"  {method:<28} r={ratio!s:<5} {mode:<8} {ms:8.3f} ms  eff {row['eff_tflops']:7.1f}  "
+        f"actual {row['actual_tflops']:7.1f} TFLOP/s {note}")
+    return row
+
+
+def safe(label, fn):
+    try:
+        return fn()
+    except Exception as e:  # keep going: one failing variant must not lose the whole run
+        msg = f"{label}: {type(e).__name__}: {str(e)[:400]}"
+        RESULTS["errors"].append(msg)
+        log("  FAILED", msg)
+        traceback.print_exc(limit=2)
+        return None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# correctness
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def check_correctness(shape_name, shape, ratios=(0.2, 1.0), dtypes=(torch.bfloat16,)):
+    log(f"== correctness {shape_name}")
+    for dtype in dtypes:
+        for ratio in ratios:
+            q, k, v = inputs(shape, dtype, grad=True, seed=1)
+            num_k_blocks = -(-shape["len_k"] // 64)
+            dense = num_selected_blocks(num_k_blocks, ratio) == num_k_blocks
+            lut = None
+            if not dense:
+                lut, _ = bsa.select_key_blocks_triton(q.detach(), k.detach(), ratio, 64, "heads")
+                ref_lut = select_key_blocks_naive(q.detach(), k.detach(), ratio, 64, "heads")
+                same_rows = (lut.long() == ref_lut).all(-1).float().mean().item()
+                # top-k validity with float64 scores
+                kc = k.detach().double() - k.detach().double().mean(2, keepdim=True)
+                from diffusers_hybrid.ops.block_sparse_attention.naive import mean_pool_blocks
+                sc = mean_pool_blocks(q.detach().double(), 64).double() @ mean_pool_blocks(kc, 64).double().transpose(-1, -2)
+                sel = torch.zeros_like(sc, dtype=torch.bool).scatter_(-1, lut.long(), True)
+                gap = (torch.where(sel, sc, torch.inf).amin(-1) - torch.where(sel, -torch.inf, sc).amax(-1)).min().item()
+            out = block_sparse_attention(q, k, v, topk_ratio=ratio, block_size=64, kernel="triton")
+            g = torch.randn_like(out)
+            dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+            qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+            ref = block_sparse_attention_naive(qf, kf, vf, None if lut is None else lut.long(), 64)
+            rq, rk, rv = torch.autograd.grad(ref, (qf, kf, vf), g.float())
+            errs = dict(out=rel(out, ref), dq=rel(dq, rq), dk=rel(dk, rk), dv=rel(dv, rv))
+            row = dict(shape=shape_name, dtype=str(dtype), ratio=ratio, **errs)
+            if lut is not None:
+                row.update(lut_rows_equal_to_reference=same_rows, min_selected_minus_max_unselected=gap)
+            ok = all(math.isfinite(x) and x < (1e-2 if dtype == torch.bfloat16 else 3e-3) * 2 for x in errs.values())
+            row["ok"] = ok
+            RESULTS.setdefault("correctness", []).append(row)
+            log("  ", json.dumps(row))
+            del ref, rq, rk, rv, qf, kf, vf
+            sync(empty=True)
+
+
+def check_linear_memory(shape):
+    b, s, h, d = 1, shape["len_q"], shape["heads"], shape["dim"]
+    kv = torch.randn(b, h, d, d, device=DEVICE) / d
+    km = torch.rand(b, h, d, device=DEVICE)
+    kr, kw, v = (torch.randn(b, s, h, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    got = linear_memory_absorb(kv, km, 9360, kr, kw, v, kernel="triton")
+    want = linear_memory_absorb_naive(kv, km, 9360, kr, kw, v)
+    qn, qr = (torch.randn(b, s, h, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    out = linear_memory_read(qn, qr, want[0], want[1], kernel="triton")
+    g = torch.randn_like(out)
+    dn, dr = torch.autograd.grad(out, (qn, qr), g)
+    qn2, qr2 = (t.detach().float().requires_grad_(True) for t in (qn, qr))
+    ref = linear_memory_read_naive(qn2, qr2, want[0], want[1])
+    rn, rr = torch.autograd.grad(ref, (qn2, qr2), g)
+    row = dict(absorb_kv=rel(got[0], want[0]), absorb_kmean=rel(got[1], want[1]), read=rel(out, ref),
+               read_dq_num=rel(dn, rn), read_dq_raw=rel(dr, rr))
+    RESULTS["linear_memory_correctness"] = row
+    log("== linear memory correctness", json.dumps(row))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def sdpa_fns(q, k, v, backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+    def fwd():
+        with sdpa_kernel(be):
+            return F.scaled_dot_product_attention(qt, kt, vt)
+
+    def fwd_bwd_factory(g):
+        def run():
+            with sdpa_kernel(be):
+                out = F.scaled_dot_product_attention(qt, kt, vt)
+            return torch.autograd.grad(out, (q, k, v), g)
+        return run
+
+    return fwd, fwd_bwd_factory
+
+
+def time_shape(shape_name, shape, ratios=RATIOS, flex=False):
+    log(f"== timing {shape_name} {shape}")
+    q, k, v = inputs(shape, grad=True)
+    num_k_blocks = -(-shape["len_k"] // 64)
+    dense_flops = flops_fwd(shape, shape["len_k"])
+    g = torch.randn_like(q)
+    gt = g.transpose(1, 2)
+    best_dense_fwd, best_dense_fb = math.inf, math.inf
+    for backend in ("cudnn", "flash"):
+        fwd, fb = sdpa_fns(q, k, v, backend)
+        ms = safe(f"sdpa {backend} fwd", lambda: bench(lambda: fwd()))
+        if ms:
+            record(shape_name, f"sdpa_{backend}", 1.0, "fwd", ms, dense_flops, dense_flops)
+            best_dense_fwd = min(best_dense_fwd, ms)
+        ms = safe(f"sdpa {backend} fwd+bwd", lambda: bench(fb(gt)))
+        if ms:
+            record(shape_name, f"sdpa_{backend}", 1.0, "fwd+bwd", ms, 3.5 * dense_flops, 3.5 * dense_flops)
+            best_dense_fb = min(best_dense_fb, ms)
+    ours = {}
+    for ratio in ratios:
+        topk = num_selected_blocks(num_k_blocks, ratio)
+        keys = min(shape["len_k"], topk * 64)
+        act = flops_fwd(shape, keys)
+
+        def fwd(ratio=ratio):
+            return block_sparse_attention(q, k, v, topk_ratio=ratio, block_size=64, kernel="triton")
+
+        def fb(ratio=ratio):
+            out = block_sparse_attention(q, k, v, topk_ratio=ratio, block_size=64, kernel="triton")
+            return torch.autograd.grad(out, (q, k, v), g)
+
+        ms = safe(f"ours fwd {ratio}", lambda: bench(fwd))
+        if ms:
+            ours[(ratio, "fwd")] = record(shape_name, "triton_block_sparse", ratio, "fwd", ms, dense_flops, act,
+                                          "selection incl.")
+        ms = safe(f"ours fwd graph {ratio}", lambda: bench(fwd, graph=True))
+        if ms:
+            record(shape_name, "triton_block_sparse[cudagraph]", ratio, "fwd", ms, dense_flops, act,
+                   "selection incl.")
+        ms = safe(f"ours fwd+bwd {ratio}", lambda: bench(fb))
+        if ms:
+            ours[(ratio, "fwd+bwd")] = record(shape_name, "triton_block_sparse", ratio, "fwd+bwd", ms,
+                                              3.5 * dense_flops, 3.5 * act, "selection incl.")
+        if ratio < 1.0:
+            ms = safe("selection", lambda: bench(lambda: bsa.select_key_blocks_triton(q, k, ratio, 64, "heads",
+                                                                                       write_map=True), graph=True))
+            if ms:
+                record(shape_name, "triton_selection_only[cudagraph]", ratio, "fwd", ms, 0.0, 0.0)
+        if flex:
+            safe(f"flex {ratio}", lambda: time_flex(shape_name, shape, q, k, v, g, ratio, dense_flops, act))
+    safe("fused memory", lambda: time_fused_memory(shape_name, shape, q, k, v, ours))
+    summary = dict(shape=shape_name, best_dense_fwd_ms=best_dense_fwd, best_dense_fwd_bwd_ms=best_dense_fb)
+    for (ratio, mode), row in ours.items():
+        base = best_dense_fwd if mode == "fwd" else best_dense_fb
+        summary[f"speedup_{mode}_r{ratio}"] = base / row["ms"]
+    RESULTS.setdefault("summary", []).append(summary)
+    log("  summary", json.dumps(summary))
+    del q, k, v, g
+    sync(empty=True)
+
+
+def time_fused_memory(shape_name, shape, q, k, v, ours, ratio=0.2):
+    """Attention + linear-memory read-out + linear_proj: fused epilogue vs the separate ops (inference)."""
+    b, lq, h, d = q.shape
+    q_raw = torch.randn_like(q)
+    kv = torch.randn(b, h, d, d, device=DEVICE) / d
+    km = torch.rand(b, h, d, device=DEVICE)
+    weight = torch.randn(d, d, device=DEVICE, dtype=q.dtype) / math.sqrt(d)
+    bias = torch.randn(d, device=DEVICE, dtype=q.dtype)
+    dense_flops = flops_fwd(shape, shape["len_k"])
+    act = flops_fwd(shape, min(shape["len_k"], num_selected_blocks(-(-shape["len_k"] // 64), ratio) * 64))
+
+    def fused():
+        return bsa.block_sparse_attention_with_memory_triton(q, k, v, q_raw, kv, km, proj_weight=weight,
+                                                             proj_bias=bias, topk_ratio=ratio)
+
+    def separate():
+        out = block_sparse_attention(q, k, v, topk_ratio=ratio, block_size=64, kernel="triton")
+        mem = linear_memory_read(q, q_raw, kv, km, kernel="triton")
+        return out + F.linear(mem.to(out.dtype), weight, bias)
+
+    def fused_lo():
+        bsa.CONFIG_OVERRIDES.setdefault("fwd_sparse", {})["memory_lo"] = True
+        try:
+            return fused()
+        finally:
+            bsa.CONFIG_OVERRIDES["fwd_sparse"].pop("memory_lo")
+
+    with torch.no_grad():
+        err = rel(fused(), separate().float())
+        err_lo = rel(fused_lo(), separate().float())
+        ms = bench(fused_lo, graph=True)
+        record(shape_name, "triton_attn+memory_fused_hi_lo[cudagraph]", ratio, "fwd", ms, dense_flops, act,
+               f"rel diff fused/separate {err_lo:.1e}")
+        rows = {}
+        for name, fn in (("fused", fused), ("separate", separate)):
+            for graph in (False, True):
+                ms = bench(fn, graph=graph)
+                tag = f"triton_attn+memory_{name}" + ("[cudagraph]" if graph else "")
+                rows[tag] = record(shape_name, tag, ratio, "fwd", ms, dense_flops, act, f"rel diff fused/separate {err:.1e}")
+    base = ours.get((ratio, "fwd"))
+    if base:
+        extra = rows["triton_attn+memory_fused"]["ms"] - base["ms"]
+        RESULTS.setdefault("fused_memory", []).append(dict(
+            shape=shape_name, attention_ms=base["ms"], fused_ms=rows["triton_attn+memory_fused"]["ms"],
+            separate_ms=rows["triton_attn+memory_separate"]["ms"], fused_overhead_fraction=extra / base["ms"],
+            rel_diff=err))
+        log("  fused memory", json.dumps(RESULTS["fused_memory"][-1]))
+
+
+_FLEX = {}
+
+
+def time_flex_all(shape_name, shape, ratios=(0.2, 1.0)):
+    log(f"== FlexAttention {shape_name}")
+    q, k, v = inputs(shape, grad=True)
+    g = torch.randn_like(q)
+    num_k_blocks = -(-shape["len_k"] // 64)
+    dense_flops = flops_fwd(shape, shape["len_k"])
+    for ratio in ratios:
+        keys = min(shape["len_k"], num_selected_blocks(num_k_blocks, ratio) * 64)
+        safe(f"flex {ratio}", lambda: time_flex(shape_name, shape, q, k, v, g, ratio, dense_flops,
+                                                flops_fwd(shape, keys)))
+
+
+def time_flex(shape_name, shape, q, k, v, g, ratio, dense_flops, act):
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    flex = _FLEX["fn"]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    num_k_blocks = -(-shape["len_k"] // 64)
+    block_mask = None
+    if num_selected_blocks(num_k_blocks, ratio) < num_k_blocks:
+        lut, _ = bsa.select_key_blocks_triton(q.detach(), k.detach(), ratio, 64, "heads")
+        b, h, m, topk = lut.shape
+        full_idx = torch.zeros((b, h, m, num_k_blocks), device=DEVICE, dtype=torch.int32)
+        full_idx[..., :topk] = lut
+        full_num = torch.full((b, h, m), topk, device=DEVICE, dtype=torch.int32)
+        zero_num = torch.zeros_like(full_num)
+        block_mask = BlockMask.from_kv_blocks(zero_num, torch.zeros_like(full_idx), full_num, full_idx,
+                                              BLOCK_SIZE=64, seq_lengths=(shape["len_q"], shape["len_k"]))
+    opts = {"BLOCK_M": 64, "BLOCK_N": 64} if block_mask is not None else None
+    t0 = time.time()
+    try:
+        out = flex(qt, kt, vt, block_mask=block_mask, kernel_options=opts)
+    except Exception as e:  # let FlexAttention choose its tiles
+        log(f"  flex with {opts} failed ({type(e).__name__}: {str(e)[:200]}); default tiles")
+        opts = None
+        out = flex(qt, kt, vt, block_mask=block_mask, kernel_options=opts)
+    sync()
+    log(f"  flex compile+first fwd {time.time() - t0:.1f} s")
+    ours = block_sparse_attention(q, k, v, topk_ratio=ratio, block_size=64, kernel="triton")
+    err = rel(out.transpose(1, 2), ours)
+    ms = bench(lambda: flex(qt, kt, vt, block_mask=block_mask, kernel_options=opts))
+    record(shape_name, "flex_attention", ratio, "fwd", ms, dense_flops, act, f"mask prebuilt; rel diff vs ours {err:.1e}")
+    gt = g.transpose(1, 2)
+
+    bwd_opts = [opts]
+    if opts is not None:
+        bwd_opts = [dict(opts, BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32),
+                    dict(opts, BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=64)]
+    chosen = {}
+
+    def fb():
+        o = flex(qt, kt, vt, block_mask=block_mask, kernel_options=chosen["opts"])
+        return torch.autograd.grad(o, (q, k, v), gt)
+
+    t0 = time.time()
+    for cand in bwd_opts:
+        chosen["opts"] = cand
+        try:
+            fb()
+            break
+        except Exception as e:
+            log(f"  flex bwd with {cand} failed: {type(e).__name__}: {str(e)[:150]}")
+    else:
+        raise RuntimeError("no FlexAttention backward configuration compiled")
+    log(f"  flex bwd options {chosen['opts']}")
+    sync()
+    log(f"  flex compile+first bwd {time.time() - t0:.1f} s")
+    ms = bench(fb)
+    record(shape_name, "flex_attention", ratio, "fwd+bwd", ms, 3.5 * dense_flops, 3.5 * act, "mask prebuilt")
+
+
+def time_linear_memory(shape_name, shape, attn_ms_r02=None):
+    log(f"== linear memory {shape_name}")
+    b, s, h, d = 1, shape["len_q"], shape["heads"], shape["dim"]
+    kv = torch.randn(b, h, d, d, device=DEVICE) / d
+    km = torch.rand(b, h, d, device=DEVICE)
+    kr, kw, v = (torch.randn(b, s, h, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    qn, qr = (torch.randn(b, s, h, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    rows = {}
+    for name, fn in [
+        ("absorb_triton", lambda: linear_memory_absorb(kv, km, 9360, kr, kw, v, kernel="triton")),
+        ("absorb_reference", lambda: linear_memory_absorb(kv, km, 9360, kr, kw, v, kernel="reference")),
+        ("read_triton", lambda: linear_memory_read(qn, qr, kv, km, kernel="triton")),
+        ("read_reference", lambda: linear_memory_read(qn, qr, kv, km, kernel="reference")),
+    ]:
+        ms = safe(name, lambda: bench(fn))
+        if ms:
+            rows[name] = ms
+            log(f"  {name:<22} {ms * 1e3:8.1f} us")
+        if name.endswith("triton"):
+            ms = safe(name + " graph", lambda: bench(fn, graph=True))
+            if ms:
+                rows[name + "_cudagraph"] = ms
+                log(f"  {name + '_cudagraph':<22} {ms * 1e3:8.1f} us")
+    gout = torch.randn(b, s, h, d, device=DEVICE)
+
+    def read_fb():
+        out = linear_memory_read(qn, qr, kv, km, kernel="triton")
+        return torch.autograd.grad(out, (qn, qr), gout)
+
+    ms = safe("read fwd+bwd", lambda: bench(read_fb))
+    if ms:
+        rows["read_triton_fwd_bwd"] = ms
+        log(f"  {'read_triton_fwd_bwd':<22} {ms * 1e3:8.1f} us")
+    rows["shape"] = shape_name
+    if attn_ms_r02:
+        rows["attention_fwd_r0.2_ms"] = attn_ms_r02
+        a = rows.get("absorb_triton_cudagraph", rows.get("absorb_triton"))
+        r = rows.get("read_triton_cudagraph", rows.get("read_triton"))
+        if a and r:
+            rows["absorb_plus_read_over_attention"] = (a + r) / attn_ms_r02
+            # absorption runs once per chunk (first of 5 passes), the read-out every pass
+            rows["per_pass_amortised_over_attention"] = (a / 5 + r) / attn_ms_r02
+    RESULTS.setdefault("linear_memory", []).append(rows)
+    log("  ", json.dumps(rows))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# launch-configuration exploration (kernel only, selection excluded)
+# ------------------------------------------------------------------------------------------------------------------
+
+FWD_SPARSE_VARIANTS = [
+    dict(KPI=1, num_warps=4, num_stages=2, tma=True, ctas_per_sm=2),
+    dict(KPI=1, num_warps=4, num_stages=2, tma=True, ctas_per_sm=3),
+    dict(KPI=1, num_warps=4, num_stages=3, tma=True, ctas_per_sm=2),
+    dict(KPI=1, num_warps=4, num_stages=2, tma=False, ctas_per_sm=2),
+]
+FWD_DENSE_VARIANTS = [
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, ctas_per_sm=1),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, tma=True, ctas_per_sm=1),
+]
+BWD_SPARSE_VARIANTS = [
+    dict(KPI=1, num_warps=4, num_stages=2, dkv_num_stages=3),
+]
+BWD_DENSE_VARIANTS = [
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, DKV_BLOCK_M=64, DKV_BLOCK_N=128, dkv_num_stages=2),
+]
+SELECT_VARIANTS = [
+    dict(impl="row", pool="heads", pool_warps=2, num_warps=4),
+    dict(impl="row", pool="heads", pool_warps=2, num_warps=2),
+    dict(impl="row", pool="tok", pool_elems=4096, pool_warps=4, num_warps=4),
+    dict(impl="rows", pool="heads", pool_warps=2, G=4, num_warps=4),
+]
+LM_VARIANTS = [
+    dict(absorb_tokens=256, read_bm=128, read_warps=8),
+    dict(absorb_tokens=128, read_bm=128, read_warps=8, read_progs_per_sm=8),
+]
+
+
+def explore_selection_and_memory(shape_name, shape):
+    """Selection and linear-memory launch variants, timed as CUDA graphs (no CPU launch overhead)."""
+    from diffusers_hybrid.ops.linear_memory import triton_kernel as lmk
+
+    log(f"== selection / linear memory variants {shape_name} (CUDA-graph replay)")
+    q, k, v = inputs(shape)
+    ref = select_key_blocks_naive(q, k, 0.2, 64, "heads")
+    best = {}
+    saved = dict(bsa.SELECT_CONFIG)
+    for cfg in SELECT_VARIANTS:
+        def run(cfg=cfg):
+            bsa.SELECT_CONFIG.clear()
+            bsa.SELECT_CONFIG.update(cfg)
+            lut, _ = bsa.select_key_blocks_triton(q, k, 0.2, 64, "heads", write_map=True)
+            same = (lut.long() == ref).all(-1).float().mean().item()
+            ms = bench(lambda: bsa.select_key_blocks_triton(q, k, 0.2, 64, "heads", write_map=True), graph=True)
+            pool_ms = bench(lambda: bsa._pool(q, k, 64, True), graph=True)
+            row = dict(kind="select", cfg=cfg, ms=ms, pool_ms=pool_ms, rows_equal_reference=same)
+            RESULTS["variants"].append(row)
+            log(f"  select {json.dumps(cfg):<70} {ms * 1e3:7.1f} us (pool {pool_ms * 1e3:6.1f} us) same {same:.4f}")
+            if same > 0.99 and ("select" not in best or ms < best["select"]["ms"]):
+                best["select"] = row
+        safe(f"select {cfg}", run)
+    bsa.SELECT_CONFIG.clear()
+    bsa.SELECT_CONFIG.update(best["select"]["cfg"] if "select" in best else saved)
+    b, s, h, d = 1, shape["len_q"], shape["heads"], shape["dim"]
+    kv = torch.randn(b, h, d, d, device=DEVICE) / d
+    km = torch.rand(b, h, d, device=DEVICE)
+    kr, kw, vv = (torch.randn(b, s, h, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    qn, qr = (torch.randn(b, s, h, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    want_abs = linear_memory_absorb_naive(kv, km, 9360, kr, kw, vv)
+    want_read = linear_memory_read_naive(qn, qr, kv, km)
+    for cfg in LM_VARIANTS:
+        def run(cfg=cfg):
+            lmk.LM_CONFIG.clear()
+            lmk.LM_CONFIG.update(cfg)
+            got = lmk._absorb_launch(kv, km, 9360, kr, kw, vv)
+            out = lmk._read_launch(qn, qr, kv, km, 1e-6)
+            errs = (rel(got[0], want_abs[0]), rel(out, want_read))
+            a_ms = bench(lambda: lmk._absorb_launch(kv, km, 9360, kr, kw, vv), graph=True)
+            r_ms = bench(lambda: lmk._read_launch(qn, qr, kv, km, 1e-6), graph=True)
+            row = dict(kind="linear_memory", cfg=cfg, absorb_ms=a_ms, read_ms=r_ms, errs=errs)
+            RESULTS["variants"].append(row)
+            log(f"  linmem {json.dumps(cfg):<50} absorb {a_ms * 1e3:7.1f} us read {r_ms * 1e3:7.1f} us errs "
+                f"{errs[0]:.1e} {errs[1]:.1e}")
+            if max(errs) < 1e-4:
+                for key, ms in (("absorb", a_ms), ("read", r_ms)):
+                    if key not in best or ms < best[key]["ms"]:
+                        best[key] = dict(cfg=cfg, ms=ms)
+        safe(f"linmem {cfg}", run)
+    lm_cfg = {}
+    for key, prefix in (("absorb", "absorb_"), ("read", "read_")):
+        if key in best:
+            lm_cfg.update({k: val for k, val in best[key]["cfg"].items() if k.startswith(prefix)})
+    lmk.LM_CONFIG.clear()
+    lmk.LM_CONFIG.update(lm_cfg)
+    RESULTS["select_config_used"] = dict(bsa.SELECT_CONFIG)
+    RESULTS["linear_memory_config_used"] = dict(lm_cfg)
+    log("  using select", json.dumps(bsa.SELECT_CONFIG), "linear memory", json.dumps(lm_cfg))
+
+
+def explore(shape_name, shape):
+    log(f"== launch configurations {shape_name} (attention kernels only)")
+    q, k, v = inputs(shape)
+    scale = shape["dim"] ** -0.5
+    num_k_blocks = -(-shape["len_k"] // 64)
+    topk = num_selected_blocks(num_k_blocks, 0.2)
+    lut, bmap = bsa.select_key_blocks_triton(q, k, 0.2, 64, "heads", write_map=True)
+    ref_sparse, lse_s = bsa.attention_forward(q, k, v, lut, topk, 64, scale, False,
+                                              dict(KPI=1, num_warps=4, num_stages=2))
+    ref_dense, lse_d = bsa.attention_forward(q, k, v, None, 0, 64, scale, True,
+                                             dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2))
+    g = torch.randn_like(q)
+    dense_flops = flops_fwd(shape, shape["len_k"])
+    act = flops_fwd(shape, topk * 64)
+    groups = [
+        ("fwd_sparse", FWD_SPARSE_VARIANTS, act,
+         lambda c: bsa.attention_forward(q, k, v, lut, topk, 64, scale, False, c)[0], ref_sparse),
+        ("fwd_dense", FWD_DENSE_VARIANTS, dense_flops,
+         lambda c: bsa.attention_forward(q, k, v, None, 0, 64, scale, True, c)[0], ref_dense),
+        ("bwd_sparse", BWD_SPARSE_VARIANTS, 2.5 * act,
+         lambda c: bsa.attention_backward(g, q, k, v, ref_sparse, lse_s, lut, bmap, 64, scale, False, c)[0], None),
+        ("bwd_dense", BWD_DENSE_VARIANTS, 2.5 * dense_flops,
+         lambda c: bsa.attention_backward(g, q, k, v, ref_dense, lse_d, None, None, 64, scale, True, c)[0], None),
+    ]
+    best = {}
+    bwd_ref = {}
+    for kind, variants, flops, fn, ref in groups:
+        for cfg in variants:
+            def run(cfg=cfg, fn=fn, ref=ref, kind=kind):
+                out = fn(cfg)
+                sync()
+                if ref is not None:
+                    err = rel(out, ref)
+                else:
+                    err = rel(out, bwd_ref[kind]) if kind in bwd_ref else 0.0
+                    bwd_ref.setdefault(kind, out)
+                ms = bench(lambda: fn(cfg))
+                row = dict(kind=kind, cfg=cfg, ms=ms, tflops=flops / ms / 1e9, err_vs_first=err)
+                RESULTS["variants"].append(row)
+                log(f"  {kind:<11} {json.dumps(cfg):<110} {ms:8.3f} ms {row['tflops']:7.1f} TFLOP/s err {err:.1e}")
+                if err < 1e-2 and (kind not in best or ms < best[kind]["ms"]):
+                    best[kind] = row
+            safe(f"{kind} {cfg}", run)
+    RESULTS["best_variants"] = best
+    log("  best", json.dumps({k: (v["cfg"], round(v["ms"], 4)) for k, v in best.items()}))
+    return best
+
+
+def render_markdown(path: str) -> str:
+    """Markdown tables from a `bench_attention.json` (for benchmarks/RESULTS*.md)."""
+    r = json.load(open(path))
+    env = r["env"]
+    lines = [f"Device {env['device']} ({env['sms']} SMs), torch {env['torch']}, triton {env['triton']}, CUDA "
+             f"{env['cuda']}, cuDNN {env['cudnn']}; commit {env['commit']}; {env['date']}; `{env['command']}`", ""]
+    lines += ["| shape | method | ratio | pass | ms | eff. TFLOP/s | actual TFLOP/s | note |",
+              "|---|---|---|---|---|---|---|---|"]
+    for f in r["figures"]:
+        lines.append(f"| {f['shape']} | {f['method']} | {f['ratio']} | {f['mode']} | {f['ms']:.3f} | "
+                     f"{f['eff_tflops']:.0f} | {f['actual_tflops']:.0f} | {f.get('note', '')} |")
+    lines.append("")
+    for s in r.get("summary", []):
+        lines.append("- " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
+    for s in r.get("linear_memory", []) + r.get("fused_memory", []):
+        lines.append("- " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
+    for c in r.get("correctness", []):
+        lines.append("- check " + json.dumps(c))
+    if "linear_memory_correctness" in r:
+        lines.append("- check linear memory " + json.dumps(r["linear_memory_correctness"]))
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="main shape only")
+    parser.add_argument("--explore", action="store_true", help="sweep launch configurations and use the best")
+    parser.add_argument("--flex", action="store_true", help="also FlexAttention (compiles; slow)")
+    parser.add_argument("--select-variants", action="store_true",
+                        help="time the selection / linear-memory launch variants (CUDA graphs) and use the best")
+    parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--render", metavar="JSON", help="print markdown tables of a results file and exit")
+    args = parser.parse_args()
+    if args.render:
+        print(render_markdown(args.render))
+        return
+    if args.dry_run:
+        global DEVICE, DRY_RUN
+        DEVICE, DRY_RUN = "cpu", True
+        os.environ["TRITON_INTERPRET"] = "1"
+        for shape in SHAPES.values():
+            shape.update(len_q=70, len_k=200, dim=32, heads=min(shape["heads"], 3))
+        bsa.CONFIG_OVERRIDES.clear()
+    import triton
+
+    cuda = torch.cuda.is_available()
+    env = dict(device=torch.cuda.get_device_name(0) if cuda else "cpu",
+               sms=torch.cuda.get_device_properties(0).multi_processor_count if cuda else 0, torch=torch.__version__,
+               triton=triton.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if cuda else None,
+               python=platform.python_version(), commit=commit(),
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               command=" ".join(sys.argv))
+    RESULTS["env"] = env
+    log(json.dumps(env))
+    t_start = time.time()
+    main_name = "wan1.3b_832x480"
+    main_shape = SHAPES[main_name]
+    if not args.no_check:
+        safe("correctness", lambda: check_correctness(main_name, main_shape))
+        safe("linear memory correctness", lambda: check_linear_memory(main_shape))
+    if args.explore or args.select_variants:
+        safe("explore selection", lambda: explore_selection_and_memory(main_name, main_shape))
+    if args.explore:
+        best = safe("explore", lambda: explore(main_name, main_shape)) or {}
+        for kind, row in best.items():
+            bsa.CONFIG_OVERRIDES[kind] = dict(row["cfg"])
+        log("using", json.dumps(bsa.CONFIG_OVERRIDES))
+        RESULTS["config_used"] = dict(bsa.CONFIG_OVERRIDES)
+    shapes = [main_name] if args.quick else list(SHAPES)
+    for name in shapes:
+        safe(f"time {name}", lambda: time_shape(name, SHAPES[name]))
+        attn = [r["ms"] for r in RESULTS["figures"] if r["shape"] == name and r["method"] == "triton_block_sparse"
+                and r["ratio"] == 0.2 and r["mode"] == "fwd"]
+        safe(f"linear memory {name}", lambda: time_linear_memory(name, SHAPES[name], attn[0] if attn else None))
+    if args.flex:  # last: compiling FlexAttention takes a while
+        safe("flex", lambda: time_flex_all(main_name, main_shape))
+    RESULTS["wall_s"] = time.time() - t_start
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    # ------------------------------------------------------------------ table
+    log("\n==== summary (median ms; eff = dense-equivalent TFLOP/s) ====")
+    log(json.dumps(env))
+    for r in RESULTS.get("correctness", []):
+        log("check", json.dumps(r))
+    for r in RESULTS["figures"]:
+        log(f"{r['shape']:<18} {r['method']:<31} r={r['ratio']!s:<4} {r['mode']:<7} {r['ms']:8.3f} ms "
+            f"eff {r['eff_tflops']:6.1f} act {r['actual_tflops']:6.1f}")
+    for s in RESULTS.get("summary", []):
+        log("summary", json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()}))
+    for s in RESULTS.get("fused_memory", []):
+        log("fusedmem", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}))
+    for s in RESULTS.get("linear_memory", []):
+        log("linmem", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}))
+    for e in RESULTS["errors"]:
+        log("ERROR", e[:300])
+    log(f"wall {RESULTS['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

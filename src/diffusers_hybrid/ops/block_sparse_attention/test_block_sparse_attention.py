@@ -1,0 +1,335 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""Triton block selection + block-sparse attention against the plain-PyTorch references.
+
+On CPU the kernels run through Triton's interpreter (`conftest.py` sets `TRITON_INTERPRET=1`) at small awkward
+shapes: lengths that are not multiples of the block, several heads, batch 2. Inputs are fresh random tensors every
+run; every buffer the launchers allocate is poisoned (NaN / out-of-range ints) so unwritten elements fail the test.
+GPU tests (`@pytest.mark.gpu`) run the real Wan2.1 shapes against a float32 reference.
+"""
+
+import math
+
+import pytest
+import torch
+
+from diffusers_hybrid.ops import block_sparse_attention, triton_available
+from diffusers_hybrid.ops.block_sparse_attention.naive import (
+    block_sparse_attention_naive,
+    mean_pool_blocks,
+    num_selected_blocks,
+)
+from diffusers_hybrid.ops.utils import poisoned_outputs
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton cannot run here")
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _kernels():
+    from diffusers_hybrid.ops.block_sparse_attention import triton_kernel
+
+    return triton_kernel
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _pooled_scores(query, key, block_size, key_centering):
+    """float64 selection scores from the reference pooling (B, H, M, K)."""
+    if key_centering == "heads":
+        key = key.double() - key.double().mean(dim=2, keepdim=True)
+    pooled_q = mean_pool_blocks(query.double(), block_size).double()
+    pooled_k = mean_pool_blocks(key.double(), block_size).double()
+    return pooled_q @ pooled_k.transpose(-1, -2)
+
+
+def assert_valid_selection(lut, query, key, topk_ratio, block_size, key_centering):
+    """LUT entries: right count, in range, strictly ascending, and a top-k set of the float64 scores up to float32
+    rounding (every selected score >= every unselected score - tol)."""
+    scores = _pooled_scores(query, key, block_size, key_centering)
+    batch, heads, num_q_blocks, num_k_blocks = scores.shape
+    topk = num_selected_blocks(num_k_blocks, topk_ratio)
+    assert lut.shape == (batch, heads, num_q_blocks, topk)
+    lut = lut.long().cpu()
+    assert (lut >= 0).all() and (lut < num_k_blocks).all()
+    if topk > 1:
+        assert (lut[..., 1:] > lut[..., :-1]).all(), "indices must be unique and ascending"
+    scores = scores.cpu()
+    selected = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, lut, True)
+    tol = 1e-5 * scores.abs().amax(dim=-1, keepdim=True) + 1e-7
+    min_sel = torch.where(selected, scores, torch.inf).amin(-1)
+    max_rest = torch.where(selected, -torch.inf, scores).amax(-1)
+    assert (min_sel >= max_rest - tol.squeeze(-1)).all(), "selection is not a top-k set"
+
+
+def _inputs(batch, len_q, len_k, heads, dim, dtype, device="cpu", grad=False):
+    q = torch.randn(batch, len_q, heads, dim, dtype=dtype, device=device)
+    k = torch.randn(batch, len_k, heads, dim, dtype=dtype, device=device)
+    v = torch.randn(batch, len_k, heads, dim, dtype=dtype, device=device)
+    # A per-head key offset makes the "heads" centring matter for the ranking.
+    k = k + 0.5 * torch.randn(1, 1, heads, dim, dtype=dtype, device=device)
+    if grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v
+
+
+def _reference(q, k, v, lut, block_size, scale=None):
+    """float32 reference forward and (q, k, v) gradients for a given selection."""
+    qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    out = block_sparse_attention_naive(qf, kf, vf, None if lut is None else lut.long(), block_size, scale)
+    return out, (qf, kf, vf)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CPU (interpreter) and GPU: small awkward shapes
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key_centering, topk_ratio, select_cfg", [
+    ("heads", 0.1, {}),
+    ("none", 0.3, {"impl": "rows", "G": 4}),
+    ("heads", 0.3, {"impl": "group", "pool": "tok"}),
+])
+def test_selection_is_topk(key_centering, topk_ratio, select_cfg, monkeypatch):
+    tk = _kernels()
+    monkeypatch.setattr(tk, "SELECT_CONFIG", {**tk.SELECT_CONFIG, **select_cfg})
+    q, k, _ = _inputs(2, 50, 230, 3, 32, torch.bfloat16)
+    with poisoned_outputs():
+        lut, bmap = tk.select_key_blocks_triton(q, k, topk_ratio, 16, key_centering, write_map=True)
+    assert_valid_selection(lut, q, k, topk_ratio, 16, key_centering)
+    expected_map = torch.zeros(bmap.shape, dtype=torch.int8).scatter_(-1, lut.long(), 1)
+    assert torch.equal(bmap, expected_map)
+
+
+@pytest.mark.parametrize(
+    "dtype, dim, block_size, topk_ratio, len_q, len_k",
+    [
+        (torch.bfloat16, 32, 32, 0.3, 70, 230),  # partial last query and key blocks
+        (torch.float16, 64, 32, 0.5, 45, 150),
+        (torch.bfloat16, 16, 16, 0.01, 33, 100),  # ratio below 1/K: at least one block
+    ],
+)
+def test_sparse_forward_backward(dtype, dim, block_size, topk_ratio, len_q, len_k):
+    tk = _kernels()
+    q, k, v = _inputs(2, len_q, len_k, 2, dim, dtype, grad=True)
+    with poisoned_outputs():
+        lut, _ = tk.select_key_blocks_triton(q.detach(), k.detach(), topk_ratio, block_size, "heads")
+        out = tk.block_sparse_attention_triton(q, k, v, topk_ratio=topk_ratio, block_size=block_size)
+        grad_out = torch.randn_like(out)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert_valid_selection(lut, q.detach(), k.detach(), topk_ratio, block_size, "heads")
+    ref, leaves = _reference(q, k, v, lut, block_size)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.float())
+    assert out.dtype == dtype and not out.isnan().any()
+    assert _rel_err(out, ref) < 1e-2
+    for got, want in zip((dq, dk, dv), ref_grads):
+        assert not got.isnan().any()
+        assert _rel_err(got, want) < 2e-2
+
+
+def test_dense_forward_backward_and_dispatch():
+    """ratio 1.0: the dispatch passes `dense=True` (no selection); compare with dense softmax attention."""
+    q, k, v = _inputs(2, 50, 110, 2, 32, torch.bfloat16, grad=True)
+    with poisoned_outputs():
+        out = block_sparse_attention(q, k, v, topk_ratio=1.0, block_size=16, kernel="triton")
+        grad_out = torch.randn_like(out)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref, leaves = _reference(q, k, v, None, 16)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.float())
+    assert _rel_err(out, ref) < 1e-2
+    for got, want in zip((dq, dk, dv), ref_grads):
+        assert _rel_err(got, want) < 2e-2
+
+
+def test_given_block_index_and_custom_scale():
+    """A precomputed (int64, reference) selection and a non-default scale; non-contiguous (B, L, H, D) views."""
+    tk = _kernels()
+    from diffusers_hybrid.ops.block_sparse_attention.naive import select_key_blocks_naive
+
+    qkv = torch.randn(2, 40, 3, 2, 32, dtype=torch.float16)  # fused projection layout: views with strided rows
+    q = qkv[:, :, 0]
+    k = torch.randn(2, 90, 2, 32, dtype=torch.float16)
+    v = torch.randn(2, 90, 2, 32, dtype=torch.float16)
+    lut = select_key_blocks_naive(q, k, 0.4, 16, "none")
+    with poisoned_outputs():
+        out = tk.block_sparse_attention_triton(q, k, v, block_size=16, scale=0.3, block_index=lut)
+    ref, _ = _reference(q, k, v, lut, 16, scale=0.3)
+    assert _rel_err(out, ref) < 1e-2
+
+
+def test_custom_op_registration():
+    """Fake implementation, schema and autograd registration of the custom ops (what torch.compile relies on)."""
+    tk = _kernels()
+    q, k, v = _inputs(1, 20, 40, 2, 16, torch.float16, grad=True)
+    args = (q, k, v, None, 1, 16, True, 0.25, False)
+    torch.library.opcheck(tk._bsa_fwd_op, args, test_utils=("test_schema", "test_faketensor",
+                                                            "test_autograd_registration"))
+
+
+def test_compiles_through_custom_op():
+    tk = _kernels()
+    q, k, v = _inputs(1, 20, 40, 2, 16, torch.float16, grad=True)
+
+    def fn(q, k, v):
+        return tk.block_sparse_attention_triton(q, k, v, topk_ratio=0.5, block_size=16).float().square().sum()
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_eager = fn(q, k, v)
+    grads_eager = torch.autograd.grad(loss_eager, (q, k, v))
+    assert torch.allclose(loss, loss_eager)
+    for a, b in zip(grads, grads_eager):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GPU: the real shapes
+# ------------------------------------------------------------------------------------------------------------------
+
+# Wan2.1-1.3B at 832x480: 3-frame chunk (4,680 queries) against sink + window (14,040 keys), 12 heads of 128.
+REAL_SHAPES = [
+    dict(len_q=4680, len_k=14040, heads=12, dim=128),
+    dict(len_q=4680, len_k=9360, heads=12, dim=64),
+]
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: f"{s['len_q']}x{s['len_k']}h{s['heads']}d{s['dim']}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("topk_ratio", [0.2, 1.0])
+def test_gpu_real_shapes(shape, dtype, topk_ratio):
+    tk = _kernels()
+    q, k, v = _inputs(1, shape["len_q"], shape["len_k"], shape["heads"], shape["dim"], dtype, "cuda", grad=True)
+    dense = topk_ratio == 1.0
+    with poisoned_outputs():
+        lut = None
+        if not dense:
+            lut, _ = tk.select_key_blocks_triton(q.detach(), k.detach(), topk_ratio, 64, "heads")
+        out = block_sparse_attention(q, k, v, topk_ratio=topk_ratio, block_size=64, kernel="triton")
+        grad_out = torch.randn_like(out)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    if lut is not None:
+        assert_valid_selection(lut, q.detach(), k.detach(), topk_ratio, 64, "heads")
+    ref, leaves = _reference(q, k, v, lut, 64)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.float())
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert _rel_err(out, ref) < tol
+    for got, want in zip((dq, dk, dv), ref_grads):
+        assert _rel_err(got, want) < 2 * tol
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_cuda_graph():
+    """The whole op (selection + attention) captured in a CUDA graph and replayed on new inputs."""
+    tk = _kernels()
+    q, k, v = _inputs(1, 1000, 3000, 4, 128, torch.bfloat16, "cuda")
+    fn = lambda: tk.block_sparse_attention_triton(q, k, v, topk_ratio=0.2)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    for t in (q, k, v):
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fn())
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_fused_memory_epilogue():
+    """Real shape: attention + memory read-out + linear_proj fused vs the separate ops (float32 reference)."""
+    tk = _kernels()
+    from diffusers_hybrid.ops.linear_memory.naive import linear_memory_read_naive
+
+    q, k, v = _inputs(1, 4680, 14040, 12, 128, torch.bfloat16, "cuda")
+    q_raw = torch.randn_like(q)
+    kv = torch.randn(1, 12, 128, 128, device="cuda") / 128
+    kmean = torch.rand(1, 12, 128, device="cuda")
+    weight = torch.randn(128, 128, device="cuda") / 12
+    bias = torch.randn(128, device="cuda")
+    with poisoned_outputs(), torch.no_grad():
+        got = tk.block_sparse_attention_with_memory_triton(q, k, v, q_raw, kv, kmean, proj_weight=weight,
+                                                           proj_bias=bias, topk_ratio=0.2)
+        lut, _ = tk.select_key_blocks_triton(q, k, 0.2, 64, "heads")
+        ref, _ = _reference(q, k, v, lut, 64)
+        memory = torch.nn.functional.linear(linear_memory_read_naive(q, q_raw, kv, kmean), weight, bias)
+    assert _rel_err(got, ref.detach() + memory) < 1e-2
+
+
+def test_selection_ties_go_to_lower_block():
+    """Exactly equal pooled scores (duplicated key blocks): a deterministic, valid top-k (lower index first)."""
+    tk = _kernels()
+    q, k, _ = _inputs(1, 32, 128, 2, 16, torch.float16)
+    k[:, 64:128] = k[:, 0:64]  # blocks 4..7 repeat blocks 0..3
+    lut, _ = tk.select_key_blocks_triton(q, k, 0.125, 16, "none")  # 1 of 8: the best block ties its copy
+    assert_valid_selection(lut, q, k, 0.125, 16, "none")
+    assert (lut < 4).all()
+
+
+def test_num_selected_blocks_matches_spec():
+    # 832x480 steady state: 220 key blocks at 20% -> 44 (spec §10); never zero.
+    assert num_selected_blocks(220, 0.2) == 44
+    assert num_selected_blocks(4, 0.2) == 1
+    assert math.isclose(44 / 220, 0.2)
+
+
+@pytest.mark.parametrize("dense, slots", [(False, 5), (True, 6)])
+def test_split_last_wave(dense, slots):
+    """The last, partial wave of work items is split over key ranges and recombined: same result as unsplit."""
+    tk = _kernels()
+    q, k, v = _inputs(2, 60, 200, 2, 32, torch.float16)
+    lut, _ = tk.select_key_blocks_triton(q, k, 0.5, 16, "heads")
+    topk = lut.shape[-1]
+    base = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1) if dense else dict(KPI=1, num_warps=4,
+                                                                                         num_stages=1)
+    args = (q, k, v, None if dense else lut, topk, 16, 0.2, dense)
+    work = (-(-60 // (32 if dense else 16))) * 4
+    n_iter = -(-200 // 32) if dense else topk
+    assert tk._split_plan(work, n_iter, dict(slots=slots), "cpu")[1] > 1  # the remainder really is split
+    with poisoned_outputs():
+        ref, ref_lse = tk.attention_forward(*args, cfg=dict(base, slots=0))
+        got, got_lse = tk.attention_forward(*args, cfg=dict(base, slots=slots))
+        # the fused memory epilogue on split items runs in the combine kernel
+        memory = (torch.randn_like(q), torch.randn(2, 2, 32, 32) / 32, torch.rand(2, 2, 32), torch.randn(32), 1e-6)
+        ref_mem, _ = tk.attention_forward(*args, cfg=dict(base, slots=0), memory=memory)
+        got_mem, _ = tk.attention_forward(*args, cfg=dict(base, slots=slots), memory=memory)
+    assert _rel_err(got, ref) < 2e-3
+    assert _rel_err(got_lse, ref_lse) < 1e-5
+    assert _rel_err(got_mem, ref_mem) < 2e-3 and _rel_err(got_mem, ref) > 1e-2
+
+
+@pytest.mark.parametrize("with_proj, dense", [(True, False), (False, True)])
+def test_fused_memory_epilogue(with_proj, dense):
+    """Attention + linear-memory read-out (+ linear_proj) fused in the epilogue == the separate reference ops."""
+    tk = _kernels()
+    from diffusers_hybrid.ops.linear_memory.naive import linear_memory_read_naive
+
+    q, k, v = _inputs(2, 40, 100, 2, 32, torch.bfloat16)
+    q_raw = torch.randn_like(q)
+    kv = torch.randn(2, 2, 32, 32) / 32
+    kmean = torch.rand(2, 2, 32)
+    weight = torch.randn(32, 32) / 6 if with_proj else None
+    bias = torch.randn(32) if with_proj else None
+    ratio = 1.0 if dense else 0.4
+    with poisoned_outputs(), torch.no_grad():
+        got = tk.block_sparse_attention_with_memory_triton(
+            q, k, v, q_raw, kv, kmean, eps=1e-6, proj_weight=weight, proj_bias=bias, topk_ratio=ratio,
+            block_size=16)
+    lut = None if dense else tk.select_key_blocks_triton(q, k, ratio, 16, "heads")[0]
+    ref, _ = _reference(q, k, v, lut, 16)
+    memory = linear_memory_read_naive(q.float(), q_raw.float(), kv, kmean)
+    if with_proj:
+        memory = torch.nn.functional.linear(memory, weight, bias)
+    assert _rel_err(got, ref.detach() + memory) < 1e-2

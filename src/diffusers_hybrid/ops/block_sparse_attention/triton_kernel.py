@@ -1,0 +1,1130 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""Triton kernels for block selection and block-sparse softmax attention (forward and backward).
+
+Everything works in the model's `(B, L, H, D)` layout (any strides with a contiguous last dimension), no transposes.
+
+Forward, three or four launches:
+
+1. `_pool_heads_kernel`: mean-pools every `block_size`-token block of the queries and of the keys, one program per
+   token block looping over the heads (one wide (block, D) load per head), fp32, partial last block averaged over
+   its valid rows; for keys it subtracts the mean over heads ("heads" key centring: pooling and the head mean
+   commute).
+2. `_select_row_kernel`: per (batch, head, query block), fp32 scores against all pooled key blocks, then the k-th
+   largest score by a 32-step binary search over the scores' order-preserving int32 image (ties go to the lower
+   block index); writes the selected indices in ascending order (the LUT) and, for the backward, a dense int8 map.
+3. `_attn_fwd_kernel`: FlashAttention-style online softmax (exp2, fp32 accumulators) of one query block over its
+   selected key blocks (or every key block when `dense`), K/V tiles gathered through the LUT with bulk-tensor (TMA)
+   copies, only the last iteration masked (the partial last key block is last: the LUT is ascending); stores the
+   output and the log-sum-exp (base 2) for the backward. The work items of the last, partial wave are split over
+   key ranges and merged by `_attn_fwd_combine_kernel`, so that the last wave does not run mostly idle.
+   Optionally (`block_sparse_attention_with_memory_triton`, inference) the linear-memory read-out, with the
+   output projection folded into the state, is added in the epilogue.
+
+Backward: `_attn_bwd_dq_kernel` (also computes `delta = rowsum(dO * O)`), `_reverse_lut_kernel` (for every key block
+the list of query blocks that selected it), `_attn_bwd_dkdv_kernel`. The selection is not differentiated.
+
+The launchers are wrapped in `torch.library.custom_op`s with fake implementations and a registered autograd formula,
+so `torch.compile` and CUDA graphs trace through them; eager calls that need no gradient skip the dispatcher.
+Launch parameters were measured on an H100 (benchmarks/bench_attention.py, benchmarks/RESULTS_attention.md).
+"""
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+if not torch.cuda.is_available():  # CPU only: run the kernels through Triton's interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from ..utils import new_empty, new_empty_like  # noqa: E402
+
+from .naive import num_selected_blocks  # noqa: E402
+
+try:  # Hopper bulk-tensor copies (TMA); optional.
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except Exception:  # pragma: no cover
+    TensorDescriptor = None
+
+LOG2E = 1.4426950408889634
+
+# Kernel launch configurations, overridable (benchmarks / tuning) by updating this dict. Keys are
+# "fwd_sparse", "fwd_dense", "bwd_sparse", "bwd_dense"; see `_config`.
+CONFIG_OVERRIDES: dict = {}
+# Selection implementation and launch parameters (benchmarks override): impl "row" (1 query block per program) |
+# "rows" (G per program) | "group" (tl.dot scores) | "torch"; pool "heads" (loop over heads) | "tok".
+# Measured on an H100 (benchmarks/RESULTS_attention.md): pool "heads" with 2 warps, one program per query block.
+SELECT_CONFIG: dict = {"impl": "row", "pool": "heads", "pool_warps": 2, "num_warps": 4}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _config(kind: str, head_dim: int, block_size: int) -> dict:
+    """Launch parameters. Tiles in sparse mode are tied to the selection block (`BLOCK_M = block_size`, `BLOCK_N =
+    KPI * block_size`: KPI selected key blocks gathered per iteration)."""
+    if _interpret():
+        base = {
+            "fwd_sparse": dict(KPI=1, num_warps=4, num_stages=1, tma=False),
+            "fwd_dense": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, tma=False),
+            "bwd_sparse": dict(KPI=1, num_warps=4, num_stages=1),
+            "bwd_dense": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+        }[kind]
+    else:
+        base = {
+            # Measured on an H100 (benchmarks/RESULTS_attention.md): TMA loads; the last wave split for the
+            # resident programs (2 per multiprocessor sparse, 1 dense).
+            "fwd_sparse": dict(KPI=1, num_warps=4, num_stages=2, tma=True, ctas_per_sm=2),
+            "fwd_dense": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, ctas_per_sm=1),
+            "bwd_sparse": dict(KPI=1, num_warps=4, num_stages=2, dkv_num_stages=3),
+            "bwd_dense": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, DKV_BLOCK_M=64, DKV_BLOCK_N=128,
+                              dkv_num_stages=2),
+        }[kind]
+    base = dict(base)
+    base.update(CONFIG_OVERRIDES.get(kind, {}))
+    return base
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Selection
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pool_block(X, P, blk, L, NB, s_l, s_h,
+                H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, TOK: tl.constexpr,
+                CENTER: tl.constexpr):
+    offs_t = tl.arange(0, TOK)
+    offs_h = tl.arange(0, H_PAD)
+    offs_d = tl.arange(0, D)
+    start = blk * BLOCK
+    acc = tl.zeros((H_PAD, D), dtype=tl.float32)
+    for t in range(0, BLOCK, TOK):
+        rows = start + t + offs_t
+        ptrs = X + rows[:, None, None] * s_l + offs_h[None, :, None] * s_h + offs_d[None, None, :]
+        mask = (rows < L)[:, None, None] & (offs_h < H)[None, :, None]
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(x, axis=0)
+    count = tl.minimum(L - start, BLOCK).to(tl.float32)
+    acc = acc / count
+    if CENTER:
+        acc = acc - (tl.sum(acc, axis=0) / H)[None, :]
+    out = P + offs_h[:, None] * (NB * D) + blk * D + offs_d[None, :]
+    tl.store(out, acc, mask=(offs_h < H)[:, None])
+
+
+@triton.jit
+def _pool_kernel(Q, K, PQ, PK, Lq, Lk, Mq, Mk,
+                 s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
+                 H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, TOK: tl.constexpr,
+                 CENTER: tl.constexpr):
+    """Grid (Mq + Mk, B): one program per query or key block, all heads at once. Outputs (B, H, M, D) fp32."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    if pid < Mq:
+        _pool_block(Q + b * s_qb, PQ + b * (H * Mq * D), pid, Lq, Mq, s_ql, s_qh, H, H_PAD, D, BLOCK, TOK, False)
+    else:
+        _pool_block(K + b * s_kb, PK + b * (H * Mk * D), pid - Mq, Lk, Mk, s_kl, s_kh, H, H_PAD, D, BLOCK, TOK,
+                    CENTER)
+
+
+@triton.jit
+def _pool_heads_block(X, P, blk, L, NB, s_l, s_h,
+                      H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                      CENTER: tl.constexpr):
+    """One token block, all heads: a (BLOCK, D) tile per head (one wide load each), pooled vectors gathered in an
+    (H_PAD, D) register tile, head mean subtracted for keys."""
+    offs_t = tl.arange(0, BLOCK)
+    offs_h = tl.arange(0, H_PAD)
+    offs_d = tl.arange(0, D)
+    rows = blk * BLOCK + offs_t
+    ok = rows < L
+    inv = 1.0 / tl.minimum(L - blk * BLOCK, BLOCK).to(tl.float32)
+    tile = tl.zeros((H_PAD, D), dtype=tl.float32)
+    for h in range(0, H):
+        x = tl.load(X + rows[:, None] * s_l + h * s_h + offs_d[None, :], mask=ok[:, None], other=0.0)
+        pooled = tl.sum(x.to(tl.float32), axis=0) * inv
+        tile = tl.where(offs_h[:, None] == h, pooled[None, :], tile)
+    if CENTER:
+        tile = tile - (tl.sum(tile, axis=0) / H)[None, :]
+    tl.store(P + offs_h[:, None] * (NB * D) + blk * D + offs_d[None, :], tile, mask=(offs_h < H)[:, None])
+
+
+@triton.jit
+def _pool_heads_kernel(Q, K, PQ, PK, Lq, Lk, Mq, Mk,
+                       s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
+                       H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                       CENTER: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    if pid < Mq:
+        _pool_heads_block(Q + b * s_qb, PQ + b * (H * Mq * D), pid, Lq, Mq, s_ql, s_qh, H, H_PAD, D, BLOCK, False)
+    else:
+        _pool_heads_block(K + b * s_kb, PK + b * (H * Mk * D), pid - Mq, Lk, Mk, s_kl, s_kh, H, H_PAD, D, BLOCK,
+                          CENTER)
+
+
+@triton.jit
+def _select_kernel(PQ, PK, LUT, BMAP, M, NK, topk,
+                   G: tl.constexpr, K_PAD: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
+                   WRITE_MAP: tl.constexpr):
+    """Grid (cdiv(M, G), B*H). Top-`topk` key blocks per query block, indices ascending."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_g = pid * G + tl.arange(0, G)
+    offs_k = tl.arange(0, K_PAD)
+    offs_c = tl.arange(0, DC)
+    g_ok = offs_g < M
+    k_ok = offs_k < NK
+    scores = tl.zeros((G, K_PAD), dtype=tl.float32)
+    for d0 in range(0, D, DC):
+        pq = tl.load(PQ + bh * M * D + offs_g[:, None] * D + d0 + offs_c[None, :], mask=g_ok[:, None], other=0.0)
+        pk = tl.load(PK + bh * NK * D + offs_k[:, None] * D + d0 + offs_c[None, :], mask=k_ok[:, None], other=0.0)
+        scores = tl.dot(pq, tl.trans(pk), scores, input_precision="ieee")
+    scores = tl.where(k_ok[None, :], scores, float("-inf"))
+    # Order-preserving float -> int32 map; then a 32-step binary search for the topk-th largest value T per row.
+    bits = scores.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    lo = tl.full((G,), -2147483648, dtype=tl.int64)
+    hi = tl.full((G,), 2147483647, dtype=tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        cnt = tl.sum((ordered >= mid[:, None].to(tl.int32)).to(tl.int32), axis=1)
+        enough = cnt >= topk
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    thr = lo.to(tl.int32)
+    above = ordered > thr[:, None]
+    tie = ordered == thr[:, None]
+    need = topk - tl.sum(above.to(tl.int32), axis=1)
+    selected = (above | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= need[:, None]))) & k_ok[None, :]
+    pos = tl.cumsum(selected.to(tl.int32), axis=1) - 1
+    row = bh * M + offs_g
+    idx = tl.zeros((G, K_PAD), dtype=tl.int32) + offs_k[None, :]
+    tl.store(LUT + row[:, None] * topk + pos, idx, mask=selected & g_ok[:, None])
+    if WRITE_MAP:
+        tl.store(BMAP + row[:, None] * NK + offs_k[None, :], selected.to(tl.int8), mask=g_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _select_row_kernel(PQ, PK, LUT, BMAP, M, NK, topk,
+                       K_PAD: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, WRITE_MAP: tl.constexpr):
+    """Grid (M, B*H): one query block per program, 1-D vectors (the fastest variant measured on an H100).
+    Scores in fp32 (D in chunks of DC), then the topk-th largest by a 32-step binary search over the
+    order-preserving int32 image of the scores; ties go to the lower block index; indices stored ascending."""
+    m = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_k = tl.arange(0, K_PAD)
+    offs_c = tl.arange(0, DC)
+    k_ok = offs_k < NK
+    scores = tl.zeros((K_PAD,), dtype=tl.float32)
+    for d0 in tl.static_range(0, D, DC):
+        pq = tl.load(PQ + (bh * M + m) * D + d0 + offs_c)
+        pk = tl.load(PK + bh * NK * D + offs_k[:, None] * D + d0 + offs_c[None, :], mask=k_ok[:, None], other=0.0)
+        scores += tl.sum(pk * pq[None, :], axis=1)
+    scores = tl.where(k_ok, scores, float("-inf"))
+    bits = scores.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    lo = tl.full((), -2147483648, dtype=tl.int64)
+    hi = tl.full((), 2147483647, dtype=tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        cnt = tl.sum((ordered >= mid.to(tl.int32)).to(tl.int32), axis=0)
+        enough = cnt >= topk
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    thr = lo.to(tl.int32)
+    above = ordered > thr
+    tie = ordered == thr
+    need = topk - tl.sum(above.to(tl.int32), axis=0)
+    selected = (above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))) & k_ok
+    pos = tl.cumsum(selected.to(tl.int32), axis=0) - 1
+    row = bh * M + m
+    tl.store(LUT + row * topk + pos, offs_k, mask=selected)
+    if WRITE_MAP:
+        tl.store(BMAP + row * NK + offs_k, selected.to(tl.int8), mask=k_ok)
+
+
+@triton.jit
+def _select_rows_kernel(PQ, PK, LUT, BMAP, M, NK, topk,
+                        G: tl.constexpr, K_PAD: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
+                        WRITE_MAP: tl.constexpr):
+    """Grid (cdiv(M, G), B*H): G query blocks per program (the pooled keys are read once per G rows; the
+    selection is latency- and L2-bound). Scores in fp32 (D in chunks of DC, multiply-and-sum), then the topk-th
+    largest per row by a 32-step binary search over the order-preserving int32 image of the scores; ties go to
+    the lower block index; indices stored ascending."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_g = pid * G + tl.arange(0, G)
+    offs_k = tl.arange(0, K_PAD)
+    offs_c = tl.arange(0, DC)
+    g_ok = offs_g < M
+    k_ok = offs_k < NK
+    scores = tl.zeros((G, K_PAD), dtype=tl.float32)
+    for d0 in tl.static_range(0, D, DC):
+        pq = tl.load(PQ + (bh * M + offs_g[:, None]) * D + d0 + offs_c[None, :], mask=g_ok[:, None], other=0.0)
+        pk = tl.load(PK + bh * NK * D + offs_k[:, None] * D + d0 + offs_c[None, :], mask=k_ok[:, None], other=0.0)
+        scores += tl.sum(pq[:, None, :] * pk[None, :, :], axis=2)
+    scores = tl.where(k_ok[None, :], scores, float("-inf"))
+    bits = scores.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    lo = tl.full((G,), -2147483648, dtype=tl.int64)
+    hi = tl.full((G,), 2147483647, dtype=tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        cnt = tl.sum((ordered >= mid[:, None].to(tl.int32)).to(tl.int32), axis=1)
+        enough = cnt >= topk
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    thr = lo.to(tl.int32)
+    above = ordered > thr[:, None]
+    tie = ordered == thr[:, None]
+    need = topk - tl.sum(above.to(tl.int32), axis=1)
+    selected = (above | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= need[:, None]))) & k_ok[None, :]
+    pos = tl.cumsum(selected.to(tl.int32), axis=1) - 1
+    row = bh * M + offs_g
+    idx = tl.zeros((G, K_PAD), dtype=tl.int32) + offs_k[None, :]
+    tl.store(LUT + row[:, None] * topk + pos, idx, mask=selected & g_ok[:, None])
+    if WRITE_MAP:
+        tl.store(BMAP + row[:, None] * NK + offs_k[None, :], selected.to(tl.int8), mask=g_ok[:, None] & k_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention forward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _key_tile(lut_row, it, Lk, topk, offs_n,
+              BLOCK_N: tl.constexpr, BS: tl.constexpr, KPI: tl.constexpr, SPARSE: tl.constexpr):
+    """Key rows of iteration `it`: (first row, per-row index, per-row validity). Sparse: the LUT's `it`-th block
+    (KPI == 1) or KPI blocks gathered row by row."""
+    if SPARSE:
+        if KPI == 1:
+            start = tl.load(lut_row + it) * BS
+            cols = start + offs_n
+            ok = cols < Lk
+        else:
+            slot = it * KPI + offs_n // BS
+            kb = tl.load(lut_row + slot, mask=slot < topk, other=-1)
+            cols = kb * BS + offs_n % BS
+            ok = (kb >= 0) & (cols < Lk)
+            start = 0
+    else:
+        start = it * BLOCK_N
+        cols = start + offs_n
+        ok = cols < Lk
+    return start, cols, ok
+
+
+@triton.jit
+def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, k_desc, v_desc, lut_row, it0, it1, row0, col0, Lk, topk,
+              s_kl, s_vl, qk_scale, offs_n, offs_d,
+              BLOCK_N: tl.constexpr, BS: tl.constexpr, KPI: tl.constexpr, SPARSE: tl.constexpr,
+              USE_TMA: tl.constexpr, MASK: tl.constexpr, F32: tl.constexpr):
+    """Online-softmax over iterations [it0, it1). MASK: check key validity (only the last iteration needs it)."""
+    for it in range(it0, it1):
+        start, cols, ok = _key_tile(lut_row, it, Lk, topk, offs_n, BLOCK_N, BS, KPI, SPARSE)
+        if USE_TMA:
+            k = k_desc.load([row0 + start, col0])
+        elif MASK:
+            k = tl.load(K_base + cols[:, None] * s_kl + offs_d[None, :], mask=ok[:, None], other=0.0)
+        else:
+            k = tl.load(K_base + cols[:, None] * s_kl + offs_d[None, :])
+        if F32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k))
+        if MASK:
+            s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if USE_TMA:
+            v = v_desc.load([row0 + start, col0])
+        elif MASK:
+            v = tl.load(V_base + cols[:, None] * s_vl + offs_d[None, :], mask=ok[:, None], other=0.0)
+        else:
+            v = tl.load(V_base + cols[:, None] * s_vl + offs_d[None, :])
+        pv = p.to(V_base.dtype.element_ty)
+        if F32:
+            v = v.to(tl.float32)
+            pv = pv.to(tl.float32)
+        acc = tl.dot(pv, v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _memory_term(q, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, eps,
+                 D: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr):
+    """Linear-memory read-out of one query tile, `(q · KV') / (relu(q_raw) · kmean + eps) (+ bias)`, fp32. `q` is
+    the RoPE'd query the attention uses; KV' the state (possibly times the output projection) as a 16-bit `hi`
+    part plus, optionally, the 16-bit residual `lo` (hi + lo: about fp32 accuracy)."""
+    offs_d = tl.arange(0, D)
+    kv_offs = bh * D * D + offs_d[:, None] * D + offs_d[None, :]
+    km = tl.load(KMS + bh * D + offs_d)
+    qr = tl.load(QR + b * s_qrb + h * s_qrh + offs_m[:, None] * s_qrl + offs_d[None, :], mask=m_ok[:, None],
+                 other=0.0).to(tl.float32)
+    den = tl.sum(tl.maximum(qr, 0.0) * km[None, :], axis=1) + eps
+    if F32:
+        num = tl.dot(q.to(tl.float32), tl.load(KVH + kv_offs).to(tl.float32), input_precision="ieee")
+    else:
+        num = tl.dot(q, tl.load(KVH + kv_offs))
+        if HAS_LO:
+            num = tl.dot(q, tl.load(KVL + kv_offs), num)
+    mem = num / den[:, None]
+    if HAS_BIAS:
+        mem += tl.load(BIAS + offs_d)[None, :]
+    return mem
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, QR, KVH, KVL, KMS, BIAS,
+                     Lq, Lk, H, M, topk, n_full, n_parts,
+                     s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh, s_qrb, s_qrl, s_qrh,
+                     qk_scale, mem_eps,
+                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
+                     KPI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr, F32: tl.constexpr,
+                     MEM: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """1-D grid over work items w = bh * M + query block. The first `n_full` programs each do one whole item; the
+    remaining items (the last, partial wave) are split into `n_parts` programs over disjoint key ranges that write
+    unnormalised partials (PACC, PML) for `_attn_fwd_combine_kernel` (keeps the last wave from running mostly idle)."""
+    pid = tl.program_id(0)
+    if pid < n_full:
+        w = pid
+        part = 0
+        parts = 1
+    else:
+        w = n_full + (pid - n_full) // n_parts
+        part = (pid - n_full) % n_parts
+        parts = n_parts
+    pid_m = w % M
+    bh = w // M
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    m_ok = offs_m < Lq
+    if USE_TMA:
+        q = q_desc.load([b * Lq + pid_m * BLOCK_M, h * D])
+    else:
+        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    if F32:
+        q = q.to(tl.float32)
+    K_base = K + b * s_kb + h * s_kh
+    V_base = V + b * s_vb + h * s_vh
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    if SPARSE:
+        lut_row = LUT + (bh * M + pid_m) * topk
+        n_iter = tl.cdiv(topk, KPI)
+    else:
+        lut_row = LUT
+        n_iter = tl.cdiv(Lk, BLOCK_N)
+    chunk = tl.cdiv(n_iter, parts)
+    it_lo = part * chunk
+    it_hi = tl.minimum(n_iter, it_lo + chunk)
+    # Only the last iteration can hold invalid keys (the partial last block comes last: the LUT is ascending).
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, k_desc, v_desc, lut_row, it_lo,
+                              tl.minimum(it_hi, n_iter - 1), b * Lk, h * D, Lk, topk, s_kl, s_vl, qk_scale, offs_n,
+                              offs_d, BLOCK_N, BS, KPI, SPARSE, USE_TMA, False, F32)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, k_desc, v_desc, lut_row,
+                              tl.maximum(it_lo, n_iter - 1), it_hi, b * Lk, h * D, Lk, topk, s_kl, s_vl, qk_scale,
+                              offs_n, offs_d, BLOCK_N, BS, KPI, SPARSE, USE_TMA, True, F32)
+    if parts == 1:
+        out = acc / l_i[:, None]
+        if MEM:  # fused linear-memory epilogue (inference): Q is read and O written once
+            out += _memory_term(q, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, mem_eps,
+                                D, HAS_LO, HAS_BIAS, F32)
+        tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=m_ok[:, None])
+        tl.store(LSE + bh * Lq + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
+    else:
+        slot = pid - n_full
+        rows = tl.arange(0, BLOCK_M)
+        tl.store(PACC + (slot * BLOCK_M + rows[:, None]) * D + offs_d[None, :], acc)
+        tl.store(PML + (slot * 2 * BLOCK_M) + rows, m_i)
+        tl.store(PML + (slot * 2 * BLOCK_M) + BLOCK_M + rows, l_i)
+
+
+@triton.jit
+def _attn_fwd_combine_kernel(O, LSE, PACC, PML, Q, QR, KVH, KVL, KMS, BIAS, Lq, H, M, n_full, n_parts,
+                             s_ob, s_ol, s_oh, s_qb, s_ql, s_qh, s_qrb, s_qrl, s_qrh, mem_eps,
+                             D: tl.constexpr, BLOCK_M: tl.constexpr, MEM: tl.constexpr, HAS_LO: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, F32: tl.constexpr):
+    """Grid (number of split items,): merges the partial softmax states of one split work item."""
+    r = tl.program_id(0)
+    w = n_full + r
+    pid_m = w % M
+    bh = w // M
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    offs_m = pid_m * BLOCK_M + rows
+    m_all = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    for p in range(0, n_parts):
+        m_all = tl.maximum(m_all, tl.load(PML + (r * n_parts + p) * 2 * BLOCK_M + rows))
+    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    l_all = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for p in range(0, n_parts):
+        slot = r * n_parts + p
+        m_p = tl.load(PML + slot * 2 * BLOCK_M + rows)
+        l_p = tl.load(PML + slot * 2 * BLOCK_M + BLOCK_M + rows)
+        wgt = tl.math.exp2(m_p - m_all)
+        l_all += l_p * wgt
+        acc += tl.load(PACC + (slot * BLOCK_M + rows[:, None]) * D + offs_d[None, :]) * wgt[:, None]
+    m_ok = offs_m < Lq
+    out = acc / l_all[:, None]
+    if MEM:
+        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        out += _memory_term(q, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, mem_eps, D,
+                            HAS_LO, HAS_BIAS, F32)
+    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=m_ok[:, None])
+    tl.store(LSE + bh * Lq + offs_m, m_all + tl.math.log2(l_all), mask=m_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention backward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dq_loop(dq, q, do, lse, delta, K_base, V_base, lut_row, it0, it1, Lk, topk, s_kl, s_vl, qk_scale,
+             offs_n, offs_d,
+             BLOCK_N: tl.constexpr, BS: tl.constexpr, KPI: tl.constexpr, SPARSE: tl.constexpr, MASK: tl.constexpr,
+             F32: tl.constexpr):
+    for it in range(it0, it1):
+        start, cols, ok = _key_tile(lut_row, it, Lk, topk, offs_n, BLOCK_N, BS, KPI, SPARSE)
+        if MASK:
+            k = tl.load(K_base + cols[:, None] * s_kl + offs_d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(V_base + cols[:, None] * s_vl + offs_d[None, :], mask=ok[:, None], other=0.0)
+        else:
+            k = tl.load(K_base + cols[:, None] * s_kl + offs_d[None, :])
+            v = tl.load(V_base + cols[:, None] * s_vl + offs_d[None, :])
+        if F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k))
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        if MASK:
+            p = tl.where(ok[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dsk = ds.to(K_base.dtype.element_ty)
+        if F32:
+            dsk = dsk.to(tl.float32)
+        dq = tl.dot(dsk, k, dq)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, LUT,
+                        Lq, Lk, H, M, topk,
+                        s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh,
+                        s_dob, s_dol, s_doh, s_dqb, s_dql, s_dqh,
+                        qk_scale, sm_scale,
+                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
+                        KPI: tl.constexpr, SPARSE: tl.constexpr, F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    m_ok = offs_m < Lq
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dol + offs_d[None, :], mask=m_ok[:, None],
+                 other=0.0)
+    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    tl.store(DELTA + bh * Lq + offs_m, delta, mask=m_ok)
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=m_ok, other=0.0)
+    if F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    K_base = K + b * s_kb + h * s_kh
+    V_base = V + b * s_vb + h * s_vh
+    dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    if SPARSE:
+        lut_row = LUT + (bh * M + pid_m) * topk
+        n_iter = tl.cdiv(topk, KPI)
+    else:
+        lut_row = LUT
+        n_iter = tl.cdiv(Lk, BLOCK_N)
+    dq = _dq_loop(dq, q, do, lse, delta, K_base, V_base, lut_row, 0, n_iter - 1, Lk, topk, s_kl, s_vl, qk_scale,
+                  offs_n, offs_d, BLOCK_N, BS, KPI, SPARSE, False, F32)
+    dq = _dq_loop(dq, q, do, lse, delta, K_base, V_base, lut_row, n_iter - 1, n_iter, Lk, topk, s_kl, s_vl,
+                  qk_scale, offs_n, offs_d, BLOCK_N, BS, KPI, SPARSE, True, F32)
+    dq = dq * sm_scale
+    tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dql + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=m_ok[:, None])
+
+
+@triton.jit
+def _reverse_lut_kernel(BMAP, RLUT, RCNT, M, NK,
+                        M_PAD: tl.constexpr, NC: tl.constexpr):
+    """Grid (cdiv(NK, NC), B*H): for every key block, the query blocks that selected it (ascending) and their
+    count. BMAP (B*H, M, NK) int8 -> RLUT (B*H, NK, M) int32, RCNT (B*H, NK) int32."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_m = tl.arange(0, M_PAD)
+    offs_n = pid * NC + tl.arange(0, NC)
+    ok = (offs_m < M)[:, None] & (offs_n < NK)[None, :]
+    flags = tl.load(BMAP + bh * M * NK + offs_m[:, None] * NK + offs_n[None, :], mask=ok, other=0).to(tl.int32)
+    pos = tl.cumsum(flags, axis=0) - 1
+    mm = tl.zeros((M_PAD, NC), dtype=tl.int32) + offs_m[:, None]
+    tl.store(RLUT + (bh * NK + offs_n[None, :]) * M + pos, mm, mask=ok & (flags > 0))
+    tl.store(RCNT + bh * NK + offs_n, tl.sum(flags, axis=0), mask=offs_n < NK)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, RLUT, RCNT,
+                          Lq, Lk, H, NK,
+                          s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh,
+                          s_dob, s_dol, s_doh, s_dkb, s_dkl, s_dkh, s_dvb, s_dvl, s_dvh,
+                          qk_scale, sm_scale,
+                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr,
+                          F32: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    n_ok = offs_n < Lk
+    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vl + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    if F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    Q_base = Q + b * s_qb + h * s_qh
+    DO_base = DO + b * s_dob + h * s_doh
+    dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+    if SPARSE:
+        rl_row = RLUT + (bh * NK + pid_n) * tl.cdiv(Lq, BLOCK_M)
+        n_iter = tl.load(RCNT + bh * NK + pid_n)
+    else:
+        rl_row = RLUT
+        n_iter = tl.cdiv(Lq, BLOCK_M)
+    for it in range(0, n_iter):
+        if SPARSE:
+            qb = tl.load(rl_row + it)
+        else:
+            qb = it
+        offs_m = qb * BLOCK_M + offs_m0
+        m_ok = offs_m < Lq
+        q = tl.load(Q_base + offs_m[:, None] * s_ql + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        do = tl.load(DO_base + offs_m[:, None] * s_dol + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        lse = tl.load(LSE + bh * Lq + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + bh * Lq + offs_m, mask=m_ok, other=0.0)
+        if F32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        # Query rows past Lq were loaded as zeros (q, dO, lse, delta): their p_t is 1 and every product with them
+        # vanishes, so no mask is needed.
+        s_t = tl.dot(k, tl.trans(q))
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+        pt = p_t.to(DO.dtype.element_ty)
+        if F32:
+            pt = pt.to(tl.float32)
+        dv = tl.dot(pt, do, dv)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dst = ds_t.to(Q.dtype.element_ty)
+        if F32:
+            dst = dst.to(tl.float32)
+        dk = tl.dot(dst, q, dk)
+    dk = dk * sm_scale
+    tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkl + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=n_ok[:, None])
+    tl.store(DV + b * s_dvb + h * s_dvh + offs_n[:, None] * s_dvl + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=n_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers (plain Python; the custom ops below call them)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int):
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"expected (B, L, H, D) query and key/value of equal shape, got {q.shape}, {k.shape}, "
+                         f"{v.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"query {tuple(q.shape)} and key {tuple(k.shape)} differ in batch, heads or head_dim")
+    d = q.shape[-1]
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head_dim must be 16, 32, 64, 128 or 256 for the Triton kernel, got {d}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16 for the Triton kernel, got {block_size}")
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"the Triton kernel takes bf16 or fp16 query/key/value of one dtype, got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+
+
+def _f32_dot(x: torch.Tensor) -> bool:
+    return _interpret() and x.dtype == torch.bfloat16
+
+
+def _direct_call(*tensors) -> bool:
+    """True when the custom op's dispatcher can be skipped: eager mode (not tracing/compiling) and no gradient
+    needed. The op is still registered and used everywhere else (autograd, torch.compile, fake tensors)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def select_key_blocks_triton(query: torch.Tensor, key: torch.Tensor, topk_ratio: float = 0.2,
+                             block_size: int = 64, key_centering: str = "heads", write_map: bool = False):
+    """Triton block selection. Returns the `(B, H, M, topk)` int32 LUT (ascending) and, when `write_map`, the
+    `(B, H, M, K)` int8 block map (else `None`)."""
+    if key_centering not in ("heads", "none"):
+        raise ValueError(f"`key_centering` must be 'heads' or 'none', got {key_centering!r}.")
+    query, key = _last_contiguous(query), _last_contiguous(key)
+    topk = num_selected_blocks(-(-key.shape[1] // block_size), topk_ratio)
+    return _select(query, key, topk, block_size, key_centering == "heads", write_map)
+
+
+def _pool(query, key, block_size: int, center: bool):
+    """Mean-pooled query and (centred) key blocks, (B, H, M, D) and (B, H, K, D) fp32, one launch."""
+    batch, len_q, heads, dim = query.shape
+    len_k = key.shape[1]
+    num_q_blocks = triton.cdiv(len_q, block_size)
+    num_k_blocks = triton.cdiv(len_k, block_size)
+    dev = query.device
+    pooled_q = new_empty((batch, heads, num_q_blocks, dim), device=dev, dtype=torch.float32)
+    pooled_k = new_empty((batch, heads, num_k_blocks, dim), device=dev, dtype=torch.float32)
+    h_pad = triton.next_power_of_2(heads)
+    if SELECT_CONFIG.get("pool", "heads") == "heads":
+        _pool_heads_kernel[(num_q_blocks + num_k_blocks, batch)](
+            query, key, pooled_q, pooled_k, len_q, len_k, num_q_blocks, num_k_blocks,
+            query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+            H=heads, H_PAD=h_pad, D=dim, BLOCK=block_size, CENTER=center,
+            num_warps=SELECT_CONFIG.get("pool_warps", 4), num_stages=1,
+        )
+        return pooled_q, pooled_k
+    tok = max(1, min(block_size, SELECT_CONFIG.get("pool_elems", 4096) // (h_pad * dim)))
+    _pool_kernel[(num_q_blocks + num_k_blocks, batch)](
+        query, key, pooled_q, pooled_k, len_q, len_k, num_q_blocks, num_k_blocks,
+        query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+        H=heads, H_PAD=h_pad, D=dim, BLOCK=block_size, TOK=tok, CENTER=center,
+        num_warps=SELECT_CONFIG.get("pool_warps", 4),
+        num_stages=3 if not _interpret() else 1,
+    )
+    return pooled_q, pooled_k
+
+
+def _select(query, key, topk: int, block_size: int, center: bool, write_map: bool):
+    batch, len_q, heads, dim = query.shape
+    num_q_blocks = triton.cdiv(len_q, block_size)
+    num_k_blocks = triton.cdiv(key.shape[1], block_size)
+    dev = query.device
+    pooled_q, pooled_k = _pool(query, key, block_size, center)
+    lut = new_empty((batch, heads, num_q_blocks, topk), device=dev, dtype=torch.int32)
+    bmap = new_empty((batch, heads, num_q_blocks, num_k_blocks), device=dev, dtype=torch.int8) if write_map else lut
+    k_pad = max(16, triton.next_power_of_2(num_k_blocks))
+    impl = SELECT_CONFIG.get("impl", "row")
+    if impl == "row":
+        dc = SELECT_CONFIG.get("dc") or min(dim, max(8, 4096 // k_pad))
+        _select_row_kernel[(num_q_blocks, batch * heads)](
+            pooled_q, pooled_k, lut, bmap, num_q_blocks, num_k_blocks, topk,
+            K_PAD=k_pad, D=dim, DC=dc, WRITE_MAP=write_map, num_warps=SELECT_CONFIG.get("num_warps", 4),
+            num_stages=1,
+        )
+    elif impl == "rows":
+        group = SELECT_CONFIG.get("G", 4)
+        dc = SELECT_CONFIG.get("dc") or min(dim, max(1, 8192 // (k_pad * group)))
+        _select_rows_kernel[(triton.cdiv(num_q_blocks, group), batch * heads)](
+            pooled_q, pooled_k, lut, bmap, num_q_blocks, num_k_blocks, topk,
+            G=group, K_PAD=k_pad, D=dim, DC=dc, WRITE_MAP=write_map, num_warps=SELECT_CONFIG.get("num_warps", 4),
+            num_stages=1,
+        )
+    elif impl == "group":
+        group = 16
+        dc = min(dim, max(8, 8192 // k_pad))
+        _select_kernel[(triton.cdiv(num_q_blocks, group), batch * heads)](
+            pooled_q, pooled_k, lut, bmap, num_q_blocks, num_k_blocks, topk,
+            G=group, K_PAD=k_pad, D=dim, DC=dc, WRITE_MAP=write_map, num_warps=8 if k_pad >= 256 else 4,
+            num_stages=1,
+        )
+    else:  # "torch": scores by a float32 matmul, torch.topk (for comparison)
+        scores = pooled_q @ pooled_k.transpose(-1, -2)
+        lut.copy_(scores.topk(topk, dim=-1).indices.sort(dim=-1).values)
+        if write_map:
+            bmap.zero_().scatter_(-1, lut.long(), 1)
+    return lut, (bmap if write_map else None)
+
+
+def _descriptor(x: torch.Tensor, rows: int, block_rows: int, dim: int):
+    """2-D (B*L, H*D) bulk-copy descriptor over a (B, L, H, D) tensor, or None when its strides do not allow it."""
+    b, length, h, d = x.shape
+    if TensorDescriptor is None or x.stride(2) != d or x.stride(0) != length * x.stride(1):
+        return None
+    if (x.stride(1) * x.element_size()) % 16 or x.data_ptr() % 16:
+        return None
+    return TensorDescriptor(x, [b * length, h * d], [x.stride(1), 1], [block_rows, dim])
+
+
+def _split_plan(work: int, n_iter: int, cfg: dict, device) -> tuple[int, int]:
+    """(programs doing whole items, parts per remaining item). `slots` = programs resident at once (multiprocessors
+    x programs per multiprocessor); the items of the last, partial wave are split so that it is not mostly idle."""
+    slots = cfg.get("slots")
+    if slots is None:
+        if _interpret() or not torch.cuda.is_available():
+            return work, 1
+        slots = torch.cuda.get_device_properties(device).multi_processor_count * cfg.get("ctas_per_sm", 1)
+    if slots <= 0 or work % slots == 0:
+        return work, 1
+    rest = work % slots
+    parts = min(slots // rest, cfg.get("max_parts", 4), max(1, n_iter // 2))
+    if parts < 2:
+        return work, 1
+    return work - rest, parts
+
+
+def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, dense: bool, cfg: dict | None = None,
+                      memory: tuple | None = None):
+    """Launches the forward kernel. Returns `(out, lse)` (lse base 2, (B, H, Lq) fp32). `memory`: optional
+    `(query_raw, kv (B, H, D, D) fp32, kmean (B, H, D) fp32, bias (D,) fp32 or None, eps)` read-out added to the
+    output in the epilogue."""
+    batch, len_q, heads, dim = q.shape
+    len_k = k.shape[1]
+    cfg = dict(cfg or _config("fwd_dense" if dense else "fwd_sparse", dim, block_size))
+    out = new_empty_like(q)
+    lse = new_empty((batch, heads, len_q), device=q.device, dtype=torch.float32)
+    if dense:
+        block_m, block_n, kpi = cfg["BLOCK_M"], cfg["BLOCK_N"], 1
+        n_iter = triton.cdiv(len_k, block_n)
+    else:
+        kpi = cfg.get("KPI", 1)
+        block_m, block_n = block_size, block_size * kpi
+        n_iter = triton.cdiv(topk, kpi)
+    num_q_blocks = triton.cdiv(len_q, block_m)
+    use_tma = bool(cfg.get("tma", False)) and kpi == 1 and not _interpret() and q.is_cuda
+    q_desc = k_desc = v_desc = None
+    if use_tma:
+        q_desc = _descriptor(q, batch * len_q, block_m, dim)
+        k_desc = _descriptor(k, batch * len_k, block_n, dim)
+        v_desc = _descriptor(v, batch * len_k, block_n, dim)
+        use_tma = None not in (q_desc, k_desc, v_desc)
+        if not use_tma:
+            q_desc = k_desc = v_desc = None
+    work = num_q_blocks * batch * heads
+    n_full, n_parts = _split_plan(work, n_iter, cfg, q.device)
+    n_split = (work - n_full) * n_parts
+    if n_split:
+        pacc = new_empty((n_split, block_m, dim), device=q.device, dtype=torch.float32)
+        pml = new_empty((n_split, 2, block_m), device=q.device, dtype=torch.float32)
+    else:
+        pacc = pml = lse
+    if memory is not None:
+        q_raw, kvp, kms, bias, mem_eps = memory
+        q_raw = _last_contiguous(q_raw)
+        kvp, kms = kvp.float(), kms.float().contiguous()
+        if _f32_dot(q):  # interpreter, bf16: fp32 state, fp32 dot
+            kv_hi, kv_lo = kvp.contiguous(), None
+        else:
+            kv_hi = kvp.to(q.dtype).contiguous()
+            kv_lo = (kvp - kv_hi.float()).to(q.dtype).contiguous() if cfg.get("memory_lo", False) else None
+        bias = None if bias is None else bias.float().contiguous()
+        qr_strides = (q_raw.stride(0), q_raw.stride(1), q_raw.stride(2))
+    else:
+        q_raw = kv_hi = kv_lo = kms = bias = None
+        mem_eps, qr_strides = 0.0, (0, 0, 0)
+    mem_args = tuple(t if t is not None else d for t, d in ((q_raw, q), (kv_hi, lse), (kv_lo, lse), (kms, lse),
+                                                            (bias, lse)))
+    mem_flags = dict(MEM=memory is not None, HAS_LO=kv_lo is not None, HAS_BIAS=bias is not None)
+    _attn_fwd_kernel[(n_full + n_split,)](
+        q, k, v, out, lse, lut if lut is not None else lse, q_desc, k_desc, v_desc, pacc, pml, *mem_args,
+        len_q, len_k, heads, num_q_blocks, topk, n_full, n_parts,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *qr_strides,
+        scale * LOG2E, mem_eps,
+        D=dim, BLOCK_M=block_m, BLOCK_N=block_n, BS=block_size, KPI=kpi, SPARSE=not dense, USE_TMA=use_tma,
+        F32=_f32_dot(q), **mem_flags, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if n_split:
+        _attn_fwd_combine_kernel[(work - n_full,)](
+            out, lse, pacc, pml, q, *mem_args, len_q, heads, num_q_blocks, n_full, n_parts,
+            out.stride(0), out.stride(1), out.stride(2), q.stride(0), q.stride(1), q.stride(2), *qr_strides, mem_eps,
+            D=dim, BLOCK_M=block_m, **mem_flags, F32=_f32_dot(q), num_warps=4,
+        )
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, lut, bmap, block_size: int, scale: float, dense: bool,
+                       cfg: dict | None = None):
+    """Launches the backward kernels. Returns `(dq, dk, dv)`."""
+    batch, len_q, heads, dim = q.shape
+    len_k = k.shape[1]
+    cfg = dict(cfg or _config("bwd_dense" if dense else "bwd_sparse", dim, block_size))
+    dout = _last_contiguous(dout)
+    dq, dk, dv = new_empty_like(q), new_empty_like(k), new_empty_like(v)
+    delta = new_empty_like(lse)
+    if dense:
+        block_m, block_n, kpi = cfg["BLOCK_M"], cfg["BLOCK_N"], 1
+        topk, num_q_blocks, num_k_blocks = 0, triton.cdiv(len_q, block_m), triton.cdiv(len_k, block_n)
+        lut = rlut = rcnt = lse
+    else:
+        kpi = cfg.get("KPI", 1)
+        block_m = block_n = block_size
+        topk = lut.shape[-1]
+        num_q_blocks, num_k_blocks = triton.cdiv(len_q, block_size), triton.cdiv(len_k, block_size)
+    common = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _attn_bwd_dq_kernel[(num_q_blocks, batch * heads)](
+        q, k, v, out, dout, dq, lse, delta, lut,
+        len_q, len_k, heads, num_q_blocks, topk,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+        scale * LOG2E, scale,
+        D=dim, BLOCK_M=block_m, BLOCK_N=block_n * kpi if not dense else block_n, BS=block_size, KPI=kpi,
+        SPARSE=not dense, F32=_f32_dot(q), **common,
+    )
+    if not dense:
+        rlut = new_empty((batch * heads, num_k_blocks, num_q_blocks), device=q.device, dtype=torch.int32)
+        rcnt = new_empty((batch * heads, num_k_blocks), device=q.device, dtype=torch.int32)
+        m_pad = max(16, triton.next_power_of_2(num_q_blocks))
+        nc = max(1, min(64, 8192 // m_pad))
+        _reverse_lut_kernel[(triton.cdiv(num_k_blocks, nc), batch * heads)](
+            bmap, rlut, rcnt, num_q_blocks, num_k_blocks, M_PAD=m_pad, NC=nc, num_warps=4,
+        )
+    if dense:
+        block_m, block_n = cfg.get("DKV_BLOCK_M", block_m), cfg.get("DKV_BLOCK_N", block_n)
+        num_k_blocks = triton.cdiv(len_k, block_n)
+    common = dict(num_warps=cfg.get("dkv_num_warps", cfg["num_warps"]),
+                  num_stages=cfg.get("dkv_num_stages", cfg["num_stages"]))
+    _attn_bwd_dkdv_kernel[(num_k_blocks, batch * heads)](
+        q, k, v, dout, dk, dv, lse, delta, rlut, rcnt,
+        len_q, len_k, heads, num_k_blocks,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        scale * LOG2E, scale,
+        D=dim, BLOCK_M=block_m, BLOCK_N=block_n, SPARSE=not dense, F32=_f32_dot(q), **common,
+    )
+    return dq, dk, dv
+
+
+def _block_map_from_lut(lut: torch.Tensor, num_k_blocks: int) -> torch.Tensor:
+    bmap = torch.zeros((*lut.shape[:-1], num_k_blocks), device=lut.device, dtype=torch.int8)
+    return bmap.scatter_(-1, lut.long(), 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _bsa_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: Optional[torch.Tensor], topk: int,
+                block_size: int, center: bool, scale: float, dense: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    num_k_blocks = triton.cdiv(k.shape[1], block_size)
+    if dense:
+        lut, bmap = q.new_empty((0,), dtype=torch.int32), q.new_empty((0,), dtype=torch.int8)
+    elif block_index is None:
+        lut, bmap = _select(q, k, topk, block_size, center, write_map=True)
+    else:
+        lut = block_index.to(torch.int32).sort(dim=-1).values.contiguous()  # kernels expect ascending
+        bmap = _block_map_from_lut(lut, num_k_blocks)
+    out, lse = attention_forward(q, k, v, lut if not dense else None, topk, block_size, scale, dense)
+    return out, lse, lut, bmap
+
+
+_bsa_fwd_op = torch.library.custom_op("diffusers_hybrid::block_sparse_attn_fwd", mutates_args=())(_bsa_fwd_impl)
+
+
+@_bsa_fwd_op.register_fake
+def _(q, k, v, block_index, topk, block_size, center, scale, dense):
+    batch, len_q, heads, _ = q.shape
+    num_q_blocks = -(-len_q // block_size)
+    num_k_blocks = -(-k.shape[1] // block_size)
+    lse = q.new_empty((batch, heads, len_q), dtype=torch.float32)
+    if dense:
+        lut, bmap = q.new_empty((0,), dtype=torch.int32), q.new_empty((0,), dtype=torch.int8)
+    else:
+        lut = q.new_empty((batch, heads, num_q_blocks, topk), dtype=torch.int32)
+        bmap = q.new_empty((batch, heads, num_q_blocks, num_k_blocks), dtype=torch.int8)
+    return torch.empty_like(q), lse, lut, bmap
+
+
+@torch.library.custom_op("diffusers_hybrid::block_sparse_attn_bwd", mutates_args=())
+def _bsa_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                lse: torch.Tensor, lut: torch.Tensor, bmap: torch.Tensor, block_size: int, scale: float, dense: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(dout, q, k, v, out, lse, lut, bmap, block_size, scale, dense)
+
+
+@_bsa_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, lut, bmap, block_size, scale, dense):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _bsa_setup_context(ctx, inputs, output):
+    q, k, v, _block_index, _topk, block_size, _center, scale, dense = inputs
+    out, lse, lut, bmap = output
+    ctx.save_for_backward(q, k, v, out, lse, lut, bmap)
+    ctx.block_size, ctx.scale, ctx.dense = block_size, scale, dense
+    ctx.set_materialize_grads(False)
+
+
+def _bsa_backward(ctx, dout, _dlse, _dlut, _dbmap):
+    q, k, v, out, lse, lut, bmap = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None, None, None, None, None
+    dq, dk, dv = _bsa_bwd_op(dout, q, k, v, out, lse, lut, bmap, ctx.block_size, ctx.scale, ctx.dense)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_bsa_fwd_op.register_autograd(_bsa_backward, setup_context=_bsa_setup_context)
+
+
+def _bsa_memory_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_raw: torch.Tensor,
+                       kv_proj: torch.Tensor, kmean: torch.Tensor, bias: Optional[torch.Tensor], topk: int,
+                       block_size: int, center: bool, scale: float, dense: bool, eps: float) -> torch.Tensor:
+    lut = None if dense else _select(q, k, topk, block_size, center, write_map=False)[0]
+    out, _ = attention_forward(q, k, v, lut, topk, block_size, scale, dense,
+                               memory=(query_raw, kv_proj, kmean, bias, eps))
+    return out
+
+
+_bsa_memory_fwd_op = torch.library.custom_op("diffusers_hybrid::block_sparse_attn_memory_fwd",
+                                             mutates_args=())(_bsa_memory_fwd_impl)
+
+
+@_bsa_memory_fwd_op.register_fake
+def _(q, k, v, query_raw, kv_proj, kmean, bias, topk, block_size, center, scale, dense, eps):
+    return torch.empty_like(q)
+
+
+def block_sparse_attention_with_memory_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_raw: torch.Tensor,
+    kv_state: torch.Tensor,
+    kmean_state: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    proj_weight: torch.Tensor | None = None,
+    proj_bias: torch.Tensor | None = None,
+    topk_ratio: float = 1.0,
+    block_size: int = 64,
+    key_centering: str = "heads",
+    scale: float | None = None,
+    dense: bool = False,
+) -> torch.Tensor:
+    """
+    `block_sparse_attention(query, key, value) + linear_proj(linear_memory_read(query, query_raw, kv, kmean))` with
+    the read-out fused into the attention epilogue (inference: `query` is the RoPE'd query, used as the read-out's
+    numerator query, spec 1.3). `linear_proj` (`x @ proj_weight.T + proj_bias`, shared by the heads) is folded into
+    the state: `KV' = KV @ W.T` per head. Under autograd it falls back to the unfused, differentiable ops.
+
+    Args:
+        query_raw (`(B, Lq, H, D)`): the un-RoPE'd query (denominator). kv_state (`(B, H, D, D)`), kmean_state
+            (`(B, H, D)`): float32 memory state. proj_weight (`(D, D)`), proj_bias (`(D,)`): optional projection.
+
+    Returns:
+        `(B, Lq, H, D)` in the dtype of `query`.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+            query, key, value, query_raw, proj_weight, proj_bias)):
+        from ..linear_memory.triton_kernel import linear_memory_read_triton
+
+        out = block_sparse_attention_triton(query, key, value, topk_ratio=topk_ratio, block_size=block_size,
+                                            key_centering=key_centering, scale=scale, dense=dense)
+        memory = linear_memory_read_triton(query, query_raw, kv_state, kmean_state, eps=eps)
+        if proj_weight is not None:
+            memory = torch.nn.functional.linear(memory.to(proj_weight.dtype), proj_weight, proj_bias)
+        return out + memory.to(out.dtype)
+    if key_centering not in ("heads", "none"):
+        raise ValueError(f"`key_centering` must be 'heads' or 'none', got {key_centering!r}.")
+    _check_inputs(query, key, value, block_size)
+    query, key, value, query_raw = (_last_contiguous(t) for t in (query, key, value, query_raw))
+    num_k_blocks = -(-key.shape[1] // block_size)
+    topk = num_selected_blocks(num_k_blocks, topk_ratio)
+    dense = dense or topk == num_k_blocks
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    kv = kv_state.detach().float()
+    if proj_weight is not None:
+        kv = torch.matmul(kv, proj_weight.detach().float().t())
+    bias = None if proj_bias is None else proj_bias.detach().float()
+    op = _bsa_memory_fwd_impl if _direct_call() else _bsa_memory_fwd_op
+    return op(query, key, value, query_raw, kv.contiguous(), kmean_state.detach().float().contiguous(), bias, topk,
+              block_size, key_centering == "heads", float(scale), bool(dense), float(eps))
+
+
+def block_sparse_attention_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    topk_ratio: float = 1.0,
+    block_size: int = 64,
+    key_centering: str = "heads",
+    scale: float | None = None,
+    dense: bool = False,
+    block_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """
+    Block-sparse softmax attention (selection included) through the Triton kernels; same contract as
+    `block_sparse_attention_naive` with `select_key_blocks_naive`.
+
+    Args:
+        query (`(B, Lq, H, D)`), key / value (`(B, Lk, H, D)`): bf16 or fp16, last dimension contiguous.
+        topk_ratio (`float`): fraction of key blocks kept per query block (`max(1, floor(ratio * K))`).
+        block_size (`int`): selection block, a power of two >= 16 (64 in the model).
+        key_centering (`str`): `"heads"` (official) or `"none"`.
+        scale (`float`, *optional*): softmax scale, `1/sqrt(D)` by default.
+        dense (`bool`): attend to every key (no selection): the dispatch sets it when the ratio keeps every block.
+        block_index (`(B, H, ceil(Lq/bs), topk)` integer tensor, *optional*): precomputed selection (skips ours).
+
+    Returns:
+        `(B, Lq, H, D)` tensor in the dtype of `query`; differentiable w.r.t. query, key and value.
+    """
+    if key_centering not in ("heads", "none"):
+        raise ValueError(f"`key_centering` must be 'heads' or 'none', got {key_centering!r}.")
+    _check_inputs(query, key, value, block_size)
+    query, key, value = (_last_contiguous(t) for t in (query, key, value))
+    num_k_blocks = -(-key.shape[1] // block_size)
+    if block_index is not None:
+        topk = block_index.shape[-1]
+        dense = False
+    else:
+        topk = num_selected_blocks(num_k_blocks, topk_ratio)
+        dense = dense or topk == num_k_blocks
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    # Eager inference skips the dispatcher (its overhead is not negligible next to the kernels).
+    op = _bsa_fwd_impl if _direct_call(query, key, value) else _bsa_fwd_op
+    out, _lse, _lut, _bmap = op(query, key, value, block_index, topk, block_size, key_centering == "heads",
+                                float(scale), bool(dense))
+    return out
+
+
+__all__ = [
+    "CONFIG_OVERRIDES",
+    "block_sparse_attention_with_memory_triton",
+    "attention_backward",
+    "attention_forward",
+    "block_sparse_attention_triton",
+    "select_key_blocks_triton",
+]

@@ -1,0 +1,411 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""Triton kernels for the linear-attention memory (absorption and read-out); see `naive.py` for the math.
+
+- Absorption: per (batch, head, column block of D, token split) a program accumulates `R(k)ᵀ v` (tensor cores, fp32
+  accumulators) and `Σ relu(k_raw)` over its tokens; with one split it writes the new running means directly,
+  otherwise a second small launch sums the splits in a fixed order (deterministic, no atomics) and folds in the old
+  state.
+- Read-out: per (batch, head, run of token blocks) `(q_num · kv) / (relu(q_raw) · kmean + eps)`, the D×D state loaded
+  once per program; backward gives the gradients w.r.t. `query_numerator` and `query_raw` (the state is detached).
+
+Both are `torch.library.custom_op`s with fake implementations (torch.compile / CUDA graphs); the read-out has a
+registered autograd formula.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # CPU only: run the kernels through Triton's interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from ..utils import new_empty, new_empty_like  # noqa: E402
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _dot_mode(x: torch.Tensor) -> tuple[bool, str]:
+    """(upcast operands to fp32, input precision). The interpreter mis-multiplies bf16, so it upcasts; fp32 operands
+    on the GPU use 3xTF32 (about fp32 accuracy, still on tensor cores)."""
+    if _interpret():
+        return True, "ieee"
+    return x.dtype == torch.float32, "tf32x3"
+
+
+def _split_state(x: torch.Tensor) -> bool:
+    """Read-out: split the fp32 state into 16-bit hi + lo halves (GPU, 16-bit queries)."""
+    return not _interpret() and x.dtype in (torch.bfloat16, torch.float16)
+
+
+# Launch parameters (benchmarks override); defaults measured on an H100.
+LM_CONFIG: dict = {"absorb_tokens": 128, "read_bm": 128, "read_warps": 8, "read_progs_per_sm": 8}
+
+
+@triton.jit
+def _absorb_kernel(KR, KRAW, V, KV_OLD, KM_OLD, KV_OUT, KM_OUT, PART_KV, PART_KM,
+                   S, H, tokens_per_split, w_old, w_new,
+                   s_krb, s_krl, s_krh, s_kwb, s_kwl, s_kwh, s_vb, s_vl, s_vh,
+                   D: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr, DIRECT: tl.constexpr,
+                   F32: tl.constexpr, PREC: tl.constexpr):
+    """Grid (B*H, D // BE, splits)."""
+    bh = tl.program_id(0)
+    pe = tl.program_id(1)
+    sp = tl.program_id(2)
+    n_split = tl.num_programs(2)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    offs_e = pe * BE + tl.arange(0, BE)
+    offs_t = tl.arange(0, BT)
+    acc = tl.zeros((D, BE), dtype=tl.float32)
+    ksum = tl.zeros((D,), dtype=tl.float32)
+    t0 = sp * tokens_per_split
+    t1 = tl.minimum(S, t0 + tokens_per_split)
+    for t in range(t0, t1, BT):
+        rows = t + offs_t
+        ok = rows < t1
+        kr = tl.load(KR + b * s_krb + h * s_krh + rows[:, None] * s_krl + offs_d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(V + b * s_vb + h * s_vh + rows[:, None] * s_vl + offs_e[None, :], mask=ok[:, None], other=0.0)
+        if F32:
+            acc = tl.dot(tl.trans(kr.to(tl.float32)), v.to(tl.float32), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(tl.trans(kr), v, acc)
+        if BE == D:  # one column block: no branch in the loop
+            kw = tl.load(KRAW + b * s_kwb + h * s_kwh + rows[:, None] * s_kwl + offs_d[None, :], mask=ok[:, None],
+                         other=0.0)
+            ksum += tl.sum(tl.maximum(kw.to(tl.float32), 0.0), axis=0)
+        elif pe == 0:
+            kw = tl.load(KRAW + b * s_kwb + h * s_kwh + rows[:, None] * s_kwl + offs_d[None, :], mask=ok[:, None],
+                         other=0.0)
+            ksum += tl.sum(tl.maximum(kw.to(tl.float32), 0.0), axis=0)
+    if DIRECT:
+        kv_ptr = bh * D * D + offs_d[:, None] * D + offs_e[None, :]
+        old = tl.load(KV_OLD + kv_ptr)
+        tl.store(KV_OUT + kv_ptr, acc * w_new + old * w_old)
+        if pe == 0:
+            km_old = tl.load(KM_OLD + bh * D + offs_d)
+            tl.store(KM_OUT + bh * D + offs_d, ksum * w_new + km_old * w_old)
+    else:
+        part = (bh * n_split + sp) * D * D + offs_d[:, None] * D + offs_e[None, :]
+        tl.store(PART_KV + part, acc)
+        if pe == 0:
+            tl.store(PART_KM + (bh * n_split + sp) * D + offs_d, ksum)
+
+
+@triton.jit
+def _absorb_finish_kernel(KV_OLD, KM_OLD, KV_OUT, KM_OUT, PART_KV, PART_KM, n_split, w_old, w_new,
+                          D: tl.constexpr, BR: tl.constexpr):
+    """Grid (B*H, D // BR): sums the splits in order and folds in the old state."""
+    bh = tl.program_id(0)
+    pr = tl.program_id(1)
+    offs_r = pr * BR + tl.arange(0, BR)
+    offs_d = tl.arange(0, D)
+    tile = offs_r[:, None] * D + offs_d[None, :]
+    acc = tl.zeros((BR, D), dtype=tl.float32)
+    for sp in range(0, n_split):
+        acc += tl.load(PART_KV + (bh * n_split + sp) * D * D + tile)
+    old = tl.load(KV_OLD + bh * D * D + tile)
+    tl.store(KV_OUT + bh * D * D + tile, acc * w_new + old * w_old)
+    if pr == 0:
+        ks = tl.zeros((D,), dtype=tl.float32)
+        for sp in range(0, n_split):
+            ks += tl.load(PART_KM + (bh * n_split + sp) * D + offs_d)
+        km_old = tl.load(KM_OLD + bh * D + offs_d)
+        tl.store(KM_OUT + bh * D + offs_d, ks * w_new + km_old * w_old)
+
+
+@triton.jit
+def _read_kernel(QN, QR, KV, KM, OUT, S, H, eps, blocks_per_prog,
+                 s_qnb, s_qnl, s_qnh, s_qrb, s_qrl, s_qrh, s_ob, s_ol, s_oh,
+                 D: tl.constexpr, BM: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """Grid (cdiv(cdiv(S, BM), blocks_per_prog), B*H). SPLIT: the fp32 state is split into two 16-bit halves
+    (hi + lo) in the queries' dtype so that both products run on tensor cores at about fp32 accuracy (the 16-bit
+    queries are exact); otherwise an fp32 dot at precision PREC."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    kv = tl.load(KV + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
+    if SPLIT:
+        kv_hi = kv.to(QN.dtype.element_ty)
+        kv_lo = (kv - kv_hi.to(tl.float32)).to(QN.dtype.element_ty)
+    km = tl.load(KM + bh * D + offs_d)
+    for i in range(0, blocks_per_prog):
+        offs_m = (pid * blocks_per_prog + i) * BM + tl.arange(0, BM)
+        ok = offs_m < S
+        qn = tl.load(QN + b * s_qnb + h * s_qnh + offs_m[:, None] * s_qnl + offs_d[None, :], mask=ok[:, None],
+                     other=0.0)
+        qr = tl.load(QR + b * s_qrb + h * s_qrh + offs_m[:, None] * s_qrl + offs_d[None, :], mask=ok[:, None],
+                     other=0.0).to(tl.float32)
+        if SPLIT:
+            num = tl.dot(qn, kv_hi)
+            num = tl.dot(qn, kv_lo, num)
+        else:
+            num = tl.dot(qn.to(tl.float32), kv, input_precision=PREC)
+        den = tl.sum(tl.maximum(qr, 0.0) * km[None, :], axis=1) + eps
+        tl.store(OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :], num / den[:, None],
+                 mask=ok[:, None])
+
+
+@triton.jit
+def _read_bwd_kernel(QN, QR, KV, KM, DOUT, DQN, DQR, S, H, eps, blocks_per_prog,
+                     s_qnb, s_qnl, s_qnh, s_qrb, s_qrl, s_qrh, s_gb, s_gl, s_gh,
+                     s_dnb, s_dnl, s_dnh, s_drb, s_drl, s_drh,
+                     D: tl.constexpr, BM: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    kv = tl.load(KV + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
+    kv_t = tl.load(KV + bh * D * D + offs_d[None, :] * D + offs_d[:, None])  # transposed, straight from memory
+    if SPLIT:
+        kv_hi = kv.to(QN.dtype.element_ty)
+        kv_lo = (kv - kv_hi.to(tl.float32)).to(QN.dtype.element_ty)
+        kvt_hi = kv_t.to(QN.dtype.element_ty)
+        kvt_lo = (kv_t - kvt_hi.to(tl.float32)).to(QN.dtype.element_ty)
+    km = tl.load(KM + bh * D + offs_d)
+    for i in range(0, blocks_per_prog):
+        offs_m = (pid * blocks_per_prog + i) * BM + tl.arange(0, BM)
+        ok = offs_m < S
+        qn = tl.load(QN + b * s_qnb + h * s_qnh + offs_m[:, None] * s_qnl + offs_d[None, :], mask=ok[:, None],
+                     other=0.0)
+        qr = tl.load(QR + b * s_qrb + h * s_qrh + offs_m[:, None] * s_qrl + offs_d[None, :], mask=ok[:, None],
+                     other=0.0).to(tl.float32)
+        g = tl.load(DOUT + b * s_gb + h * s_gh + offs_m[:, None] * s_gl + offs_d[None, :], mask=ok[:, None],
+                    other=0.0).to(tl.float32)
+        den = tl.sum(tl.maximum(qr, 0.0) * km[None, :], axis=1) + eps
+        inv = 1.0 / den
+        gs = g * inv[:, None]
+        if SPLIT:
+            num = tl.dot(qn, kv_hi)
+            num = tl.dot(qn, kv_lo, num)
+            gs16 = gs.to(QN.dtype.element_ty)
+            dqn = tl.dot(gs16, kvt_hi)
+            dqn = tl.dot(gs16, kvt_lo, dqn)
+        else:
+            num = tl.dot(qn.to(tl.float32), kv, input_precision=PREC)
+            dqn = tl.dot(gs, kv_t, input_precision=PREC)
+        dden = -tl.sum(gs * num, axis=1) * inv
+        dqr = tl.where(qr > 0, dden[:, None] * km[None, :], 0.0)
+        tl.store(DQN + b * s_dnb + h * s_dnh + offs_m[:, None] * s_dnl + offs_d[None, :],
+                 dqn.to(DQN.dtype.element_ty), mask=ok[:, None])
+        tl.store(DQR + b * s_drb + h * s_drh + offs_m[:, None] * s_drl + offs_d[None, :],
+                 dqr.to(DQR.dtype.element_ty), mask=ok[:, None])
+
+
+def _check_state(kv_state: torch.Tensor, kmean_state: torch.Tensor, ref: torch.Tensor):
+    batch, _, heads, dim = ref.shape
+    if kv_state.shape != (batch, heads, dim, dim) or kmean_state.shape != (batch, heads, dim):
+        raise ValueError(f"state shapes {tuple(kv_state.shape)}, {tuple(kmean_state.shape)} do not match tokens "
+                         f"{tuple(ref.shape)}")
+    if dim not in (16, 32, 64, 128):
+        raise ValueError(f"head_dim must be 16, 32, 64 or 128 for the Triton kernel, got {dim}")
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _absorb_launch(kv_state, kmean_state, count: int, key_roped, key_raw, value, num_splits: int | None = None):
+    key_roped, key_raw, value = (_last_contiguous(t) for t in (key_roped, key_raw, value))
+    kv_state = kv_state.float().contiguous()
+    kmean_state = kmean_state.float().contiguous()
+    batch, num_new, heads, dim = key_roped.shape
+    total = count + num_new
+    kv_out = new_empty_like(kv_state)
+    km_out = new_empty_like(kmean_state)
+    if num_new == 0:
+        kv_out.copy_(kv_state)
+        km_out.copy_(kmean_state)
+        return kv_out, km_out
+    w_old, w_new = count / total, 1.0 / total
+    f32, prec = _dot_mode(key_roped)
+    be = min(dim, LM_CONFIG.get("absorb_be", 128))
+    bt = 32 if _interpret() else 64
+    if num_splits is None:
+        if _interpret():
+            num_splits = 1
+        else:  # at least `absorb_tokens` tokens per program, at most ~one program per multiprocessor
+            sms = torch.cuda.get_device_properties(key_roped.device).multi_processor_count
+            num_splits = max(1, min(triton.cdiv(num_new, LM_CONFIG.get("absorb_tokens", 512)),
+                                    sms // (batch * heads * (dim // be))))
+    tokens_per_split = triton.cdiv(triton.cdiv(num_new, num_splits), bt) * bt
+    num_splits = triton.cdiv(num_new, tokens_per_split)
+    direct = num_splits == 1
+    if direct:
+        part_kv = part_km = kv_out
+    else:
+        part_kv = new_empty((batch * heads, num_splits, dim, dim), device=kv_state.device, dtype=torch.float32)
+        part_km = new_empty((batch * heads, num_splits, dim), device=kv_state.device, dtype=torch.float32)
+    _absorb_kernel[(batch * heads, dim // be, num_splits)](
+        key_roped, key_raw, value, kv_state, kmean_state, kv_out, km_out, part_kv, part_km,
+        num_new, heads, tokens_per_split, w_old, w_new,
+        key_roped.stride(0), key_roped.stride(1), key_roped.stride(2), key_raw.stride(0), key_raw.stride(1),
+        key_raw.stride(2), value.stride(0), value.stride(1), value.stride(2),
+        D=dim, BE=be, BT=bt, DIRECT=direct, F32=f32, PREC=prec, num_warps=LM_CONFIG.get("absorb_warps", 8),
+        num_stages=1 if _interpret() else LM_CONFIG.get("absorb_stages", 3),
+    )
+    if not direct:
+        br = min(dim, 32)
+        _absorb_finish_kernel[(batch * heads, dim // br)](
+            kv_state, kmean_state, kv_out, km_out, part_kv, part_km, num_splits, w_old, w_new, D=dim, BR=br,
+            num_warps=4,
+        )
+    return kv_out, km_out
+
+
+def _read_grid(seq: int, bm: int, batch_heads: int, device) -> tuple[int, int]:
+    num_blocks = triton.cdiv(seq, bm)
+    if _interpret():
+        return num_blocks, 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    per = max(1, (num_blocks * batch_heads) // (LM_CONFIG.get("read_progs_per_sm", 4) * sms))  # state loaded once
+    return triton.cdiv(num_blocks, per), per
+
+
+def _read_launch(query_numerator, query_raw, kv_state, kmean_state, eps: float):
+    qn, qr = _last_contiguous(query_numerator), _last_contiguous(query_raw)
+    kv_state = kv_state.float().contiguous()
+    kmean_state = kmean_state.float().contiguous()
+    batch, seq, heads, dim = qn.shape
+    out = new_empty((batch, seq, heads, dim), device=qn.device, dtype=torch.float32)
+    if seq == 0:
+        return out
+    bm = 32 if _interpret() else LM_CONFIG.get("read_bm", 64)
+    _, prec = _dot_mode(qn)
+    progs, per = _read_grid(seq, bm, batch * heads, qn.device)
+    _read_kernel[(progs, batch * heads)](
+        qn, qr, kv_state, kmean_state, out, seq, heads, eps, per,
+        qn.stride(0), qn.stride(1), qn.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        D=dim, BM=bm, SPLIT=_split_state(qn), PREC=prec, num_warps=LM_CONFIG.get("read_warps", 4),
+        num_stages=1 if _interpret() else LM_CONFIG.get("read_stages", 2),
+    )
+    return out
+
+
+def _read_bwd_launch(dout, query_numerator, query_raw, kv_state, kmean_state, eps: float):
+    qn, qr, dout = _last_contiguous(query_numerator), _last_contiguous(query_raw), _last_contiguous(dout)
+    kv_state = kv_state.float().contiguous()
+    kmean_state = kmean_state.float().contiguous()
+    batch, seq, heads, dim = qn.shape
+    dqn = new_empty_like(qn)
+    dqr = new_empty_like(qr)
+    if seq == 0:
+        return dqn, dqr
+    bm = 32 if _interpret() else 64
+    _, prec = _dot_mode(qn)
+    progs, per = _read_grid(seq, bm, batch * heads, qn.device)
+    _read_bwd_kernel[(progs, batch * heads)](
+        qn, qr, kv_state, kmean_state, dout, dqn, dqr, seq, heads, eps, per,
+        qn.stride(0), qn.stride(1), qn.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), dqn.stride(0), dqn.stride(1), dqn.stride(2),
+        dqr.stride(0), dqr.stride(1), dqr.stride(2),
+        D=dim, BM=bm, SPLIT=_split_state(qn), PREC=prec, num_warps=LM_CONFIG.get("read_bwd_warps", 8),
+        num_stages=1,
+    )
+    return dqn, dqr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _absorb_impl(kv_state: torch.Tensor, kmean_state: torch.Tensor, count: int, key_roped: torch.Tensor,
+                 key_raw: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _absorb_launch(kv_state, kmean_state, count, key_roped, key_raw, value)
+
+
+_absorb_op = torch.library.custom_op("diffusers_hybrid::linear_memory_absorb", mutates_args=())(_absorb_impl)
+
+
+@_absorb_op.register_fake
+def _(kv_state, kmean_state, count, key_roped, key_raw, value):
+    return (kv_state.new_empty(kv_state.shape, dtype=torch.float32),
+            kmean_state.new_empty(kmean_state.shape, dtype=torch.float32))
+
+
+def _read_impl(query_numerator: torch.Tensor, query_raw: torch.Tensor, kv_state: torch.Tensor,
+               kmean_state: torch.Tensor, eps: float) -> torch.Tensor:
+    return _read_launch(query_numerator, query_raw, kv_state, kmean_state, eps)
+
+
+_read_op = torch.library.custom_op("diffusers_hybrid::linear_memory_read", mutates_args=())(_read_impl)
+
+
+@_read_op.register_fake
+def _(query_numerator, query_raw, kv_state, kmean_state, eps):
+    return query_numerator.new_empty(query_numerator.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("diffusers_hybrid::linear_memory_read_bwd", mutates_args=())
+def _read_bwd_op(dout: torch.Tensor, query_numerator: torch.Tensor, query_raw: torch.Tensor,
+                 kv_state: torch.Tensor, kmean_state: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _read_bwd_launch(dout, query_numerator, query_raw, kv_state, kmean_state, eps)
+
+
+@_read_bwd_op.register_fake
+def _(dout, query_numerator, query_raw, kv_state, kmean_state, eps):
+    return torch.empty_like(query_numerator), torch.empty_like(query_raw)
+
+
+def _read_setup_context(ctx, inputs, output):
+    query_numerator, query_raw, kv_state, kmean_state, eps = inputs
+    ctx.save_for_backward(query_numerator, query_raw, kv_state, kmean_state)
+    ctx.eps = eps
+
+
+def _read_backward(ctx, dout):
+    query_numerator, query_raw, kv_state, kmean_state = ctx.saved_tensors
+    dqn, dqr = _read_bwd_op(dout, query_numerator, query_raw, kv_state, kmean_state, ctx.eps)
+    return dqn, dqr, None, None, None
+
+
+_read_op.register_autograd(_read_backward, setup_context=_read_setup_context)
+
+
+def linear_memory_absorb_triton(
+    kv_state: torch.Tensor,
+    kmean_state: torch.Tensor,
+    count: int,
+    key_roped: torch.Tensor,
+    key_raw: torch.Tensor,
+    value: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of `linear_memory_absorb_naive` (same arguments and results; no gradient)."""
+    _check_state(kv_state, kmean_state, key_roped)
+    if key_raw.shape != key_roped.shape or value.shape != key_roped.shape:
+        raise ValueError("key_roped, key_raw and value must have the same shape")
+    op = _absorb_op if torch.compiler.is_compiling() else _absorb_impl  # eager: skip the dispatcher
+    return op(kv_state.detach(), kmean_state.detach(), int(count), key_roped.detach(), key_raw.detach(),
+              value.detach())
+
+
+def linear_memory_read_triton(
+    query_numerator: torch.Tensor,
+    query_raw: torch.Tensor,
+    kv_state: torch.Tensor,
+    kmean_state: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Triton version of `linear_memory_read_naive`: float32 `(B, S, H, D)`; differentiable w.r.t. both queries (the
+    state is treated as a constant)."""
+    _check_state(kv_state, kmean_state, query_numerator)
+    if query_raw.shape != query_numerator.shape:
+        raise ValueError("query_numerator and query_raw must have the same shape")
+    direct = not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and (query_numerator.requires_grad or query_raw.requires_grad))
+    op = _read_impl if direct else _read_op  # eager inference: skip the dispatcher
+    return op(query_numerator, query_raw, kv_state.detach(), kmean_state.detach(), float(eps))
+
+
+__all__ = ["linear_memory_absorb_triton", "linear_memory_read_triton"]
