@@ -25,7 +25,7 @@ the list of query blocks that selected it), `_attn_bwd_dkdv_kernel`. The selecti
 
 The launchers are wrapped in `torch.library.custom_op`s with fake implementations and a registered autograd formula,
 so `torch.compile` and CUDA graphs trace through them; eager calls that need no gradient skip the dispatcher.
-Launch parameters were measured on an H100 (benchmarks/bench_attention.py, benchmarks/RESULTS_attention.md).
+Launch parameters were measured on an H100 (benchmarks/bench_attention.py, benchmarks/RESULTS.md).
 """
 
 import math
@@ -56,7 +56,7 @@ LOG2E = 1.4426950408889634
 CONFIG_OVERRIDES: dict = {}
 # Selection implementation and launch parameters (benchmarks override): impl "row" (1 query block per program) |
 # "rows" (G per program) | "group" (tl.dot scores) | "torch"; pool "heads" (loop over heads) | "tok".
-# Measured on an H100 (benchmarks/RESULTS_attention.md): pool "heads" with 2 warps, one program per query block.
+# Measured on an H100 (benchmarks/RESULTS.md): pool "heads" with 2 warps, one program per query block.
 SELECT_CONFIG: dict = {"impl": "row", "pool": "heads", "pool_warps": 2, "num_warps": 4}
 
 
@@ -76,7 +76,7 @@ def _config(kind: str, head_dim: int, block_size: int) -> dict:
         }[kind]
     else:
         base = {
-            # Measured on an H100 (benchmarks/RESULTS_attention.md): TMA loads; the last wave split for the
+            # Measured on an H100 (benchmarks/RESULTS.md): TMA loads; the last wave split for the
             # resident programs (2 per multiprocessor sparse, 1 dense).
             "fwd_sparse": dict(KPI=1, num_warps=4, num_stages=2, tma=True, ctas_per_sm=2),
             "fwd_dense": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, ctas_per_sm=1),
