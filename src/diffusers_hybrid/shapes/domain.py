@@ -188,7 +188,10 @@ def parse_caption(text: str) -> SceneAttrs:
         if m:
             objs = tuple(
                 ObjectAttrs(
-                    shape=m[f"shape{i}"], color=m[f"color{i}"], size=m[f"size{i}"], speed=m[f"speed{i}"],
+                    shape=m[f"shape{i}"],
+                    color=m[f"color{i}"],
+                    size=m[f"size{i}"],
+                    speed=m[f"speed{i}"],
                     direction=m[f"direction{i}"],
                 )
                 for i in range(n)
@@ -289,7 +292,11 @@ def _triangle_wave(p0: np.ndarray | torch.Tensor, lo, hi, v: float, t):
     if length <= 0:
         return lo + 0 * t
     x = (p0 - lo + v * t) % (2 * length)
-    x = torch.where(x > length, 2 * length - x, x) if isinstance(x, torch.Tensor) else np.where(x > length, 2 * length - x, x)
+    x = (
+        torch.where(x > length, 2 * length - x, x)
+        if isinstance(x, torch.Tensor)
+        else np.where(x > length, 2 * length - x, x)
+    )
     return lo + x
 
 
@@ -304,9 +311,18 @@ class SceneSpec:
 
     def __post_init__(self):
         if not self.starts:
+            # Start positions from the seed; two objects start apart (their circumscribed circles do not meet at
+            # 128x128), so that objects moving alike do not overlap for a whole video.
             rng = np.random.default_rng([self.seed, 7919])
-            starts = tuple((float(rng.random()), float(rng.random())) for _ in self.attrs.objects)
-            object.__setattr__(self, "starts", starts)
+            for _ in range(100):
+                starts = tuple((float(rng.random()), float(rng.random())) for _ in self.attrs.objects)
+                object.__setattr__(self, "starts", starts)
+                if len(starts) < 2:
+                    break
+                (a, b) = self.object_tracks(1, 128, 128)
+                gap = np.hypot(*(a["centers"][0] - b["centers"][0])) - a["radius"] - b["radius"]
+                if gap > 2.0:
+                    break
 
     @classmethod
     def from_prompt(cls, prompt: str, seed: int = 0) -> "SceneSpec":
@@ -350,26 +366,58 @@ def check_resolution(height: int, width: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _convex_pieces(shape: str) -> list[np.ndarray]:
+    """The shape (unit circumradius) as a union of convex polygons, each given by its vertices [n, 2]."""
+    angles, radii = _polygon(shape)
+    pts = np.stack([radii * np.cos(angles), radii * np.sin(angles)], 1)
+    if shape != "star":
+        return [pts]
+    # Five convex kites (inner vertex, tip, inner vertex, a point behind the centre) that overlap around the centre, so
+    # that no piece boundary runs through the star's interior (it would show as a seam in the anti-aliasing).
+    kites = []
+    for k in range(5):
+        tip = pts[2 * k]
+        back = -0.35 * STAR_INNER_RATIO / 0.45 * tip
+        kites.append(np.stack([back, pts[(2 * k - 1) % 10], tip, pts[2 * k + 1]]))
+    return kites
+
+
+def _half_planes(shape: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per convex piece: outward unit normals [n, 2] and offsets [n] (n . p <= offset inside, unit circumradius)."""
+    out = []
+    for poly in _convex_pieces(shape):
+        centre = poly.mean(0)
+        a, b = poly, np.roll(poly, -1, axis=0)
+        e = b - a
+        nrm = np.stack([e[:, 1], -e[:, 0]], 1)
+        nrm /= np.linalg.norm(nrm, axis=1, keepdims=True)
+        off = (nrm * a).sum(1)
+        flip = (nrm * centre).sum(1) > off  # make the normals point away from the piece's centre
+        nrm[flip], off[flip] = -nrm[flip], -off[flip]
+        out.append((nrm, off))
+    return out
+
+
 def _coverage(shape: str, radius: float, centers: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-    """Inside-mask [T, Hs, Ws] of a shape on the (super-sampled) pixel-centre grid xs [Ws], ys [Hs]."""
+    """Anti-aliased coverage [T, H, W] in [0, 1] of a shape at pixel centres xs [W], ys [H]: a one-pixel linear ramp
+    of the signed distance to the boundary (exact for the circle, the max of half-plane distances for each convex
+    piece, the min over pieces). Coverage varies continuously with the position, so centroids do too."""
     dx = xs.view(1, 1, -1) - centers[:, 0].view(-1, 1, 1)
     dy = ys.view(1, -1, 1) - centers[:, 1].view(-1, 1, 1)
-    rho = torch.sqrt(dx * dx + dy * dy)
-    poly = _polygon(shape)
-    if poly is None:
-        return rho <= radius
-    angles, radii = poly
-    n = len(angles)
-    step = 2 * math.pi / n
-    theta = torch.atan2(dy, dx)
-    rel = torch.remainder(theta - float(angles[0]), 2 * math.pi)
-    k = torch.clamp((rel / step).floor().long(), 0, n - 1)
-    ra = torch.as_tensor(radii, dtype=xs.dtype, device=xs.device)
-    r1, r2 = ra[k] * radius, ra[(k + 1) % n] * radius
-    a = rel - k.to(xs.dtype) * step  # angle from vertex k, in [0, step)
-    # Distance from the centre to the edge between polar points (r1, 0) and (r2, step) along angle a.
-    edge = r1 * r2 * math.sin(step) / (r1 * torch.sin(a) + r2 * torch.sin(step - a))
-    return rho <= edge
+    if isinstance(radius, torch.Tensor):  # one radius per object: [n, 1, 1, 1] against centres [n * T, 2]
+        n = radius.shape[0]
+        radius = radius.repeat_interleave(centers.shape[0] // n, dim=0).view(-1, 1, 1)
+    if shape == "circle":
+        sd = torch.sqrt(dx * dx + dy * dy) - radius
+    else:
+        sd = None
+        for nrm, off in _half_planes(shape):
+            piece = None
+            for (nx, ny), o in zip(nrm.tolist(), off.tolist()):
+                d = nx * dx + ny * dy - o * radius
+                piece = d if piece is None else torch.maximum(piece, d)
+            sd = piece if sd is None else torch.minimum(sd, piece)
+    return (0.5 - sd).clamp(0, 1)
 
 
 def background_image(background: str, texture: str, height: int, width: int, device=None) -> torch.Tensor:
@@ -389,6 +437,43 @@ def checker_sign(height: int, width: int, device=None) -> torch.Tensor:
     return ((iy.view(-1, 1) + ix.view(1, -1)) % 2).float() * 2 - 1
 
 
+def _render_frames(specs, num_frames: int, height: int, width: int, start_frames, device) -> torch.Tensor:
+    """Unrounded RGB frames [B, T, H, W, 3] in 0..255 of several scenes, vectorised over scenes, objects and frames
+    (objects of one shape are drawn together; each scene draws its large object(s) first)."""
+    b = len(specs)
+    xs = torch.arange(width, device=device, dtype=torch.float32) + 0.5
+    ys = torch.arange(height, device=device, dtype=torch.float32) + 0.5
+    base = torch.tensor([BACKGROUND_COLORS[s.attrs.background] for s in specs], dtype=torch.float32, device=device)
+    amp = torch.tensor(
+        [CHECKER_AMPLITUDE * (s.attrs.texture == "checkered") for s in specs], dtype=torch.float32, device=device
+    )
+    sign = checker_sign(height, width, device)
+    frames = (
+        (base.view(b, 1, 1, 3) + (amp.view(b, 1, 1) * sign).unsqueeze(-1)).unsqueeze(1).repeat(1, num_frames, 1, 1, 1)
+    )
+    cov = torch.zeros(b, 2, num_frames, height, width, device=device)
+    color = torch.zeros(b, 2, 3, device=device)
+    groups: dict[str, list] = {}
+    for v, (spec, f0) in enumerate(zip(specs, start_frames)):
+        objs = spec.attrs.objects
+        tracks = spec.object_tracks(num_frames, height, width, f0)
+        order = sorted(range(len(objs)), key=lambda i: SIZES.index(objs[i].size), reverse=True)
+        for layer, i in enumerate(order):
+            groups.setdefault(objs[i].shape, []).append((v, layer, tracks[i]["radius"], tracks[i]["centers"]))
+            color[v, layer] = torch.tensor(OBJECT_COLORS[objs[i].color], dtype=torch.float32, device=device)
+    for shape, items in groups.items():
+        centers = torch.as_tensor(np.stack([it[3] for it in items]), dtype=torch.float32, device=device)  # [n, T, 2]
+        radius = torch.tensor([it[2] for it in items], dtype=torch.float32, device=device).view(-1, 1, 1, 1)
+        c = _coverage(shape, radius, centers.reshape(-1, 2), xs, ys).view(len(items), num_frames, height, width)
+        vid = torch.tensor([it[0] for it in items], device=device)
+        lay = torch.tensor([it[1] for it in items], device=device)
+        cov[vid, lay] = c
+    for layer in range(2):
+        a = cov[:, layer].unsqueeze(-1)
+        frames = frames * (1 - a) + color[:, layer].view(b, 1, 1, 1, 3) * a
+    return frames
+
+
 def render_video(
     spec: SceneSpec,
     num_frames: int,
@@ -396,7 +481,6 @@ def render_video(
     width: int = 128,
     start_frame: int = 0,
     device: str | torch.device | None = None,
-    supersample: int = 2,
     chunk_frames: int = 64,
 ) -> torch.Tensor:
     """Render frames [start_frame, start_frame + num_frames) of a scene: uint8 tensor [T, H, W, 3]."""
@@ -404,36 +488,32 @@ def render_video(
     if num_frames < 1:
         raise ValueError("num_frames must be >= 1")
     device = torch.device(device or "cpu")
-    attrs = spec.attrs
-    s = supersample
-    xs = (torch.arange(width * s, device=device, dtype=torch.float32) + 0.5) / s
-    ys = (torch.arange(height * s, device=device, dtype=torch.float32) + 0.5) / s
-    bg = background_image(attrs.background, attrs.texture, height, width, device)
-    tracks = spec.object_tracks(num_frames, height, width, start_frame)
-    # Draw order: large objects first, so that a small object is never hidden behind a large one.
-    order = sorted(range(len(attrs.objects)), key=lambda i: SIZES.index(attrs.objects[i].size), reverse=True)
     out = torch.empty(num_frames, height, width, 3, dtype=torch.uint8, device=device)
     for c0 in range(0, num_frames, chunk_frames):
         c1 = min(num_frames, c0 + chunk_frames)
-        frame = bg.unsqueeze(0).repeat(c1 - c0, 1, 1, 1)
-        for i in order:
-            obj, track = attrs.objects[i], tracks[i]
-            centers = torch.as_tensor(track["centers"][c0:c1], dtype=torch.float32, device=device)
-            cov = _coverage(obj.shape, track["radius"], centers, xs, ys).float()
-            cov = torch.nn.functional.avg_pool2d(cov.unsqueeze(1), s).squeeze(1).unsqueeze(-1)  # [T, H, W, 1]
-            color = torch.tensor(OBJECT_COLORS[obj.color], dtype=torch.float32, device=device)
-            frame = frame * (1 - cov) + color * cov
-        out[c0:c1] = frame.round().clamp(0, 255).to(torch.uint8)
+        frames = _render_frames([spec], c1 - c0, height, width, [start_frame + c0], device)[0]
+        out[c0:c1] = frames.round().clamp(0, 255).to(torch.uint8)
     return out
 
 
 def render_batch(
-    specs: list[SceneSpec], num_frames: int, height: int = 128, width: int = 128, device=None, start_frames=None
+    specs: list[SceneSpec],
+    num_frames: int,
+    height: int = 128,
+    width: int = 128,
+    device=None,
+    start_frames=None,
+    output: str = "vae",
 ) -> torch.Tensor:
-    """[B, C=3, T, H, W] float in [-1, 1] (the VAE's input convention)."""
-    start_frames = start_frames or [0] * len(specs)
-    vids = [render_video(s, num_frames, height, width, start_frame=f, device=device) for s, f in zip(specs, start_frames)]
-    return torch.stack(vids).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+    """Several scenes at once (vectorised; the same pixels as `render_video`). `output="vae"`: float
+    [B, C=3, T, H, W] in [-1, 1] (the VAE's input convention); `output="uint8"`: uint8 [B, T, H, W, 3]."""
+    check_resolution(height, width)
+    device = torch.device(device or "cpu")
+    start_frames = list(start_frames) if start_frames is not None else [0] * len(specs)
+    frames = _render_frames(specs, num_frames, height, width, start_frames, device).round().clamp(0, 255)
+    if output == "uint8":
+        return frames.to(torch.uint8)
+    return frames.permute(0, 4, 1, 2, 3).div(127.5).sub(1.0)
 
 
 def scene_specs(split: str, count: int, base_seed: int = 0, two_object_prob: float = 0.5) -> list[SceneSpec]:

@@ -1,0 +1,86 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""The models shipped under pretrained/shapes load and produce outputs of the right shape (CPU)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_hybrid.shapes.domain import render_batch, scene_specs
+
+
+@pytest.fixture(scope="module")
+def shipped(repo_root):
+    path = os.path.join(repo_root, "pretrained", "shapes")
+    if not os.path.isdir(path):
+        pytest.skip("pretrained/shapes is not in this checkout")
+    return path
+
+
+def test_shipped_files_are_small_safetensors(shipped):
+    total = 0
+    for root, _, files in os.walk(shipped):
+        for f in files:
+            size = os.path.getsize(os.path.join(root, f))
+            total += size
+            assert size < 16 * 2**20, f
+            assert not f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")), f"weights must be safetensors: {f}"
+    assert total < 20 * 2**20
+
+
+def test_shipped_vae_round_trip_shapes(shipped):
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(os.path.join(shipped, "teacher", "vae"), torch_dtype=torch.float32).eval()
+    cfg = vae.config
+    assert cfg.z_dim == 16 and cfg.temperal_downsample == [False, True, True] and len(cfg.dim_mult) == 4
+    assert len(cfg.latents_mean) == len(cfg.latents_std) == 16 and min(cfg.latents_std) > 0
+    x = render_batch(scene_specs("heldout", 1), 5)
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode()
+        y = vae.decode(z).sample
+    assert z.shape == (1, 16, 2, 16, 16) and y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_shipped_text_side(shipped):
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from diffusers_hybrid.shapes.text import encode_prompts
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(shipped, "teacher", "tokenizer"))
+    enc = UMT5EncoderModel.from_pretrained(os.path.join(shipped, "teacher", "text_encoder"), torch_dtype=torch.float32)
+    emb = encode_prompts(tok, enc, [scene_specs("heldout", 1)[0].prompt, ""], max_sequence_length=512)
+    assert emb.shape == (2, 512, enc.config.d_model) and torch.isfinite(emb).all()
+    assert emb[1, 1:].abs().sum() == 0  # "" is one </s> token, zeros after it
+
+
+def test_shipped_teacher_pipeline_generates(shipped):
+    if not os.path.isfile(os.path.join(shipped, "teacher", "transformer", "config.json")):
+        pytest.skip("no trained teacher transformer shipped yet (see training/README_shapes.md)")
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(os.path.join(shipped, "teacher"), torch_dtype=torch.float32)
+    assert pipe.transformer.config.in_channels == 16 and tuple(pipe.transformer.config.patch_size) == (1, 2, 2)
+    assert pipe.transformer.config.text_dim == pipe.text_encoder.config.d_model
+    frames = pipe(
+        scene_specs("heldout", 1)[0].prompt,
+        height=128,
+        width=128,
+        num_frames=5,
+        num_inference_steps=2,
+        output_type="np",
+    ).frames
+    assert frames.shape == (1, 5, 128, 128, 3) and np.isfinite(frames).all()
+
+
+def test_shipped_classifier(shipped):
+    if not os.path.isfile(os.path.join(shipped, "classifier", "config.json")):
+        pytest.skip("no trained classifier shipped yet (see training/README_shapes.md)")
+    from diffusers_hybrid.shapes.classifier import HEADS, load_classifier
+    from diffusers_hybrid.shapes.domain import render_video
+
+    model = load_classifier(os.path.join(shipped, "classifier"))
+    video = render_video(scene_specs("heldout", 1)[0], 16)
+    logits = model(model.clips(video, [0]))
+    assert set(logits) == set(HEADS) and all(v.shape == (1, len(HEADS[k])) for k, v in logits.items())

@@ -1,0 +1,167 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""The shapes training scripts run through `accelerate launch` on tiny configurations (CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def accelerate_config(tmp_path_factory):
+    from accelerate.utils import write_basic_config
+
+    path = str(tmp_path_factory.mktemp("accelerate") / "default_config.yaml")
+    write_basic_config(mixed_precision="no", save_location=path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """vae/ (tiny AutoencoderKLWan), tokenizer/ and text_encoder/ (tiny UMT5): what train_teacher.py starts from."""
+    from diffusers import AutoencoderKLWan
+
+    from diffusers_hybrid.shapes.text import TINY_UMT5_CONFIG, save_text_components
+
+    base = tmp_path_factory.mktemp("base")
+    save_text_components(str(base), TINY_UMT5_CONFIG)
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1).save_pretrained(str(base / "vae"))
+    return str(base)
+
+
+def _launch(repo_root, accelerate_config, script, args):
+    env = dict(os.environ, PYTHONPATH=os.path.join(repo_root, "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        accelerate_config,
+        os.path.join(repo_root, "training", script),
+    ] + args
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo_root)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def test_train_teacher_two_steps_checkpoints_and_resume(repo_root, accelerate_config, tiny_base, tmp_path):
+    from diffusers import WanPipeline
+
+    out = str(tmp_path / "teacher")
+    cfg = os.path.join(repo_root, "training", "configs", "tiny", "teacher.yaml")
+    _launch(
+        repo_root,
+        accelerate_config,
+        "train_teacher.py",
+        [
+            "--config",
+            cfg,
+            "--pretrained_model_name_or_path",
+            tiny_base,
+            "--output_dir",
+            out,
+            "--num_validation_videos",
+            "0",
+        ],
+    )
+    # checkpoint rotation (limit 1: only the last), EMA of both trained models, final pipeline, card, validation
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert {"transformer", "transformer_ema", "text_encoder", "text_encoder_ema"} <= set(
+        os.listdir(os.path.join(out, "checkpoint-2"))
+    )
+    for sub in ("transformer", "text_encoder", "tokenizer", "vae", "scheduler"):
+        assert os.path.isdir(os.path.join(out, sub)), sub
+    assert os.path.isfile(os.path.join(out, "README.md"))
+    m = json.load(open(os.path.join(out, "measurements.json")))
+    assert m["steps"] == 2 and m["validation"] == []
+    assert json.load(open(os.path.join(out, "model_index.json")))["tokenizer"] == [
+        "transformers",
+        "PreTrainedTokenizerFast",
+    ]
+    # resume from the last checkpoint and go on to step 3
+    _launch(
+        repo_root,
+        accelerate_config,
+        "train_teacher.py",
+        [
+            "--config",
+            cfg,
+            "--pretrained_model_name_or_path",
+            tiny_base,
+            "--output_dir",
+            out,
+            "--max_train_steps",
+            "3",
+            "--resume_from_checkpoint",
+            "latest",
+        ],
+    )
+    m = json.load(open(os.path.join(out, "measurements.json")))
+    assert m["steps"] == 3 and len(m["validation"]) == 1 and 0 <= m["validation"][0]["scores"]["overall"] <= 1
+    assert os.listdir(os.path.join(out, "validation", "final"))  # the validation video and its scores
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-3"]
+    # the stock WanPipeline loads the result and samples it
+    pipe = WanPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    frames = pipe(
+        "a small red star bouncing slowly upward on a black background",
+        height=128,
+        width=128,
+        num_frames=5,
+        num_inference_steps=2,
+        output_type="np",
+        max_sequence_length=32,
+    ).frames
+    assert frames.shape == (1, 5, 128, 128, 3) and np.isfinite(frames).all()
+
+
+def test_train_shapes_vae_two_steps(repo_root, accelerate_config, tmp_path):
+    from diffusers import AutoencoderKLWan
+
+    out = str(tmp_path / "vae")
+    _launch(
+        repo_root,
+        accelerate_config,
+        "train_shapes_vae.py",
+        [
+            "--output_dir",
+            out,
+            "--base_dim",
+            "4",
+            "--dim_mult",
+            "1,2,2,2",
+            "--train_batch_size",
+            "1",
+            "--crop_size",
+            "64",
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "2",
+            "--validation_steps",
+            "0",
+            "--num_frames",
+            "1",
+            "--num_validation_videos",
+            "1",
+            "--num_stats_videos",
+            "1",
+            "--num_eval_videos",
+            "1",
+            "--eval_frames",
+            "5",
+            "--posterior_noise",
+            "0",
+        ],
+    )
+    m = json.load(open(os.path.join(out, "measurements.json")))
+    assert m["steps"] == 2 and np.isfinite(m["psnr_heldout"])  # noqa: E501 and len(m["latents_std"]) == 16
+    vae = AutoencoderKLWan.from_pretrained(os.path.join(out, "vae"))
+    assert vae.config.latents_std == m["latents_std"] and vae.config.temperal_downsample == [False, True, True]
+    assert os.path.isdir(os.path.join(out, "checkpoint-2", "vae")) and os.path.isfile(
+        os.path.join(out, "vae", "README.md")
+    )

@@ -1,0 +1,478 @@
+#!/usr/bin/env python
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""Train a small `AutoencoderKLWan` (Wan2.1's VAE class: 16 latent channels, 4x temporal / 8x spatial compression)
+on videos of the shapes domain, then fill its `latents_mean` / `latents_std` from data and report reconstruction
+PSNR on the held-out split.
+
+    accelerate launch training/train_shapes_vae.py --config training/configs/teacher/vae.yaml --output_dir out/vae
+
+Conventions (shared with the other training scripts): a YAML `--config` whose keys are argument names (command-line
+flags override it), `Accelerator(ProjectConfiguration)`, diffusers-format save/load hooks, `checkpoint-{step}`
+rotation with `--checkpoints_total_limit`, `--resume_from_checkpoint latest`, validation videos and a progress bar.
+Videos are rendered on the fly on the training device (`diffusers_hybrid.shapes`). Output: `{output_dir}/vae/`
+(diffusers format, with a model card) and `{output_dir}/measurements.json`.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import time
+
+import diffusers
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKLWan
+from diffusers.optimization import get_scheduler
+from diffusers.utils import check_min_version
+from tqdm.auto import tqdm
+
+check_min_version("0.42.0")
+
+from diffusers_hybrid.shapes.domain import render_batch, scene_specs  # noqa: E402
+from diffusers_hybrid.shapes.video_io import ffmpeg_available, try_write_video  # noqa: E402
+
+logger = get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _int_list(text):
+    return [int(x) for x in str(text).strip("[]").split(",") if x.strip()]
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Train a small Wan VAE on the shapes domain.")
+    parser.add_argument("--config", type=str, default=None, help="YAML file of argument defaults.")
+    # model
+    parser.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="Start from this VAE folder.")
+    parser.add_argument("--base_dim", type=int, default=16)
+    parser.add_argument("--dim_mult", type=_int_list, default=[1, 2, 4, 4])
+    parser.add_argument("--num_res_blocks", type=int, default=1)
+    parser.add_argument("--z_dim", type=int, default=16)
+    # data
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--num_frames", type=int, default=9, help="Training clip length (1 + 4k).")
+    parser.add_argument("--max_start_frame", type=int, default=256, help="Clips start at a random frame below this.")
+    parser.add_argument(
+        "--crop_size", type=int, default=None, help="Train on random square crops of this size (multiple of 8)."
+    )
+    # optimisation
+    parser.add_argument("--output_dir", type=str, default="shapes-vae")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train_batch_size", type=int, default=8)
+    parser.add_argument("--max_train_steps", type=int, default=1000)
+    parser.add_argument("--max_train_time", type=float, default=None, help="Stop after this many seconds.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--lr_scheduler", type=str, default="cosine")
+    parser.add_argument("--lr_warmup_steps", type=int, default=50)
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.99)
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--kl_weight", type=float, default=1e-6)
+    parser.add_argument(
+        "--posterior_noise",
+        type=float,
+        default=1.0,
+        help="z = mean + this * std * eps while training (0: deterministic).",
+    )
+    parser.add_argument("--mse_weight", type=float, default=1.0)
+    parser.add_argument("--l1_weight", type=float, default=1.0)
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--allow_tf32", action="store_true")
+    # checkpoints, validation, logging
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help='A checkpoint path or "latest".')
+    parser.add_argument("--validation_steps", type=int, default=500)
+    parser.add_argument("--num_validation_videos", type=int, default=4)
+    parser.add_argument("--report_to", type=str, default="none")
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--tracker_project_name", type=str, default="shapes-vae")
+    # final statistics, evaluation and export
+    parser.add_argument("--num_stats_videos", type=int, default=256, help="Videos for latents_mean / latents_std.")
+    parser.add_argument("--num_eval_videos", type=int, default=32, help="Held-out videos for the final PSNR.")
+    parser.add_argument("--eval_frames", type=int, default=33)
+    parser.add_argument("--save_dtype", type=str, default="bf16", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--max_shard_size", type=str, default="10MB")
+
+    args, _ = parser.parse_known_args(input_args)
+    if args.config:
+        import yaml
+
+        with open(args.config) as f:
+            cfg = yaml.safe_load(f) or {}
+        known = {a.dest for a in parser._actions}
+        unknown = set(cfg) - known
+        if unknown:
+            raise ValueError(f"unknown keys in {args.config}: {sorted(unknown)}")
+        for key in ("dim_mult",):
+            if key in cfg and not isinstance(cfg[key], list):
+                cfg[key] = _int_list(cfg[key])
+        parser.set_defaults(**cfg)
+    args = parser.parse_args(input_args)
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if (args.num_frames - 1) % 4:
+        raise ValueError("--num_frames must be 1 + 4k (the VAE's temporal compression)")
+    if (args.eval_frames - 1) % 4:
+        raise ValueError("--eval_frames must be 1 + 4k")
+    args.local_rank = env_local_rank
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model wrapper (so that DDP sees one forward) and helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class VAEWithLoss(nn.Module):
+    def __init__(self, vae: AutoencoderKLWan, posterior_noise: float = 1.0):
+        super().__init__()
+        self.vae = vae
+        self.posterior_noise = posterior_noise
+
+    def forward(self, x):
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.mean
+        if self.posterior_noise:
+            z = z + self.posterior_noise * posterior.std * torch.randn_like(z)
+        recon = self.vae.decode(z).sample
+        return recon, posterior.kl().mean()
+
+
+def psnr_uint8(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR (dB) between videos in [-1, 1], after quantisation to 8 bits, averaged over videos."""
+    qa = ((a.float().clamp(-1, 1) + 1) * 127.5).round()
+    qb = ((b.float().clamp(-1, 1) + 1) * 127.5).round()
+    mse = ((qa - qb) ** 2).flatten(1).mean(1).clamp(min=1e-10)
+    return float((10 * torch.log10(255.0**2 / mse)).mean())
+
+
+@torch.no_grad()
+def reconstruct(vae, x, chunk: int = 4):
+    outs = []
+    for xc in x.split(chunk):
+        z = vae.encode(xc.to(vae.dtype)).latent_dist.mode()
+        outs.append(vae.decode(z).sample.float())
+    return torch.cat(outs)
+
+
+def random_crops(x: torch.Tensor, size: int, rng) -> torch.Tensor:
+    """One random square crop per video (the same for all its frames): [B, C, T, size, size]."""
+    h, w = x.shape[-2:]
+    ys = rng.integers(0, (h - size) // 8 + 1, size=x.shape[0]) * 8
+    xs = rng.integers(0, (w - size) // 8 + 1, size=x.shape[0]) * 8
+    return torch.stack([v[..., y : y + size, x0 : x0 + size] for v, y, x0 in zip(x, ys.tolist(), xs.tolist())])
+
+
+def specs_for_step(step: int, batch: int, rank: int, seed: int):
+    return scene_specs("train", batch, base_seed=hash((seed, step, rank)) % (2**31))
+
+
+def save_model_card(folder: str, args, measurements: dict):
+    card = f"""---
+library_name: diffusers
+license: apache-2.0
+tags: [diffusers, diffusers-hybrid, shapes, video-autoencoder, wan]
+---
+
+# Shapes Wan VAE
+
+A small `AutoencoderKLWan` (the class of Wan2.1's VAE: z_dim {args.z_dim}, temporal downsampling
+[False, True, True] = 4x, three spatial downsamplings = 8x) with base_dim {args.base_dim}, dim_mult {args.dim_mult},
+{args.num_res_blocks} residual block(s) per stage, trained from scratch on videos of the procedural *shapes* domain
+(`diffusers_hybrid.shapes`) with `training/train_shapes_vae.py`. `latents_mean` / `latents_std` in `config.json`
+were measured on {args.num_stats_videos} training-split videos, as in Wan2.1 (the pipeline normalises latents with them).
+
+| measurement | value |
+| --- | --- |
+| held-out reconstruction PSNR ({args.num_eval_videos} videos x {args.eval_frames} frames at {args.resolution}x{args.resolution}, 8-bit) | {measurements.get("psnr_heldout", float("nan")):.2f} dB |
+| same, weights as stored ({args.save_dtype}) loaded in float32 | {measurements.get("psnr_heldout_saved", float("nan")):.2f} dB |
+| training steps / seconds | {measurements.get("steps")} / {measurements.get("train_seconds", 0):.0f} |
+| parameters | {measurements.get("parameters")} |
+
+Weights are stored in {args.save_dtype}; load with `torch_dtype=torch.float32` on CPU.
+"""
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(card)
+
+
+class _Budget:
+    """Training progress in [0, 1]: the larger of the step fraction and, with --max_train_time, the time fraction
+    (so that a time-limited run still completes its learning-rate schedule)."""
+
+    def __init__(self, max_steps, max_time):
+        self.max_steps, self.max_time, self.t0 = max_steps, max_time, None
+
+    def start(self):
+        self.t0 = time.time()
+
+    def fraction(self, step):
+        frac = step / max(1, self.max_steps)
+        if self.max_time and self.t0 is not None:
+            frac = max(frac, (time.time() - self.t0) / self.max_time)
+        return min(1.0, frac)
+
+
+def make_lr_scheduler(optimizer, args, num_processes):
+    """`--lr_scheduler` from diffusers, or, with --max_train_time, a warmup + cosine/linear/constant schedule over
+    the run's progress (`_Budget`)."""
+    if not args.max_train_time:
+        return get_scheduler(
+            args.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=args.lr_warmup_steps * num_processes,
+            num_training_steps=args.max_train_steps * num_processes,
+        )
+    budget = _Budget(args.max_train_steps * num_processes, args.max_train_time)
+    warm = args.lr_warmup_steps * num_processes
+
+    def factor(step):
+        if budget.t0 is None:
+            budget.start()
+        w = min(1.0, (step + 1) / warm) if warm else 1.0
+        p = budget.fraction(step)
+        if args.lr_scheduler == "cosine":
+            return w * 0.5 * (1 + math.cos(math.pi * p))
+        if args.lr_scheduler == "linear":
+            return w * (1 - p)
+        return w
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=project_config,
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        diffusers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    if args.pretrained_model_name_or_path:
+        vae = AutoencoderKLWan.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=torch.float32)
+    else:
+        vae = AutoencoderKLWan(
+            base_dim=args.base_dim,
+            z_dim=args.z_dim,
+            dim_mult=args.dim_mult,
+            num_res_blocks=args.num_res_blocks,
+            temperal_downsample=[False, True, True],
+        )
+    model = VAEWithLoss(vae, args.posterior_noise)
+    model.train()
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for m in models:
+                accelerator.unwrap_model(m).vae.save_pretrained(os.path.join(output_dir, "vae"))
+                weights.pop()
+
+    def load_model_hook(models, input_dir):
+        while models:
+            m = models.pop()
+            loaded = AutoencoderKLWan.from_pretrained(os.path.join(input_dir, "vae"), torch_dtype=torch.float32)
+            accelerator.unwrap_model(m).vae.load_state_dict(loaded.state_dict())
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
+
+    global_step = 0
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint != "latest":
+            path = args.resume_from_checkpoint
+        else:
+            dirs = (
+                [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")]
+                if os.path.isdir(args.output_dir)
+                else []
+            )
+            dirs = sorted(dirs, key=lambda d: int(d.split("-")[1]))
+            path = os.path.join(args.output_dir, dirs[-1]) if dirs else None
+        if path is None:
+            accelerator.print("No checkpoint found: starting a new training run.")
+        else:
+            accelerator.print(f"Resuming from {path}")
+            accelerator.load_state(path)
+            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
+
+    device = accelerator.device
+    rank = accelerator.process_index
+    val_specs = scene_specs("heldout", args.num_validation_videos, base_seed=args.seed + 99)
+    progress = tqdm(
+        range(args.max_train_steps),
+        initial=global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+        mininterval=5,
+    )
+    t_start = time.time()
+    rng = np.random.default_rng([args.seed, rank, global_step])
+    stopped_early = False
+    while global_step < args.max_train_steps:
+        with accelerator.accumulate(model):
+            specs = specs_for_step(global_step, args.train_batch_size, rank, args.seed)
+            starts = rng.integers(0, args.max_start_frame, size=len(specs)).tolist()
+            x = render_batch(
+                specs, args.num_frames, args.resolution, args.resolution, device=device, start_frames=starts
+            )
+            if args.crop_size and args.crop_size < args.resolution:
+                x = random_crops(x, args.crop_size, rng)
+            recon, kl = model(x)
+            recon = recon.float()
+            loss = args.l1_weight * F.l1_loss(recon, x) + args.mse_weight * F.mse_loss(recon, x) + args.kl_weight * kl
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            global_step += 1
+            progress.update(1)
+            logs = {"loss": loss.detach().item(), "kl": kl.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+            if accelerator.is_main_process:
+                if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                    _save_checkpoint(accelerator, args, global_step)
+                if args.validation_steps and global_step % args.validation_steps == 0:
+                    _validate(accelerator.unwrap_model(model).vae, val_specs, args, global_step, accelerator)
+            if args.max_train_time and time.time() - t_start > args.max_train_time:
+                stopped_early = global_step < args.max_train_steps
+                break
+    train_seconds = time.time() - t_start
+    progress.close()
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        vae = accelerator.unwrap_model(model).vae.float().eval()
+        measurements = {
+            "steps": global_step,
+            "stopped_by_time_limit": stopped_early,
+            "train_seconds": train_seconds,
+            "parameters": sum(p.numel() for p in vae.parameters()),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        }
+        # Latent statistics (per channel, over videos, frames and positions), as Wan2.1's config holds.
+        stats_specs = scene_specs("train", args.num_stats_videos, base_seed=args.seed + 4242)
+        s1 = torch.zeros(args.z_dim, dtype=torch.float64, device=device)
+        s2 = torch.zeros_like(s1)
+        count = 0
+        with torch.no_grad():
+            for i in range(0, len(stats_specs), 8):
+                x = render_batch(
+                    stats_specs[i : i + 8], args.eval_frames, args.resolution, args.resolution, device=device
+                )
+                z = vae.encode(x).latent_dist.mode().double()
+                s1 += z.sum(dim=(0, 2, 3, 4))
+                s2 += (z * z).sum(dim=(0, 2, 3, 4))
+                count += z.numel() // args.z_dim
+        mean = s1 / count
+        std = (s2 / count - mean * mean).clamp(min=1e-8).sqrt()
+        vae.register_to_config(
+            latents_mean=[round(float(v), 5) for v in mean], latents_std=[round(float(v), 5) for v in std]
+        )
+        measurements["latents_mean"] = vae.config.latents_mean
+        measurements["latents_std"] = vae.config.latents_std
+        # Held-out reconstruction PSNR (full precision, then as stored).
+        eval_specs = scene_specs("heldout", args.num_eval_videos, base_seed=args.seed + 777)
+        x = render_batch(eval_specs, args.eval_frames, args.resolution, args.resolution, device=device)
+        measurements["psnr_heldout"] = psnr_uint8(reconstruct(vae, x), x)
+        out = os.path.join(args.output_dir, "vae")
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_dtype]
+        vae.to(dtype).save_pretrained(out, max_shard_size=args.max_shard_size)
+        vae.float()
+        saved = AutoencoderKLWan.from_pretrained(out, torch_dtype=torch.float32).to(device).eval()
+        measurements["psnr_heldout_saved"] = psnr_uint8(reconstruct(saved, x), x)
+        save_model_card(out, args, measurements)
+        with open(os.path.join(args.output_dir, "measurements.json"), "w") as f:
+            json.dump(measurements, f, indent=2)
+        _validate(saved, val_specs, args, global_step, accelerator, final=True)
+        logger.info(
+            f"held-out PSNR {measurements['psnr_heldout']:.2f} dB (stored weights: {measurements['psnr_heldout_saved']:.2f} dB)"
+        )
+    accelerator.end_training()
+
+
+def _save_checkpoint(accelerator, args, global_step):
+    if args.checkpoints_total_limit is not None:
+        ckpts = sorted(
+            [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")], key=lambda d: int(d.split("-")[1])
+        )
+        if len(ckpts) >= args.checkpoints_total_limit:
+            for d in ckpts[: len(ckpts) - args.checkpoints_total_limit + 1]:
+                shutil.rmtree(os.path.join(args.output_dir, d))
+    path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    accelerator.save_state(path)
+    logger.info(f"Saved state to {path}")
+
+
+def _validate(vae, specs, args, step, accelerator, final=False):
+    """Reconstruct validation videos, log PSNR, write original | reconstruction side by side."""
+    was_training = vae.training
+    vae.eval()
+    x = render_batch(specs, args.eval_frames, args.resolution, args.resolution, device=accelerator.device)
+    with torch.autocast(accelerator.device.type, enabled=False):
+        y = reconstruct(vae, x.to(torch.float32))
+    psnr = psnr_uint8(y, x)
+    accelerator.log({"val_psnr": psnr}, step=step)
+    logger.info(f"step {step}: validation PSNR {psnr:.2f} dB")
+    folder = os.path.join(args.output_dir, "validation")
+    ext = ".mp4" if ffmpeg_available() else ".gif"
+    side = torch.cat([x, y], dim=-1)  # [B, 3, T, H, 2W]
+    grid = torch.cat(list(side), dim=-2)  # [3, T, B*H, 2W]
+    frames = ((grid.permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    try_write_video(frames, os.path.join(folder, f"{'final' if final else f'step-{step}'}{ext}"))
+    if was_training:
+        vae.train()
+    return psnr
+
+
+if __name__ == "__main__":
+    main(parse_args())
