@@ -593,3 +593,24 @@ def test_set_attention_mode_switches_and_validates():
     assert model.config.attention_mode == "hybrid"  # a rejected switch changes nothing
     with pytest.raises(ValueError, match="cannot change"):
         model.set_attention_mode("window", num_layers=3)
+
+
+@pytest.mark.parametrize(
+    "wan_config",
+    [
+        dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),  # Wan2.1-T2V-1.3B
+        dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),  # Wan2.1-T2V-14B
+    ],
+    ids=["1.3B", "14B"],
+)
+def test_real_wan_configs_load_key_for_key(wan_config):
+    # built on the meta device: names and shapes only, no memory
+    with torch.device("meta"):
+        wan = WanTransformer3DModel(**wan_config)
+        model = HybridForcingTransformer3DModel(**wan_config)
+    wan_shapes = {k: v.shape for k, v in wan.state_dict().items()}
+    ours = {k: v.shape for k, v in model.state_dict().items()}
+    new = {k for k in ours if "linear_proj" in k}
+    assert len(new) == 2 * wan_config["num_layers"]
+    assert {k: v for k, v in ours.items() if k not in new} == wan_shapes
+    assert all(ours[k] == (128, 128) or ours[k] == (128,) for k in new)
