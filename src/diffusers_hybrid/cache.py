@@ -288,6 +288,26 @@ class HybridLayerCache:
         self.text_key = self.text_value = None
 
 
+@dataclass
+class CommitRecord:
+    """
+    What one commit (`cache_mode="write"`) overwrites, taken just before it: the history frames it evicts (the oldest
+    `num_frame_per_block` frames of the history, raw keys and values per layer), the linear memory per layer, and the
+    counters. A list of consecutive records lets [`HybridCache.rewind`] restore the cache to before the first one.
+    """
+
+    frames_written: int
+    memory_tokens: int
+    evicted_key_raw: list[torch.Tensor]
+    evicted_value: list[torch.Tensor]
+    kv_state: list[torch.Tensor | None]
+    kmean_state: list[torch.Tensor | None]
+
+    def nbytes(self) -> int:
+        tensors = self.evicted_key_raw + self.evicted_value + self.kv_state + self.kmean_state
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 class HybridCache:
     """
     Streaming cache of a [`HybridForcingTransformer3DModel`]: a container of [`HybridLayerCache`], one per layer,
@@ -369,6 +389,64 @@ class HybridCache:
         if dtype is not None:
             self.dtype = dtype
         return self
+
+    # --- undo (exact re-cache under a new prompt) --------------------------------------------------------------
+    def check_rewindable(self) -> None:
+        """Raises unless commits can be undone exactly (`recache_on_switch`): sink and history in whole chunks."""
+        layout = self.layout
+        if layout.history_frames % layout.chunk_frames or layout.sink_frames % layout.chunk_frames:
+            raise ValueError(
+                "Rewinding the cache (`recache_on_switch`) needs the sink and history windows to be whole chunks; got sink "
+                f"{layout.sink_frames}, history {layout.history_frames}, chunk {layout.chunk_frames} frames."
+            )
+
+    @torch.no_grad()
+    def record_commit(self) -> CommitRecord:
+        """Copies what the next commit will overwrite (call right before a `cache_mode="write"` pass)."""
+        self.check_rewindable()
+        tpf, layout = self.tokens_per_frame, self.layout
+        evicted = slice(layout.sink_frames * tpf, (layout.sink_frames + layout.chunk_frames) * tpf)
+
+        def clone(t):
+            return t.clone() if t is not None else None
+
+        return CommitRecord(
+            frames_written=self.frames_written,
+            memory_tokens=self.memory_tokens,
+            evicted_key_raw=[layer.key_raw[:, evicted].clone() for layer in self.layers],
+            evicted_value=[layer.value[:, evicted].clone() for layer in self.layers],
+            kv_state=[clone(layer.kv_state) for layer in self.layers],
+            kmean_state=[clone(layer.kmean_state) for layer in self.layers],
+        )
+
+    @torch.no_grad()
+    def rewind(self, records: list[CommitRecord], history_rope: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """
+        Restores the cache to its state before `records[0]`, given the records of the `history_frames / chunk`
+        consecutive commits since (oldest first): their evicted frames are exactly that state's history.
+
+        Args:
+            records (`list[CommitRecord]`): from [`record_commit`], oldest first.
+            history_rope (`(cos, sin)`): RoPE of the restored history at the positions the chunk at
+                `records[0].frames_written` sees (`model._history_rope`).
+        """
+        self.check_rewindable()
+        layout, tpf = self.layout, self.tokens_per_frame
+        if len(records) * layout.chunk_frames != layout.history_frames:
+            raise ValueError(
+                f"Rewinding a history of {layout.history_frames} frames needs "
+                f"{layout.history_frames // layout.chunk_frames} commit records, got {len(records)}."
+            )
+        hist = slice(layout.sink_frames * tpf, (layout.sink_frames + layout.history_frames) * tpf)
+        for index, layer in enumerate(self.layers):
+            layer.key_raw[:, hist] = torch.cat([r.evicted_key_raw[index] for r in records], dim=1)
+            layer.value[:, hist] = torch.cat([r.evicted_value[index] for r in records], dim=1)
+            layer.key[:, hist] = apply_rotary_emb(layer.key_raw[:, hist], *history_rope)
+            if layer.kv_state is not None:
+                layer.kv_state.copy_(records[0].kv_state[index])
+                layer.kmean_state.copy_(records[0].kmean_state[index])
+        self.memory_tokens = records[0].memory_tokens
+        self.frames_written = records[0].frames_written
 
     # --- bookkeeping ----------------------------------------------------------------------------------------
     def advance(self, plan: ChunkPlan) -> None:

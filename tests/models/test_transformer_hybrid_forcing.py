@@ -614,3 +614,38 @@ def test_real_wan_configs_load_key_for_key(wan_config):
     assert len(new) == 2 * wan_config["num_layers"]
     assert {k: v for k, v in ours.items() if k not in new} == wan_shapes
     assert all(ours[k] == (128, 128) or ours[k] == (128,) for k in new)
+
+
+@pytest.mark.parametrize("local_attn_frames", [6, 9])
+def test_rewind_restores_the_cache_exactly(local_attn_frames):
+    model = _hybrid("hybrid", local_attn_frames=local_attn_frames, max_rope_frames=15)
+    x, t, text = _inputs(frames=24)
+    chunks = (local_attn_frames - 3) // 3  # commit records that cover the history window
+    cache = model.init_cache(2, LATENT_H, LATENT_W)
+    records, snapshots = [], {}
+    with torch.no_grad():
+        for start in range(0, 24, 3):
+            snapshots[start] = ([t_.clone() for layer in cache.layers for t_ in layer.tensors()],
+                                cache.memory_tokens)
+            records = (records + [cache.record_commit()])[-chunks:]
+            model(x[:, :, start:start + 3], t[:, start:start + 3], text, cache=cache, frame_offset=start,
+                  cache_mode="write")
+        after = [t_.clone() for layer in cache.layers for t_ in layer.tensors()]
+        model.rewind_cache(cache, records)
+        rewound_to = 24 - 3 * chunks
+        assert cache.frames_written == rewound_to and cache.memory_tokens == snapshots[rewound_to][1]
+        current = slice(LATENT_H // 2 * LATENT_W // 2 * (3 + local_attn_frames - 3), None)
+        for restored, expected in zip([t_ for layer in cache.layers for t_ in layer.tensors()],
+                                      snapshots[rewound_to][0]):
+            if restored.ndim == 4 and restored.shape[1] > current.start:  # the scratch slot is free to differ
+                restored, expected = restored[:, :current.start], expected[:, :current.start]
+            torch.testing.assert_close(restored, expected, atol=0, rtol=0)
+        # replaying the same writes lands exactly where the stream was
+        for start in range(rewound_to, 24, 3):
+            model(x[:, :, start:start + 3], t[:, start:start + 3], text, cache=cache, frame_offset=start,
+                  cache_mode="write")
+        replayed = [t_ for layer in cache.layers for t_ in layer.tensors()]
+    for a, b in zip(replayed, after):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="commit records"):
+        model.rewind_cache(cache, records + records)

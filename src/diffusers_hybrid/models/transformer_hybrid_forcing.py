@@ -683,11 +683,24 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
             if plan.absorb_frames:
                 plan.absorb_rope = self.rope(absorb_positions, *grid)
             if layout.history_frames:
-                shift = layout.rope_shift(next_start)
-                history = range(next_start - layout.history_frames, next_start)
-                # slots of frames that do not exist yet (f < 0) are never read; give them position 0
-                plan.history_rope = self.rope([max(0, f - shift) for f in history], *grid)
+                plan.history_rope = self._history_rope(layout, next_start, grid)
         return plan
+
+    def _history_rope(self, layout: AttentionLayout, chunk_start: int, grid: tuple[int, int]):
+        """RoPE of the history slots (the `history_frames` frames before `chunk_start`) as that chunk sees them."""
+        shift = layout.rope_shift(chunk_start)
+        history = range(chunk_start - layout.history_frames, chunk_start)
+        # slots of frames that do not exist yet (f < 0) are never read; give them position 0
+        return self.rope([max(0, f - shift) for f in history], *grid)
+
+    def rewind_cache(self, cache: HybridCache, records: list) -> None:
+        """Restores `cache` to before the first of `records` (consecutive [`~cache.CommitRecord`]s from
+        `cache.record_commit()`, one per commit, covering the history window). Used to re-encode the window exactly
+        under a new prompt: rewind, then replay the write passes."""
+        if not records:
+            raise ValueError("`records` is empty.")
+        grid = self._tokens_grid(cache.latent_height, cache.latent_width)
+        cache.rewind(records, self._history_rope(cache.layout, records[0].frames_written, grid))
 
     def _full_sequence_chunks(self, num_frames: int, grid: tuple[int, int]) -> list[FullSequenceChunk]:
         layout = self.attention_layout

@@ -47,7 +47,6 @@ except ImportError:  # without transformers the pipeline still runs from precomp
     PreTrainedTokenizerBase = UMT5EncoderModel = None
 
 from ..models.transformer_hybrid_forcing import HybridForcingTransformer3DModel
-from ..ops import apply_rotary_emb
 from ..utils import hub_utils
 from ..video.streaming_vae import StreamingWanDecoder
 
@@ -207,9 +206,9 @@ class _Timer:
 
 class _RecacheState:
     """
-    What the session keeps to re-encode the cached window under a new prompt exactly (LongLive-style recache):
-    the inputs of the recent cache-write passes (a constant number of latent frames), the history K/V evicted by the
-    last `history_frames / chunk` commits, and the linear-memory states before them.
+    What the session keeps to re-encode the cached window under a new prompt exactly (LongLive-style recache): the
+    inputs of the recent cache-write passes (a constant number of latent frames) and the cache's undo records of the
+    last `history_frames / chunk` commits.
     """
 
     def __init__(self, chunk: int, sink: int, history: int):
@@ -217,8 +216,7 @@ class _RecacheState:
         self.num_commits = history // chunk
         # write-pass inputs by chunk start: the chunks holding sink frames and the last `num_commits` chunks
         self.latents: dict[int, torch.Tensor] = {}
-        self.evicted: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # per commit: (key_raw, value) per layer
-        self.memory: list[tuple[int, list]] = []  # per commit: (memory_tokens, [(kv, kmean)] per layer)
+        self.records: list = []  # HybridCache.record_commit() of the last `num_commits` commits, oldest first
 
     def remember(self, start: int, context_latents: torch.Tensor) -> None:
         self.latents[start] = context_latents
@@ -228,15 +226,11 @@ class _RecacheState:
                 del self.latents[s]
 
     def clear(self) -> None:
-        self.latents, self.evicted, self.memory = {}, [], []
+        self.latents, self.records = {}, []
 
     def nbytes(self) -> int:
         total = sum(t.numel() * t.element_size() for t in self.latents.values())
-        for keys, values in self.evicted:
-            total += sum(t.numel() * t.element_size() for t in keys + values)
-        for _, states in self.memory:
-            total += sum(t.numel() * t.element_size() for pair in states for t in pair if t is not None)
-        return total
+        return total + sum(record.nbytes() for record in self.records)
 
 
 class StreamingHybridSession:
@@ -295,14 +289,9 @@ class StreamingHybridSession:
 
             self._read_graph = CUDAGraphReadPass(transformer, self.cache)
         if recache_on_switch:
+            self.cache.check_rewindable()
             layout = self.cache.layout
-            history = layout.history_frames
-            if history % self.chunk_frames or layout.sink_frames % self.chunk_frames:
-                raise ValueError(
-                    "`recache_on_switch` needs the sink and history windows to be whole chunks; got sink "
-                    f"{layout.sink_frames}, history {history}, chunk {self.chunk_frames} frames."
-                )
-            self._recache = _RecacheState(self.chunk_frames, layout.sink_frames, history)
+            self._recache = _RecacheState(self.chunk_frames, layout.sink_frames, layout.history_frames)
         self.index = 0
         self.frames_emitted = 0
         self._closed = False
@@ -531,21 +520,11 @@ class StreamingHybridSession:
             timings["recache"] = time.perf_counter() - start
 
     def _backup_before_commit(self) -> None:
-        """Before a cache-write pass: keep the history K/V it will evict and the linear memory it will update."""
-        state, cache = self._recache, self.cache
+        """Before a cache-write pass: keep the cache's undo record of it."""
+        state = self._recache
         if state.num_commits == 0:
             return
-        tpf, chunk, sink = cache.tokens_per_frame, self.chunk_frames, cache.layout.sink_frames
-        evicted = slice(sink * tpf, (sink + chunk) * tpf)  # the oldest history frames
-        keys = [layer.key_raw[:, evicted].clone() for layer in cache.layers]
-        values = [layer.value[:, evicted].clone() for layer in cache.layers]
-        memory = [
-            (layer.kv_state.clone() if layer.kv_state is not None else None,
-             layer.kmean_state.clone() if layer.kmean_state is not None else None)
-            for layer in cache.layers
-        ]
-        state.evicted = (state.evicted + [(keys, values)])[-state.num_commits:]
-        state.memory = (state.memory + [(cache.memory_tokens, memory)])[-state.num_commits:]
+        state.records = (state.records + [self.cache.record_commit()])[-state.num_commits:]
 
     @torch.no_grad()
     def _recache_window(self) -> None:
@@ -555,7 +534,6 @@ class StreamingHybridSession:
         linear memory keep what they were encoded with. With the same prompt this reproduces the cache bit for bit.
         """
         state, cache, pipe = self._recache, self.cache, self.pipe
-        layout, tpf = cache.layout, cache.tokens_per_frame
         frames_written, chunk, history = cache.frames_written, self.chunk_frames, state.history
         if history == 0:
             return
@@ -566,25 +544,9 @@ class StreamingHybridSession:
             state.clear()
         else:
             start = frames_written - history
-            keys, values = zip(*state.evicted)  # num_commits entries, oldest first
-            memory_tokens, memory = state.memory[0]
-            hist = slice(layout.sink_frames * tpf, (layout.sink_frames + history) * tpf)
-            positions = [max(0, f - layout.rope_shift(start)) for f in range(start - history, start)]
-            grid = (self.latent_height // pipe.transformer.config.patch_size[1],
-                    self.latent_width // pipe.transformer.config.patch_size[2])
-            cos, sin = pipe.transformer.rope(positions, *grid)
-            for index, layer in enumerate(cache.layers):
-                layer.key_raw[:, hist] = torch.cat([k[index] for k in keys], dim=1)
-                layer.value[:, hist] = torch.cat([v[index] for v in values], dim=1)
-                layer.key[:, hist] = apply_rotary_emb(layer.key_raw[:, hist], cos, sin)
-                kv, kmean = memory[index]
-                if kv is not None:
-                    layer.kv_state.copy_(kv)
-                    layer.kmean_state.copy_(kmean)
-            cache.memory_tokens = memory_tokens
-            cache.frames_written = start
+            pipe.transformer.rewind_cache(cache, state.records)
             replay = [state.latents[s] for s in range(start, frames_written, chunk)]
-            state.evicted, state.memory = [], []
+            state.records = []
         cache.reset_text()
         for context in replay:
             self._write(context)
