@@ -140,6 +140,8 @@ class ChunkPlan:
     sink_valid: int
     history_valid: int
     memory_tokens: int
+    # the memory is read iff it holds something; a bool (not the count) so compiled passes do not recompile per chunk
+    memory_ready: bool = False
     # filled for cache_mode="write" only
     sink_rope: tuple[torch.Tensor, torch.Tensor] | None = None
     absorb_frames: list[int] = field(default_factory=list)
@@ -225,6 +227,7 @@ class HybridLayerCache:
         return self.key[:, region], self.value[:, region]
 
     # --- writes ---------------------------------------------------------------------------------------------
+    @torch.compiler.disable  # per-chunk bookkeeping: runs eagerly inside compiled passes
     @torch.no_grad()
     def commit(self, plan: ChunkPlan, key_raw: torch.Tensor, key_roped: torch.Tensor, value: torch.Tensor, kernel):
         """

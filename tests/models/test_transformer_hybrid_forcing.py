@@ -649,3 +649,46 @@ def test_rewind_restores_the_cache_exactly(local_attn_frames):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     with pytest.raises(ValueError, match="commit records"):
         model.rewind_cache(cache, records + records)
+
+
+def test_torch_compile_full_graph_and_no_recompiles_in_steady_state():
+    """Dynamo captures whole passes without graph breaks (no Python-side data-dependent shapes, no host syncs), and
+    compiled blocks stop recompiling once a stream is in its steady state (only the commit runs eagerly)."""
+    model = _hybrid("hybrid")
+    x, t, text = _inputs(frames=24)
+    with torch.no_grad():
+        # 1. whole passes: full graphs
+        full = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+        torch.testing.assert_close(full(x[:, :, :12], t[:, :12], text).sample,
+                                   model(x[:, :, :12], t[:, :12], text).sample, atol=0, rtol=0)
+        cache = model.init_cache(2, LATENT_H, LATENT_W)
+        model(x[:, :, :3], t[:, :3], text, cache=cache, cache_mode="write")
+        expected = model(x[:, :, 3:6], t[:, 3:6], text, cache=cache, frame_offset=3, cache_mode="read").sample
+        actual = full(x[:, :, 3:6], t[:, 3:6], text, cache=cache, frame_offset=3, cache_mode="read").sample
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+
+        # 2. compiled blocks over a stream: compilations stop once positions are clamped and the window is full
+        compiles = []
+
+        def counting_backend(graph_module, example_inputs):
+            compiles.append(len(graph_module.graph.nodes))
+            return graph_module.forward
+
+        eager_model = _hybrid("hybrid")
+        model.compile_repeated_blocks(backend=counting_backend, dynamic=False)
+        eager_cache, compiled_cache = (m.init_cache(2, LATENT_H, LATENT_W) for m in (eager_model, model))
+        counts = []
+        for start in range(0, 24, 3):
+            args = (x[:, :, start:start + 3], t[:, start:start + 3], text)
+            for mode in ("read", "read", "write"):
+                expected = eager_model(*args, cache=eager_cache, frame_offset=start, cache_mode=mode).sample
+                actual = model(*args, cache=compiled_cache, frame_offset=start, cache_mode=mode).sample
+                torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+            counts.append(len(compiles))
+    assert counts[0] > 0
+    # chunk 3 (frames 9-11) is the first with clamped positions (max_rope_frames 12) and a full window
+    assert counts[3:] == [counts[3]] * len(counts[3:]), counts
+    for a, b in zip(compiled_cache.layers[1].tensors(), eager_cache.layers[1].tensors()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+

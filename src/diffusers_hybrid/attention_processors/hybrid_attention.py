@@ -107,12 +107,13 @@ class HybridForcingAttnProcessor:
     def __init__(self, kernel: str = "reference"):
         self.kernel = kernel
 
-    def _attend(self, attn, ctx, query_roped, query_raw, query_rope, keys, values, kv_state, kmean_state, count):
+    def _attend(self, attn, ctx, query_roped, query_raw, query_rope, keys, values, kv_state, kmean_state,
+                memory_ready: bool):
         out = block_sparse_attention(
             query_roped, keys, values, topk_ratio=ctx.topk_ratio, block_size=ctx.block_size,
             key_centering=ctx.key_centering, kernel=self.kernel,
         )
-        if kv_state is not None and count > 0:
+        if kv_state is not None and memory_ready:
             if ctx.linear_query == "roped":
                 query_numerator = query_roped
             else:  # "roped_relu": the RoFormer form R(φ(q)) the official training code uses
@@ -140,7 +141,7 @@ class HybridForcingAttnProcessor:
                 views = torch.cat([cached_key, key_roped], 1), torch.cat([cached_value, value], 1)
             keys, values = views
         out = self._attend(
-            attn, ctx, query_roped, query, plan.query_rope, keys, values, kv_state, kmean_state, plan.memory_tokens
+            attn, ctx, query_roped, query, plan.query_rope, keys, values, kv_state, kmean_state, plan.memory_ready
         )
         if ctx.cache_mode == "write":
             layer_cache.commit(plan, key, key_roped, value, self.kernel)
@@ -173,7 +174,7 @@ class HybridForcingAttnProcessor:
             outputs.append(
                 self._attend(
                     attn, ctx, apply_rotary_emb(query_chunk, *chunk.query_rope), query_chunk, chunk.query_rope,
-                    keys, values, kv_state, kmean_state, count,
+                    keys, values, kv_state, kmean_state, count > 0,
                 )
             )
         return torch.cat(outputs, dim=1)

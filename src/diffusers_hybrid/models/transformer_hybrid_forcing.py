@@ -673,6 +673,7 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
             sink_valid=sum(1 for f in frames if f < min(sink, f0)),
             history_valid=sum(1 for f in frames if sink <= f < f0),
             memory_tokens=cache.memory_tokens,
+            memory_ready=cache.memory_tokens > 0,
         )
         if write:
             next_start = f0 + chunk
