@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ode_num_pairs", type=int, default=0,
                    help="Pairs to generate (and cache in --ode_pairs_dir); 0 = fresh teacher trajectories every step.")
     g.add_argument("--ode_pairs_dir", type=str, default=None, help="`datasets` folder for the cached ODE pairs.")
+    g.add_argument("--ode_generation_batch_size", type=int, default=8,
+                   help="Teacher ODE solves run together when generating the pairs (the pairs are the same up to "
+                        "floating-point rounding).")
     g.add_argument("--ode_num_frames", type=int, default=None, help="Default: --dmd_clip_frames.")
 
     g = p.add_argument_group("optimisation")
@@ -177,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr_scheduler", type=str, default="constant")
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--max_train_steps", type=int, default=1000)
+    g.add_argument("--max_train_time", type=float, default=None,
+                   help="Stop after this many seconds of training (checked after every step, the same decision on "
+                        "every rank); the last checkpoint, the final pipeline and the validation are still written.")
     g.add_argument("--gradient_checkpointing", **b, default=False)
     g.add_argument("--mixed_precision", type=str, default=None, choices=[None, "no", "bf16"],
                    help="Default: the accelerate config's. fp16 is not supported.")
@@ -1167,6 +1173,7 @@ class Trainer:
     def prepare_ode_pairs(self):
         """Generates (or loads) the cached ODE pairs when --ode_num_pairs > 0."""
         import datasets
+        from tqdm.auto import tqdm
 
         args, acc = self.args, self.accelerator
         self.ode_pairs = None
@@ -1189,18 +1196,22 @@ class Trainer:
             logger.info(f"Generating {args.ode_num_pairs} teacher ODE pairs into {root}")
             rows = {"prompt": [], "latents": [], "shape": []}
             # every rank runs the same number of teacher solves (FSDP all-gathers per forward); extra ones are dropped
-            for j in range(math.ceil(args.ode_num_pairs / self.world)):
-                index = self.rank + j * self.world
-                # pair i depends only on (seed, i): the set is the same whatever the number of processes
-                g = torch.Generator().manual_seed(args.seed * 7919 + index % args.ode_num_pairs)
-                prompt = self.pre.prompts[int(torch.randint(0, len(self.pre.prompts), (1,), generator=g))]
-                noise = torch.randn(self.latent_shape(self.ode_frames(), 1), generator=g).to(self.device)
-                traj = self.teacher_trajectory([prompt], noise)[0].float().cpu()
-                if index >= args.ode_num_pairs:
-                    continue
-                rows["prompt"].append(prompt)
-                rows["latents"].append(traj.flatten().numpy())
-                rows["shape"].append(list(traj.shape))
+            indices = [self.rank + j * self.world for j in range(math.ceil(args.ode_num_pairs / self.world))]
+            batch = max(1, args.ode_generation_batch_size)
+            for start in tqdm(range(0, len(indices), batch), desc="ODE pairs", disable=not acc.is_local_main_process):
+                prompts, noises = [], []
+                for index in indices[start : start + batch]:
+                    # pair i depends only on (seed, i): the set is the same whatever the processes and batch size
+                    g = torch.Generator().manual_seed(args.seed * 7919 + index % args.ode_num_pairs)
+                    prompts.append(self.pre.prompts[int(torch.randint(0, len(self.pre.prompts), (1,), generator=g))])
+                    noises.append(torch.randn(self.latent_shape(self.ode_frames(), 1), generator=g))
+                trajs = self.teacher_trajectory(prompts, torch.cat(noises).to(self.device)).float().cpu()
+                for index, prompt, traj in zip(indices[start : start + batch], prompts, trajs):
+                    if index >= args.ode_num_pairs:
+                        continue
+                    rows["prompt"].append(prompt)
+                    rows["latents"].append(traj.flatten().numpy())
+                    rows["shape"].append(list(traj.shape))
             features = datasets.Features({"prompt": datasets.Value("string"),
                                           "latents": datasets.Sequence(datasets.Value("float32")),
                                           "shape": datasets.Sequence(datasets.Value("int64"))})
@@ -1438,12 +1449,13 @@ class Trainer:
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return
-        from diffusers.utils import export_to_video
+        from diffusers_hybrid.utils.video_io import try_write_video
 
         folder = os.path.join(args.output_dir, "validation", "final" if final else f"step-{step}")
         os.makedirs(folder, exist_ok=True)
         for i, video in enumerate(videos):
-            export_to_video(list(video), os.path.join(folder, f"{i:02d}.mp4"), fps=args.validation_fps)
+            # mp4 where imageio-ffmpeg is installed, else gif / npy: a missing codec must not fail the run
+            try_write_video(video, os.path.join(folder, f"{i:02d}.mp4"), fps=args.validation_fps)
         tag = "test" if final else "validation"
         for tracker in acc.trackers:
             try:
@@ -1541,6 +1553,11 @@ class Trainer:
     def log_path(self) -> str:
         return os.path.join(self.args.output_dir, "logs", "train_log.jsonl")
 
+    def out_of_time(self, t0: float) -> bool:
+        """Whether `--max_train_time` has passed; the slowest rank's clock decides, so all ranks stop together."""
+        elapsed = torch.tensor(time.time() - t0, device=self.device, dtype=torch.float64)
+        return float(self.accelerator.reduce(elapsed, "max")) >= self.args.max_train_time
+
     def train(self):
         from tqdm.auto import tqdm
 
@@ -1595,8 +1612,11 @@ class Trainer:
             if (args.validation_steps and global_step % args.validation_steps == 0
                     and global_step != args.max_train_steps):
                 self.validate(global_step)
+            if args.max_train_time is not None and self.out_of_time(t0):
+                logger.info(f"--max_train_time {args.max_train_time:g}s reached at step {global_step}")
+                break
         progress.close()
-        logger.info(f"{args.max_train_steps - first_step} steps done in {time.time() - t0:.1f}s")
+        logger.info(f"{global_step - first_step} steps done in {time.time() - t0:.1f}s")
         if not os.path.exists(os.path.join(args.output_dir, f"checkpoint-{global_step}")) and global_step > 0:
             self.save_checkpoint(global_step)
         acc.wait_for_everyone()

@@ -30,10 +30,25 @@ ATTRIBUTE_METRICS = (
 )
 
 
-def load_pipeline(path: str, device=None, dtype=torch.float32):
-    from diffusers import WanPipeline
+def is_streaming_pipeline(path: str) -> bool:
+    """Whether `path` holds a `StreamingHybridPipeline` (a distilled causal student) rather than a `WanPipeline`."""
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"{path} is not a pipeline folder (no model_index.json)")
+    with open(index) as f:
+        name = json.load(f).get("_class_name")
+    # save_pretrained writes [shim module, class] (remote-code layout) or the bare class name
+    return (name[-1] if isinstance(name, list) else name) == "StreamingHybridPipeline"
 
-    pipe = WanPipeline.from_pretrained(path, torch_dtype=dtype)
+
+def load_pipeline(path: str, device=None, dtype=torch.float32):
+    """A `WanPipeline` (the teacher) or a `StreamingHybridPipeline` (a student), from its folder's model_index.json."""
+    if is_streaming_pipeline(path):
+        from ..pipelines.pipeline_streaming_hybrid import StreamingHybridPipeline as cls
+    else:
+        from diffusers import WanPipeline as cls
+
+    pipe = cls.from_pretrained(path, torch_dtype=dtype)
     pipe.to(device or "cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -41,7 +56,13 @@ def load_pipeline(path: str, device=None, dtype=torch.float32):
 
 @torch.no_grad()
 def generate(pipe, prompts, num_frames=33, height=128, width=128, steps=50, guidance_scale=5.0, seed=0, batch_size=16):
-    """uint8 videos [N, T, H, W, 3], one per prompt (seed + index for prompt index)."""
+    """uint8 videos [N, T, H, W, 3], one per prompt (seed + index for prompt index). A streaming student samples
+    with its own few-step schedule and no guidance: `steps` and `guidance_scale` apply to a `WanPipeline` only."""
+    from ..pipelines.pipeline_streaming_hybrid import StreamingHybridPipeline
+
+    sampling = {} if isinstance(pipe, StreamingHybridPipeline) else {
+        "num_inference_steps": steps, "guidance_scale": guidance_scale
+    }
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
@@ -51,10 +72,9 @@ def generate(pipe, prompts, num_frames=33, height=128, width=128, steps=50, guid
             height=height,
             width=width,
             num_frames=num_frames,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
             generator=gens,
             output_type="np",
+            **sampling,
         ).frames
         out.append((np.clip(np.asarray(frames), 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(out)
@@ -122,14 +142,16 @@ def evaluate_pipeline(
         vae = pipe.vae.to(torch.float32)
         sets["vae_reconstruction"] = vae_reconstruct(vae, real)
         pipe.vae.to(torch_dtype)
+    streaming = is_streaming_pipeline(pipeline_path)
     result = {
         "pipeline": pipeline_path,
+        "pipeline_class": type(pipe).__name__,
         "split": split,
         "num_prompts": num_prompts,
         "num_frames": num_frames,
         "resolution": resolution,
-        "steps": steps,
-        "guidance_scale": guidance_scale,
+        "steps": len(pipe.config.denoising_step_list) if streaming else steps,
+        "guidance_scale": None if streaming else guidance_scale,
         "dtype": dtype,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "classifier": classifier is not None,

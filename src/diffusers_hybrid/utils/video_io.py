@@ -1,0 +1,84 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""Reading and writing videos (imageio + imageio-ffmpeg for mp4; .npy and .gif need no ffmpeg).
+
+Shared by the training scripts, the shapes evaluation suite and the examples: validation videos must never cost a
+training run because a codec is missing (`try_write_video`)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+# Wan2.1 (and the shapes domain) generate 16 frames per second.
+FPS = 16
+
+
+def to_uint8(video) -> np.ndarray:
+    """[T, H, W, 3] uint8 from a uint8 array/tensor, or floats in [0, 1] (diffusers' `output_type="np"`)."""
+    if isinstance(video, torch.Tensor):
+        video = video.detach().cpu().numpy()
+    video = np.asarray(video)
+    if video.dtype != np.uint8:
+        video = (np.clip(video.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"expected a video [T, H, W, 3], got shape {video.shape}")
+    return video
+
+
+def ffmpeg_available() -> bool:
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_video(video, path: str, fps: int = FPS, quality: float = 9.0) -> str:
+    """Write a video. `.mp4` (H.264, yuv420p, high quality) needs imageio-ffmpeg; `.gif` and `.npy` do not."""
+    frames = to_uint8(video)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npy":
+        np.save(path, frames)
+    elif ext == ".gif":
+        import imageio
+
+        imageio.mimsave(path, list(frames), duration=1000.0 / fps, loop=0)
+    else:
+        import imageio
+
+        with imageio.get_writer(path, fps=fps, quality=quality, macro_block_size=16, codec="libx264") as w:
+            for frame in frames:
+                w.append_data(frame)
+    return path
+
+
+def read_video(path: str) -> np.ndarray:
+    """[T, H, W, 3] uint8 from .mp4 (or anything imageio/ffmpeg reads), .gif or .npy."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npy":
+        return to_uint8(np.load(path))
+    import imageio
+
+    if ext == ".gif":
+        frames = imageio.mimread(path)
+        return np.stack([np.asarray(f)[..., :3] for f in frames]).astype(np.uint8)
+    with imageio.get_reader(path) as r:
+        frames = [np.asarray(f)[..., :3] for f in r]
+    return np.stack(frames).astype(np.uint8)
+
+
+def try_write_video(video, path: str, fps: int = FPS) -> str | None:
+    """`write_video`, falling back to .gif and then .npy when a writer is missing; never raises (training scripts
+    must not lose a run to a missing codec). Returns the path written, or None."""
+    import warnings
+
+    root = os.path.splitext(path)[0]
+    for candidate in (path, root + ".gif", root + ".npy"):
+        try:
+            return write_video(video, candidate, fps=fps)
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"could not write {candidate}: {e}")
+    return None
