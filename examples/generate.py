@@ -9,6 +9,7 @@ together with `--transformer path/to/converted/transformer`.
 """
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -90,6 +91,7 @@ def main(argv=None):
                   f"  {chunk.timings['total'] * 1000:7.1f} ms")
     total = time.perf_counter() - start
     video = np.concatenate([c.frames for c in chunks], axis=1)[0]
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     export_to_video(list(video), args.output, fps=args.fps)
 
     frames = video.shape[0]

@@ -20,6 +20,7 @@ A switches file:
 """
 
 import argparse
+import os
 import queue
 import sys
 import threading
@@ -109,6 +110,7 @@ def main(argv=None):
     if args.output:
         import imageio
 
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         writer = imageio.get_writer(args.output, fps=args.fps, codec="libx264", quality=8, macro_block_size=1)
 
     start = time.perf_counter()

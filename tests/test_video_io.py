@@ -15,7 +15,9 @@ def test_try_write_video_falls_back_to_gif_without_ffmpeg(tmp_path, monkeypatch)
     """The GPU image of this project has imageio without imageio-ffmpeg: a validation video must still be written."""
     imageio = pytest.importorskip("imageio")
 
-    def no_ffmpeg(*args, **kwargs):
+    def no_ffmpeg(path, *args, **kwargs):
+        with open(path, "wb") as f:  # like imageio: the file exists before the missing backend is noticed
+            f.write(b"partial")
         raise RuntimeError("imageio-ffmpeg is not installed")
 
     monkeypatch.setattr(imageio, "get_writer", no_ffmpeg)

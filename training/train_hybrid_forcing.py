@@ -1516,7 +1516,10 @@ class Trainer:
             )
             pipe.save_pretrained(tmp, model_card=False)
             repo_id = args.hub_model_id or Path(final_dir).name
+            # a local base folder (e.g. the shapes teacher) is not a Hub repo: no base_model metadata then
+            base = args.pretrained_model_name_or_path
             card = hub_utils.make_model_card(repo_id, dict(transformer.config), self.pipeline_schedule(),
+                                             base_model=None if os.path.exists(base) else base,
                                              extra_tags=MODEL_CARD_TAGS)
             card.text = card.text.rstrip() + "\n\n" + self.training_card_section(step, used_ema)
             card.save(os.path.join(tmp, "README.md"))

@@ -234,3 +234,13 @@ def test_assemble_from_a_stock_wan_repo(components, tmp_path):
     assert torch.equal(_run(pipe, components), _run(direct, components))
     with pytest.raises(ValueError, match="HybridForcingTransformer3DModel"):
         StreamingHybridPipeline.from_pretrained(str(tmp_path / "wan"))  # an unconverted Wan transformer
+
+
+def test_model_card_of_a_model_whose_base_is_not_on_the_hub(saved):
+    """A student distilled from a local teacher (e.g. the shapes teacher) must not claim a Hub base model."""
+    from diffusers_hybrid.utils.hub_utils import make_model_card
+
+    pipe, _ = saved
+    card = make_model_card("shapes-student", dict(pipe.transformer.config), base_model=None)
+    assert card.data.base_model is None and "huggingface.co/Wan-AI" not in card.text
+    assert "a base model that is not on the Hub" in card.text

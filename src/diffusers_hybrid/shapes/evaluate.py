@@ -109,6 +109,24 @@ def summarize(reports: list[dict]) -> dict:
     return out
 
 
+def summarize_windows(reports: list[dict]) -> list[dict]:
+    """Mean scores per time window over videos (windows of the same index across videos), to show drift in long
+    streams: `[{"start", "end", "num_videos", "adherence", ...}, ...]`."""
+    by_index: dict[int, list[dict]] = {}
+    for r in reports:
+        for i, w in enumerate(r.get("windows", [])):
+            by_index.setdefault(i, []).append(w)
+    out = []
+    for i in sorted(by_index):
+        ws = by_index[i]
+        row = {"start": ws[0]["start"], "end": ws[0]["end"], "num_videos": len(ws)}
+        for name in ws[0]["scores"]:
+            vals = [w["scores"][name] for w in ws if name in w["scores"]]
+            row[name] = float(np.mean(vals))
+        out.append(row)
+    return out
+
+
 def evaluate_pipeline(
     pipeline_path: str,
     split: str = "heldout",
@@ -166,6 +184,7 @@ def evaluate_pipeline(
             reps.append(r)
         reports[name] = reps
         result[name] = summarize(reps)
+        result[name]["windows"] = summarize_windows(reps)
     if classifier is not None:
         feats = {k: np.concatenate([classifier.video_features(v) for v in vids]) for k, vids in sets.items()}
         other = np.stack(

@@ -199,12 +199,13 @@ def make_model_card(
     repo_id: str,
     transformer_config: dict[str, Any],
     pipeline_config: dict[str, Any] | None = None,
-    base_model: str = BASE_MODEL,
+    base_model: str | None = BASE_MODEL,
     extra_tags: list[str] | None = None,
 ) -> ModelCard:
     """
     Builds the model card of a saved [`StreamingHybridPipeline`]: metadata (base model, tags, pipeline tag, library),
-    the attention configuration of the transformer, the sampling schedule, and usage snippets.
+    the attention configuration of the transformer, the sampling schedule, and usage snippets. `base_model` is a Hub
+    repo id, or `None` for a model whose base is not on the Hub (then no `base_model` metadata is written).
     """
     pipeline_config = pipeline_config or {}
     tags = list(dict.fromkeys(MODEL_CARD_TAGS + [f"attention-{transformer_config.get('attention_mode', 'hybrid')}"]
@@ -226,6 +227,8 @@ def make_model_card(
             f"{pipeline_config.get('warp_denoising_step')}), re-noising between steps, then one clean cache-write pass "
             f"(`context_noise={pipeline_config.get('context_noise')}`). No classifier-free guidance.\n"
         )
+    built_on = (f"[{base_model}](https://huggingface.co/{base_model})" if base_model
+                else "a base model that is not on the Hub")
     content = f"""---
 {data.to_yaml()}
 ---
@@ -233,7 +236,7 @@ def make_model_card(
 # {repo_id.split('/')[-1]}
 
 A streaming, autoregressive text-to-video model in the **Hybrid Forcing** family (arXiv 2604.10103), built on
-[{base_model}](https://huggingface.co/{base_model}). Video is generated chunk by chunk of
+{built_on}. Video is generated chunk by chunk of
 {transformer_config.get('num_frame_per_block', 3)} latent frames (12 video frames); self-attention sees sink frames and a
 sliding window of recent frames (block-sparse) and, in `hybrid` mode, a linear-attention memory of every frame that left
 the window, so the stream can run without end at constant memory.

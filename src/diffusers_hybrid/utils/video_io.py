@@ -81,4 +81,6 @@ def try_write_video(video, path: str, fps: int = FPS) -> str | None:
             return write_video(video, candidate, fps=fps)
         except Exception as e:  # noqa: BLE001
             warnings.warn(f"could not write {candidate}: {e}")
+            if os.path.exists(candidate):  # a writer that failed midway leaves a broken file behind
+                os.remove(candidate)
     return None

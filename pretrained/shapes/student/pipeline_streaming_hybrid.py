@@ -1,0 +1,2 @@
+# Remote-code shim written by diffusers_hybrid: the code lives in the `diffusers-hybrid` package.
+from diffusers_hybrid import StreamingHybridPipeline  # noqa: F401
