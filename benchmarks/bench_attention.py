@@ -10,6 +10,16 @@ block mask (optional, `--flex`); forward and forward+backward; effective TFLOP/s
 the FLOPs actually computed / time); the linear memory ops. Correctness against a float32 reference first.
 
     python benchmarks/bench_attention.py [--quick] [--explore] [--flex] [--out DIR]
+    python benchmarks/bench_attention.py --round2 [--quick] [--out DIR]     # benchmarks/run_kernel_round2.sh
+
+`--round2` (issue 3, round 2), in one process: every forward launch variant (R2_FWD_VARIANTS: fused split merge,
+pipelining depth, CTAs per SM, two blocks per softmax step, warp specialisation, persistent, in-kernel descriptors),
+every placement of the fused linear-memory read-out (R2_MEM_VARIANTS), the selection kernels with and without the
+pooled key prefix of the cached window, and absorption launch variants. Each new variant is first run in child
+processes (a compile failure, crash or hang there is reported and cannot spoil the measurements), then checked
+against the float32 reference (attention forward and backward, memory read-out, selection rows, absorption), then
+timed with `triton.testing.do_bench_cudagraph` next to the round-1 default and cuDNN dense attention; the fastest
+correct configurations are printed as recommended defaults.
 
 Prints a table last; writes `bench_attention.json` (every figure) to `--out` (default `$OUT` or `.`).
 """
@@ -291,11 +301,11 @@ def time_fused_memory(shape_name, shape, q, k, v, ours, ratio=0.2):
         return out + F.linear(mem.to(out.dtype), weight, bias)
 
     def fused_lo():
-        bsa.CONFIG_OVERRIDES.setdefault("fwd_sparse", {})["memory_lo"] = True
+        bsa.CONFIG_OVERRIDES.setdefault("fwd_sparse_memory", {})["memory_lo"] = True
         try:
             return fused()
         finally:
-            bsa.CONFIG_OVERRIDES["fwd_sparse"].pop("memory_lo")
+            bsa.CONFIG_OVERRIDES["fwd_sparse_memory"].pop("memory_lo")
 
     with torch.no_grad():
         err = rel(fused(), separate().float())
@@ -582,6 +592,541 @@ def explore(shape_name, shape):
     return best
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# round 2 (issue 3): launch-configuration variants of the forward kernel, the pooled key prefix, the fused memory
+# read-out; correctness of every variant against float32 first, then CUDA-graph timings, all in one process.
+# ------------------------------------------------------------------------------------------------------------------
+
+# Complete forward configurations (not overrides): "default" is the default measured in round 1.
+R2_BASE = dict(KPI=1, num_warps=4, num_stages=2, tma=True, ctas_per_sm=2)
+R2_FWD_VARIANTS = {
+    "default": dict(R2_BASE),
+    "fused_combine": dict(R2_BASE, fused_combine=True),
+    "single_loop": dict(R2_BASE, single_loop=True),
+    "loop_stages3": dict(R2_BASE, loop_stages=3),
+    "stages1_cta3": dict(R2_BASE, num_stages=1, ctas_per_sm=3),
+    "stages1_cta3_fused": dict(R2_BASE, num_stages=1, ctas_per_sm=3, fused_combine=True),
+    "stages1_cta4": dict(R2_BASE, num_stages=1, ctas_per_sm=4),
+    "group2_stages1": dict(R2_BASE, group=2, num_stages=1),
+    "group2_stages1_fused": dict(R2_BASE, group=2, num_stages=1, fused_combine=True),
+    "warps8": dict(R2_BASE, num_warps=8),
+    "tma_device": dict(R2_BASE, tma="device"),
+    "persistent": dict(R2_BASE, persistent=True, fused_combine=True),
+    "persistent_flatten": dict(R2_BASE, persistent=True, fused_combine=True, flatten=True, single_loop=True),
+    "ws_host": dict(R2_BASE, ws=True, single_loop=True, ctas_per_sm=1),
+    "ws_host_stages1": dict(R2_BASE, ws=True, single_loop=True, ctas_per_sm=1, num_stages=1),
+    "ws_device": dict(R2_BASE, ws=True, single_loop=True, ctas_per_sm=1, tma="device"),
+}
+# Linear-memory read-out placements (added to an attention configuration); "state" = how KV' reaches the kernel.
+R2_MEM_VARIANTS = {
+    "epilogue": dict(mem_mode=0),
+    "epilogue_f32": dict(mem_mode=0, mem_state="f32"),
+    "den_first": dict(mem_mode=1),
+    "den_first_f32": dict(mem_mode=1, mem_state="f32"),
+    "all_first": dict(mem_mode=2),
+    "all_first_f32": dict(mem_mode=2, mem_state="f32"),
+}
+R2_SELECT_VARIANTS = {
+    "row": dict(impl="row", pool="heads", pool_warps=2, num_warps=4),
+    "group16_w4": dict(impl="group", G=16, pool="heads", pool_warps=2, num_warps=4),
+    "group16_w8": dict(impl="group", G=16, pool="heads", pool_warps=2, num_warps=8),
+    "group8_w4": dict(impl="group", G=8, pool="heads", pool_warps=2, num_warps=4),
+    "group4_w4": dict(impl="group", G=4, pool="heads", pool_warps=2, num_warps=4),
+}
+R2_ABSORB_VARIANTS = {
+    "default": dict(),
+    "progs2": dict(absorb_progs_per_sm=2),
+    "progs4_tok64": dict(absorb_progs_per_sm=4, absorb_tokens=64),
+    "warps4": dict(absorb_warps=4),
+    "stages2": dict(absorb_stages=2),
+    "be64_progs2": dict(absorb_be=64, absorb_progs_per_sm=2),
+}
+R2_RATIO = 0.2
+R2_BS = 64
+
+
+def _r2_prefix_blocks(shape) -> int:
+    """Whole selection blocks of the cached window (sink + history = the keys before the chunk's own)."""
+    return (shape["len_k"] - shape["len_q"]) // R2_BS
+
+
+def _r2_lut(q, k):
+    saved = dict(bsa.SELECT_CONFIG)
+    bsa.SELECT_CONFIG.clear()
+    bsa.SELECT_CONFIG.update(R2_SELECT_VARIANTS["row"])
+    try:
+        lut, bmap = bsa.select_key_blocks_triton(q, k, R2_RATIO, R2_BS, "heads", write_map=True)
+    finally:
+        bsa.SELECT_CONFIG.clear()
+        bsa.SELECT_CONFIG.update(saved)
+    return lut, bmap
+
+
+def _r2_memory_inputs(q, seed=5):
+    b, lq, h, d = q.shape
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    q_raw = torch.randn(q.shape, device=DEVICE, dtype=q.dtype, generator=g)
+    kv = torch.randn(b, h, d, d, device=DEVICE, generator=g) / d
+    km = torch.rand(b, h, d, device=DEVICE, generator=g)
+    weight = torch.randn(d, d, device=DEVICE, generator=g) / math.sqrt(d)
+    bias = torch.randn(d, device=DEVICE, generator=g)
+    return q_raw, kv, km, weight, bias
+
+
+def probe_main(names: list[str]):
+    """Child process: compiles and runs each named variant once at the main shape and compares it with the default
+    configuration's output (a crash, hang or illegal access here cannot spoil the parent's measurements)."""
+    shape = SHAPES["wan1.3b_832x480"]
+    q, k, v = inputs(shape, seed=11)
+    lut, _ = _r2_lut(q, k)
+    topk = lut.shape[-1]
+    scale = shape["dim"] ** -0.5
+    base_out = bsa.attention_forward(q, k, v, lut, topk, R2_BS, scale, False, dict(R2_BASE))[0]
+    q_raw, kv, km, weight, bias = _r2_memory_inputs(q)
+    kvp = bsa.project_memory_state(kv, weight)
+    mem_args = (q_raw, kvp, km, bias.float(), 1e-6)
+    base_mem = bsa.attention_forward(q, k, v, lut, topk, R2_BS, scale, False, dict(R2_BASE), memory=mem_args)[0]
+    sync()
+    for name in names:
+        print(f"R2PROBE START {name}", flush=True)
+        if os.environ.get("BENCH_PROBE_SELFTEST_HANG") == name:  # self-test of the parent's watchdog
+            time.sleep(3600)
+        try:
+            if name.startswith("mem:"):
+                cfg = dict(R2_BASE, **R2_MEM_VARIANTS[name[4:]])
+                out = bsa.attention_forward(q, k, v, lut, topk, R2_BS, scale, False, cfg, memory=mem_args)[0]
+                ref = base_mem
+            else:
+                cfg = R2_FWD_VARIANTS[name]
+                out, lse = bsa.attention_forward(q, k, v, lut, topk, R2_BS, scale, False, dict(cfg))
+                ref = base_out
+                assert torch.isfinite(lse).all(), "non-finite log-sum-exp"
+            sync()
+            err = rel(out, ref)
+            ok = math.isfinite(err) and err < 1e-2
+            print(f"R2PROBE {'OK' if ok else 'FAIL'} {name} {json.dumps(dict(err_vs_default=err))}", flush=True)
+        except Exception as e:  # compile errors etc.: reported, the next variant goes on
+            print(f"R2PROBE FAIL {name} {json.dumps(dict(error=f'{type(e).__name__}: {str(e)[:300]}'))}",
+                  flush=True)
+
+
+def run_probes(names: list[str], out_dir: str, workers: int = 4, per_variant_s: float = 150.0) -> dict:
+    """Runs `probe_main` in child processes (`workers` at once, each on a share of `names`); a variant that does not
+    finish within `per_variant_s` is marked hung and its child restarted on the remaining names."""
+    import queue
+    import subprocess
+    import threading
+
+    status: dict = {}
+    todo = list(names)
+    shares = [todo[i::workers] for i in range(workers)]
+
+    def drive(share):
+        while share:
+            cmd = [sys.executable, os.path.abspath(__file__), "--probe", ",".join(share), "--out", out_dir]
+            if DRY_RUN:
+                cmd.append("--dry-run")
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            lines: queue.Queue = queue.Queue()
+            threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)],
+                             daemon=True).start()
+            current, deadline = None, time.time() + per_variant_s * 2  # the first one also pays the start-up
+            tail = []
+            while True:
+                try:
+                    line = lines.get(timeout=max(0.1, deadline - time.time()))
+                except queue.Empty:
+                    line = "TIMEOUT"
+                if line is None or line == "TIMEOUT":
+                    break
+                tail = (tail + [line.rstrip()])[-20:]
+                parts = line.split(" ", 3)
+                if parts[0] != "R2PROBE":
+                    continue
+                if parts[1] == "START":
+                    current, deadline = parts[2].strip(), time.time() + per_variant_s
+                else:
+                    name = parts[2].strip()
+                    info = json.loads(parts[3]) if len(parts) > 3 else {}
+                    status[name] = dict(ok=parts[1] == "OK", **info)
+                    share.remove(name)
+                    current = None
+            if line == "TIMEOUT":
+                proc.kill()
+            proc.wait()
+            if current is not None and current in share:  # hung or crashed in the middle of this one
+                status[current] = dict(ok=False, error=("hung" if line == "TIMEOUT" else "crashed") + ": "
+                                       + " | ".join(tail[-5:])[-600:])
+                share.remove(current)
+            elif share and line is None:  # died before starting anything
+                for name in list(share):
+                    status[name] = dict(ok=False, error="probe process died: " + " | ".join(tail[-5:])[-600:])
+                share.clear()
+
+    threads = [threading.Thread(target=drive, args=(share,)) for share in shares if share]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return status
+
+
+def _r2_check_attention(name, cfg, q, k, v, lut, ref, ref_grads, g) -> dict:
+    """Forward and backward (the backward reads the variant's log-sum-exp) vs the float32 reference."""
+    bsa.CONFIG_OVERRIDES["fwd_sparse"] = dict(cfg)
+    try:
+        out = bsa.block_sparse_attention_triton(q, k, v, block_index=lut, block_size=R2_BS)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+    finally:
+        bsa.CONFIG_OVERRIDES.pop("fwd_sparse", None)
+    errs = dict(out=rel(out, ref), dq=rel(dq, ref_grads[0]), dk=rel(dk, ref_grads[1]), dv=rel(dv, ref_grads[2]))
+    ok = all(math.isfinite(x) and x < 2e-2 for x in errs.values())
+    return dict(errs, ok=ok)
+
+
+def round2(args):
+    t0 = time.time()
+    main_name = "wan1.3b_832x480"
+    shape = SHAPES[main_name]
+    r2 = RESULTS.setdefault("round2", {})
+    # 0. probe every new variant in child processes
+    names = [n for n in R2_FWD_VARIANTS if n != "default"] + [f"mem:{n}" for n in R2_MEM_VARIANTS]
+    log(f"== round 2: probing {len(names)} variants in child processes")
+    probe = run_probes(names, args.out, workers=args.probe_workers)
+    r2["probe"] = probe
+    for n in names:
+        log(f"  probe {n:<26} {json.dumps(probe.get(n, dict(ok=False, error='not run')))[:200]}")
+    usable = {n: c for n, c in R2_FWD_VARIANTS.items() if n == "default" or probe.get(n, {}).get("ok")}
+    mem_usable = {n: c for n, c in R2_MEM_VARIANTS.items() if probe.get(f"mem:{n}", {}).get("ok")}
+    log(f"  probe done in {time.time() - t0:.0f} s")
+
+    # 1. correctness vs float32 (forward + backward), main shape, one selection for all
+    log("== round 2: correctness vs float32 reference (forward + backward), LUT of the default selection")
+    q, k, v = inputs(shape, grad=True, seed=1)
+    lut, _ = _r2_lut(q.detach(), k.detach())
+    g = torch.randn_like(q)
+    qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    ref = block_sparse_attention_naive(qf, kf, vf, lut.long(), R2_BS)
+    ref_grads = torch.autograd.grad(ref, (qf, kf, vf), g.float())
+    ref = ref.detach()
+    del qf, kf, vf
+    checks = {}
+    for name, cfg in usable.items():
+        res = safe(f"check {name}", lambda: _r2_check_attention(name, cfg, q, k, v, lut, ref, ref_grads, g))
+        checks[name] = res or dict(ok=False)
+        log(f"  {name:<26} {json.dumps(checks[name])}")
+    ref = ref_grads = None  # free the float32 reference
+    sync(empty=True)
+    # memory variants vs float32 attention + memory reference
+    q_raw, kv, km, weight, bias = _r2_memory_inputs(q)
+    with torch.no_grad():
+        qd = q.detach()
+        ref_attn = block_sparse_attention_naive(qd.float(), k.detach().float(), v.detach().float(), lut.long(),
+                                                R2_BS)
+        ref_mem = ref_attn + F.linear(linear_memory_read_naive(qd.float(), q_raw.float(), kv, km), weight, bias)
+        del ref_attn
+        mem_checks = {}
+        for name, mcfg in mem_usable.items():
+            def run(mcfg=mcfg):
+                bsa.CONFIG_OVERRIDES["fwd_sparse_memory"] = dict(R2_BASE, **mcfg)
+                try:
+                    got = bsa.block_sparse_attention_with_memory_triton(
+                        qd, k.detach(), v.detach(), q_raw, kv, km, proj_weight=weight, proj_bias=bias,
+                        topk_ratio=R2_RATIO, block_size=R2_BS)
+                finally:
+                    bsa.CONFIG_OVERRIDES.pop("fwd_sparse_memory", None)
+                err = rel(got, ref_mem)
+                return dict(out=err, ok=math.isfinite(err) and err < 2e-2)
+            mem_checks[name] = safe(f"check mem {name}", run) or dict(ok=False)
+            log(f"  mem:{name:<22} {json.dumps(mem_checks[name])}")
+        ref_mem = None
+    r2["correctness"] = dict(attention=checks, memory=mem_checks)
+    # selection variants (+ pooled prefix): rows equal to the reference selection
+    q, k, v = (t.detach() for t in (q, k, v))
+    num_prefix = _r2_prefix_blocks(shape)
+    prefix = bsa.pool_key_blocks_triton(k[:, : num_prefix * R2_BS], R2_BS, "heads")
+    ref_lut = select_key_blocks_naive(q, k, R2_RATIO, R2_BS, "heads")
+    select_checks = {}
+    saved_select = dict(bsa.SELECT_CONFIG)
+    for name, scfg in R2_SELECT_VARIANTS.items():
+        def run(scfg=scfg):
+            bsa.SELECT_CONFIG.clear()
+            bsa.SELECT_CONFIG.update(scfg)
+            a, _ = bsa.select_key_blocks_triton(q, k, R2_RATIO, R2_BS, "heads", write_map=True)
+            b, _ = bsa.select_key_blocks_triton(q, k, R2_RATIO, R2_BS, "heads", write_map=True,
+                                                pooled_key_prefix=prefix)
+            same_a = (a.long() == ref_lut).all(-1).float().mean().item()
+            same_b = (b.long() == ref_lut).all(-1).float().mean().item()
+            return dict(rows_equal_ref=same_a, rows_equal_ref_with_prefix=same_b,
+                        ok=same_a > 0.99 and same_b > 0.99)
+        select_checks[name] = safe(f"check select {name}", run) or dict(ok=False)
+        log(f"  select {name:<19} {json.dumps(select_checks[name])}")
+    bsa.SELECT_CONFIG.clear()
+    bsa.SELECT_CONFIG.update(saved_select)
+    r2["correctness"]["selection"] = select_checks
+    absorb_checks = {}
+    from diffusers_hybrid.ops.linear_memory import triton_kernel as lmk
+
+    saved_lm = dict(lmk.LM_CONFIG)
+    kr, kw, vv = (torch.randn_like(q) for _ in range(3))
+    want = linear_memory_absorb_naive(kv, km, 9360, kr, kw, vv)
+    for name, acfg in R2_ABSORB_VARIANTS.items():
+        def run(acfg=acfg):
+            lmk.LM_CONFIG.clear()
+            lmk.LM_CONFIG.update(saved_lm, **acfg)
+            got = lmk._absorb_launch(kv, km, 9360, kr, kw, vv)
+            errs = (rel(got[0], want[0]), rel(got[1], want[1]))
+            return dict(kv=errs[0], kmean=errs[1], ok=max(errs) < 1e-4)
+        absorb_checks[name] = safe(f"check absorb {name}", run) or dict(ok=False)
+        log(f"  absorb {name:<19} {json.dumps(absorb_checks[name])}")
+    lmk.LM_CONFIG.clear()
+    lmk.LM_CONFIG.update(saved_lm)
+    r2["correctness"]["absorb"] = absorb_checks
+    log(f"  correctness done at {time.time() - t0:.0f} s")
+
+    # 2. timings (CUDA graphs), main shape
+    log("== round 2: timings (triton.testing.do_bench_cudagraph, median ms)")
+    topk = lut.shape[-1]
+    scale = shape["dim"] ** -0.5
+    dense_flops = flops_fwd(shape, shape["len_k"])
+    act = flops_fwd(shape, topk * R2_BS)
+    attn_ms = {}
+    for name, cfg in usable.items():
+        if not checks.get(name, {}).get("ok"):
+            continue
+        ms = safe(f"time {name}", lambda: bench(lambda: bsa.attention_forward(q, k, v, lut, topk, R2_BS, scale,
+                                                                             False, dict(cfg)), graph=True))
+        if ms:
+            attn_ms[name] = ms
+            record(main_name, f"r2_attention[{name}][cudagraph]", R2_RATIO, "fwd", ms, dense_flops, act,
+                   "LUT given")
+    r2["attention_ms"] = attn_ms
+    best_attn = min(attn_ms, key=attn_ms.get) if attn_ms else "default"
+    best_cfg = dict(R2_FWD_VARIANTS[best_attn])
+    log(f"  fastest attention variant: {best_attn} {attn_ms.get(best_attn)} ms (default {attn_ms.get('default')})")
+
+    select_ms = {}
+    for name, scfg in R2_SELECT_VARIANTS.items():
+        if not select_checks.get(name, {}).get("ok"):
+            continue
+        bsa.SELECT_CONFIG.clear()
+        bsa.SELECT_CONFIG.update(scfg)
+        for tag, pre in (("", None), ("+prefix", prefix)):
+            ms = safe(f"time select {name}{tag}", lambda: bench(lambda: bsa.select_key_blocks_triton(
+                q, k, R2_RATIO, R2_BS, "heads", write_map=False, pooled_key_prefix=pre), graph=True))
+            if ms:
+                select_ms[name + tag] = ms
+                log(f"  select {name + tag:<26} {ms * 1e3:7.1f} us")
+        pool_ms = safe("time pool", lambda: bench(lambda: bsa._pool(q, k, R2_BS, True, num_prefix), graph=True))
+        if pool_ms:
+            select_ms[f"pool_only[{name}]+prefix"] = pool_ms
+    bsa.SELECT_CONFIG.clear()
+    bsa.SELECT_CONFIG.update(saved_select)
+    r2["selection_ms"] = select_ms
+    plain_sel = {n: ms for n, ms in select_ms.items() if n in R2_SELECT_VARIANTS}
+    best_select = min(plain_sel, key=plain_sel.get) if plain_sel else "row"
+    log(f"  fastest selection: {best_select}")
+
+    # full op: selection + attention, as the model calls it (eager wrapper, timed as a CUDA graph)
+    def full_op(attn_cfg, select_cfg, pre):
+        def run():
+            bsa.CONFIG_OVERRIDES["fwd_sparse"] = dict(attn_cfg)
+            bsa.SELECT_CONFIG.clear()
+            bsa.SELECT_CONFIG.update(select_cfg)
+            try:
+                return bsa.block_sparse_attention_triton(q, k, v, topk_ratio=R2_RATIO, block_size=R2_BS,
+                                                         pooled_key_prefix=pre)
+            finally:
+                bsa.CONFIG_OVERRIDES.pop("fwd_sparse", None)
+                bsa.SELECT_CONFIG.clear()
+                bsa.SELECT_CONFIG.update(saved_select)
+        return run
+
+    full = {}
+    combos = {
+        "old_default": (R2_BASE, R2_SELECT_VARIANTS["row"], None),
+        "old_default+prefix": (R2_BASE, R2_SELECT_VARIANTS["row"], prefix),
+        "best": (best_cfg, R2_SELECT_VARIANTS[best_select], None),
+        "best+prefix": (best_cfg, R2_SELECT_VARIANTS[best_select], prefix),
+    }
+    for name, (acfg, scfg, pre) in combos.items():
+        with torch.no_grad():
+            ms = safe(f"time full {name}", lambda: bench(full_op(acfg, scfg, pre), graph=True))
+        if ms:
+            full[name] = ms
+            record(main_name, f"r2_full_op[{name}][cudagraph]", R2_RATIO, "fwd", ms, dense_flops, act,
+                   "selection incl.")
+    fwd, _ = sdpa_fns(q, k, v, "cudnn")
+    ms = safe("time cudnn", lambda: bench(lambda: fwd(), graph=True))
+    if ms:
+        full["sdpa_cudnn_dense"] = ms
+        record(main_name, "sdpa_cudnn[cudagraph]", 1.0, "fwd", ms, dense_flops, dense_flops)
+    r2["full_op_ms"] = full
+
+    # linear memory: absorb variants, read-out fused in each placement vs the attention alone (same config)
+    mem = {}
+    for name, acfg in R2_ABSORB_VARIANTS.items():
+        if not absorb_checks.get(name, {}).get("ok"):
+            continue
+        lmk.LM_CONFIG.clear()
+        lmk.LM_CONFIG.update(saved_lm, **acfg)
+        ms = safe(f"time absorb {name}", lambda: bench(lambda: lmk._absorb_launch(kv, km, 9360, kr, kw, vv),
+                                                        graph=True))
+        if ms:
+            mem[f"absorb[{name}]"] = ms
+            log(f"  absorb {name:<20} {ms * 1e3:7.1f} us")
+    lmk.LM_CONFIG.clear()
+    lmk.LM_CONFIG.update(saved_lm)
+    ms = safe("time read", lambda: bench(lambda: linear_memory_read(q, q_raw, kv, km, kernel="triton"), graph=True))
+    if ms:
+        mem["read_standalone"] = ms
+    kvp = bsa.project_memory_state(kv, weight)
+    mem_args = (q_raw, kvp, km, bias.float(), 1e-6)
+    for base_name in dict.fromkeys(["default", best_attn]):
+        acfg = R2_FWD_VARIANTS[base_name]
+        if base_name not in attn_ms:
+            continue
+        for name, mcfg in mem_usable.items():
+            if not mem_checks.get(name, {}).get("ok"):
+                continue
+            cfg = dict(acfg, **mcfg)
+            ms = safe(f"time mem {name}", lambda: bench(lambda: bsa.attention_forward(
+                q, k, v, lut, topk, R2_BS, scale, False, cfg, memory=mem_args), graph=True))
+            if ms:
+                mem[f"fused[{base_name}+{name}]"] = ms
+                log(f"  fused read-out {base_name}+{name:<16} {ms:.4f} ms = attention + "
+                    f"{(ms - attn_ms[base_name]) * 1e3:6.1f} us ({(ms / attn_ms[base_name] - 1) * 100:5.1f} %)")
+        # the whole op, projection per call (matmul launch) vs state projected beforehand (as a cache would keep it)
+        for tag, state, projected, wgt in (("per_call_projection", kv, False, weight),
+                                           ("pre_projected_state", kvp, True, None)):
+            def run(state=state, projected=projected, wgt=wgt, acfg=acfg):
+                bsa.CONFIG_OVERRIDES["fwd_sparse_memory"] = dict(acfg, **_best_mem_cfg(mem, base_name))
+                try:
+                    return bsa.block_sparse_attention_with_memory_triton(
+                        q, k, v, q_raw, state, km, proj_weight=wgt, proj_bias=bias, topk_ratio=R2_RATIO,
+                        block_size=R2_BS, pooled_key_prefix=prefix, state_is_projected=projected)
+                finally:
+                    bsa.CONFIG_OVERRIDES.pop("fwd_sparse_memory", None)
+            with torch.no_grad():
+                ms = safe(f"time mem op {tag}", lambda: bench(run, graph=True))
+            if ms:
+                mem[f"op[{base_name}]+prefix+{tag}"] = ms
+    r2["memory_ms"] = mem
+
+    # 3. other shapes: old default vs the best configuration found above (+ pooled prefix), cuDNN dense
+    other = {}
+    if not args.quick:
+        for sname in ("wan1.3b_2x_tokens", "wan14b_832x480"):
+            def time_other(sname=sname):
+                sh = SHAPES[sname]
+                qo, ko, vo = inputs(sh, seed=2)
+                pre = bsa.pool_key_blocks_triton(ko[:, : _r2_prefix_blocks(sh) * R2_BS], R2_BS, "heads")
+                row = {}
+                for name, (acfg, scfg, use_pre) in (("old_default", (R2_BASE, R2_SELECT_VARIANTS["row"], False)),
+                                                    ("best+prefix", (best_cfg, R2_SELECT_VARIANTS[best_select],
+                                                                     True))):
+                    def run(acfg=acfg, scfg=scfg, use_pre=use_pre):
+                        bsa.CONFIG_OVERRIDES["fwd_sparse"] = dict(acfg)
+                        bsa.SELECT_CONFIG.clear()
+                        bsa.SELECT_CONFIG.update(scfg)
+                        try:
+                            return bsa.block_sparse_attention_triton(qo, ko, vo, topk_ratio=R2_RATIO,
+                                                                     block_size=R2_BS,
+                                                                     pooled_key_prefix=pre if use_pre else None)
+                        finally:
+                            bsa.CONFIG_OVERRIDES.pop("fwd_sparse", None)
+                            bsa.SELECT_CONFIG.clear()
+                            bsa.SELECT_CONFIG.update(saved_select)
+                    with torch.no_grad():
+                        row[name] = bench(run, graph=True)
+                f_cudnn, _ = sdpa_fns(qo, ko, vo, "cudnn")
+                row["sdpa_cudnn_dense"] = bench(lambda: f_cudnn(), graph=True)
+                # the best configuration must also be right here
+                bsa.CONFIG_OVERRIDES["fwd_sparse"] = dict(best_cfg)
+                try:
+                    lut_o, _ = _r2_lut(qo, ko)
+                    got = bsa.attention_forward(qo, ko, vo, lut_o, lut_o.shape[-1], R2_BS, sh["dim"] ** -0.5, False,
+                                                dict(best_cfg))[0]
+                    base = bsa.attention_forward(qo, ko, vo, lut_o, lut_o.shape[-1], R2_BS, sh["dim"] ** -0.5,
+                                                 False, dict(R2_BASE))[0]
+                    row["best_vs_default_rel_diff"] = rel(got, base)
+                finally:
+                    bsa.CONFIG_OVERRIDES.pop("fwd_sparse", None)
+                other[sname] = row
+                log(f"  {sname}: {json.dumps({a: round(b, 4) for a, b in row.items()})}")
+                del qo, ko, vo
+                sync(empty=True)
+            safe(f"other shape {sname}", time_other)
+    r2["other_shapes_ms"] = other
+
+    # recommendations
+    rec = dict(fwd_sparse=best_cfg, SELECT_CONFIG=R2_SELECT_VARIANTS[best_select])
+    absorb_ms = {n: mem[f"absorb[{n}]"] for n in R2_ABSORB_VARIANTS if f"absorb[{n}]" in mem}
+    if absorb_ms:
+        rec["LM_CONFIG_absorb"] = dict(saved_lm, **R2_ABSORB_VARIANTS[min(absorb_ms, key=absorb_ms.get)])
+    rec["fwd_sparse_memory"] = _best_mem_cfg(mem, best_attn)
+    r2["recommended"] = rec
+    r2["wall_s"] = time.time() - t0
+    _r2_print_summary(r2, main_name)
+
+
+def _best_mem_cfg(mem: dict, base_name: str) -> dict:
+    fused = {n: mem[f"fused[{base_name}+{n}]"] for n in R2_MEM_VARIANTS if f"fused[{base_name}+{n}]" in mem}
+    return dict(R2_MEM_VARIANTS[min(fused, key=fused.get)]) if fused else {}
+
+
+def _r2_print_summary(r2: dict, main_name: str):
+    log("\n==== round 2 summary (CUDA-graph medians; main shape " + main_name + ") ====")
+    log(json.dumps(RESULTS.get("env", {})))
+    checks = r2.get("correctness", {})
+    attn = r2.get("attention_ms", {})
+    base = attn.get("default")
+    log(f"{'attention variant (LUT given)':<32} {'ms':>8} {'vs default':>10}  check (rel err out/dq/dk/dv) | probe")
+    for name in R2_FWD_VARIANTS:
+        c = checks.get("attention", {}).get(name, {})
+        p = r2.get("probe", {}).get(name, {})
+        ms = attn.get(name)
+        errs = "/".join(f"{c[k]:.1e}" for k in ("out", "dq", "dk", "dv") if k in c) or "-"
+        ratio = f"{ms / base:10.3f}" if ms and base else " " * 10
+        ms_s = f"{ms:8.4f}" if ms else " " * 8
+        probe_s = "" if name == "default" else ("ok" if p.get("ok") else "FAIL " + str(p.get("error", ""))[:60])
+        log(f"{name:<32} {ms_s} {ratio}  {'ok ' if c.get('ok') else 'BAD'} {errs} | {probe_s}")
+    sel = r2.get("selection_ms", {})
+    log(f"{'selection (pool + top-k)':<32} {'no prefix':>10} {'prefix':>10}  rows==reference")
+    for name in R2_SELECT_VARIANTS:
+        c = checks.get("selection", {}).get(name, {})
+        a, b = sel.get(name), sel.get(name + "+prefix")
+        log(f"{name:<32} {(a or 0) * 1e3:8.1f}us {(b or 0) * 1e3:8.1f}us  {c.get('rows_equal_ref', '-')}"
+            f" / {c.get('rows_equal_ref_with_prefix', '-')}")
+    full = r2.get("full_op_ms", {})
+    log("full op (selection + attention): " + ", ".join(f"{k} {v:.4f} ms" for k, v in full.items()))
+    if "sdpa_cudnn_dense" in full:
+        for k in ("old_default", "best+prefix"):
+            if k in full:
+                log(f"  {k}: {full['sdpa_cudnn_dense'] / full[k]:.2f}x cuDNN dense; target <= 0.22 ms: "
+                    f"{'MET' if full[k] <= 0.22 else 'missed'}")
+    mem = r2.get("memory_ms", {})
+    log("linear memory: " + ", ".join(f"{k} {v * 1e3:.1f} us" for k, v in mem.items()))
+    for base_name in dict.fromkeys(["default", min(attn, key=attn.get) if attn else "default"]):
+        a = attn.get(base_name)
+        fused = {n: mem[f"fused[{base_name}+{n}]"] for n in R2_MEM_VARIANTS if f"fused[{base_name}+{n}]" in mem}
+        absorb = min((v for k, v in mem.items() if k.startswith("absorb[")), default=None)
+        if a and fused:
+            n = min(fused, key=fused.get)
+            extra = fused[n] - a
+            line = f"  read-out fused ({base_name}+{n}): +{extra * 1e3:.1f} us = {extra / a * 100:.1f} % of attention"
+            if absorb:
+                line += (f"; absorb {absorb * 1e3:.1f} us; absorb/5 + read = {(absorb / 5 + extra) / a * 100:.1f} %"
+                         f"; absorb + read = {(absorb + extra) / a * 100:.1f} % (target < 3 %)")
+            log(line)
+    for sname, row in r2.get("other_shapes_ms", {}).items():
+        log(f"{sname}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+    log("recommended defaults: " + json.dumps(r2.get("recommended", {})))
+    for e in RESULTS["errors"]:
+        log("ERROR", e[:300])
+    log(f"round 2 wall {r2.get('wall_s', 0):.0f} s")
+
+
 def render_markdown(path: str) -> str:
     """Markdown tables from a `bench_attention.json` (for benchmarks/RESULTS*.md)."""
     r = json.load(open(path))
@@ -613,6 +1158,11 @@ def main():
     parser.add_argument("--select-variants", action="store_true",
                         help="time the selection / linear-memory launch variants (CUDA graphs) and use the best")
     parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--round2", action="store_true",
+                        help="issue 3 round 2: every forward / selection / memory variant checked against float32 "
+                             "(risky ones first in child processes), then timed as CUDA graphs; --quick: main shape")
+    parser.add_argument("--probe", metavar="NAMES", help=argparse.SUPPRESS)  # child process of --round2
+    parser.add_argument("--probe-workers", type=int, default=4, help="--round2: probe processes at once")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--render", metavar="JSON", help="print markdown tables of a results file and exit")
@@ -627,6 +1177,9 @@ def main():
         for shape in SHAPES.values():
             shape.update(len_q=70, len_k=200, dim=32, heads=min(shape["heads"], 3))
         bsa.CONFIG_OVERRIDES.clear()
+    if args.probe is not None:
+        probe_main([n for n in args.probe.split(",") if n])
+        return
     import triton
 
     cuda = torch.cuda.is_available()
@@ -638,6 +1191,15 @@ def main():
                command=" ".join(sys.argv))
     RESULTS["env"] = env
     log(json.dumps(env))
+    if args.round2:
+        try:
+            round2(args)
+        finally:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
+                json.dump(RESULTS, f, indent=1, default=str)
+            log(f"wrote {os.path.join(args.out, 'bench_attention.json')}")
+        return
     t_start = time.time()
     main_name = "wan1.3b_832x480"
     main_shape = SHAPES[main_name]

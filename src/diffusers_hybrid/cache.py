@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ops import apply_rotary_emb, linear_memory_absorb
+from .ops import apply_rotary_emb, linear_memory_absorb, pool_key_blocks
 
 ATTENTION_MODES = ("dense", "window", "hybrid")
 
@@ -160,6 +160,10 @@ class HybridLayerCache:
         value (`(B, (S+W)·T, H, D)`).
         kv_state (`(B, H, D, D)`, float32), kmean_state (`(B, H, D)`, float32): the linear memory (hybrid mode).
         text_key / text_value (`(B, text_len, H, D)`): cross-attention K/V of the current prompt.
+        pooled_key (`(B, H, P, D)`, float32, block-sparse selection only): the selection's pooled key blocks of the
+            first `P = (S + W - C)·T // block_size` whole blocks of `key` (sink + history: the same in every pass of a
+            chunk). Allocated by the first commit that asks for it ([`commit`] with `pooled_keys`), then recomputed in
+            place by every commit (and by rewind / reset), so passes replayed from a CUDA graph read it current.
     """
 
     def __init__(self, layout: AttentionLayout, batch_size, tokens_per_frame, heads, head_dim, device, dtype):
@@ -176,6 +180,8 @@ class HybridLayerCache:
             self.kmean_state = torch.zeros(batch_size, heads, head_dim, device=device, dtype=torch.float32)
         self.text_key: torch.Tensor | None = None
         self.text_value: torch.Tensor | None = None
+        self.pooled_key: torch.Tensor | None = None
+        self._pooled_spec: tuple[int, str, str] | None = None  # (block_size, key_centering, kernel) of pooled_key
 
     # --- slot arithmetic -------------------------------------------------------------------------------------
     def _frames(self, first_frame: int, num_frames: int) -> slice:
@@ -226,14 +232,50 @@ class HybridLayerCache:
         region = slice(start * self.tokens_per_frame, current.stop)
         return self.key[:, region], self.value[:, region]
 
+    # --- pooled key blocks (block selection) ------------------------------------------------------------------
+    def num_pooled_key_blocks(self, block_size: int) -> int:
+        """Whole `block_size`-token blocks inside the cached (sink + history) part of `key`."""
+        return (self.layout.sink_frames + self.layout.history_frames) * self.tokens_per_frame // block_size
+
+    def pooled_key_prefix(self, plan: ChunkPlan, block_size: int, key_centering: str) -> torch.Tensor | None:
+        """The pooled key blocks of the first keys the chunk sees, when they are exactly the cached ones: the
+        visible keys are `key[:, :end]` from slot 0 (sink and history full) and `pooled_key` was computed for this
+        `block_size` / `key_centering`. Otherwise `None` (the selection pools every key)."""
+        if self._pooled_spec is None or self._pooled_spec[:2] != (block_size, key_centering):
+            return None
+        if self.pooled_key is None or self.pooled_key.shape[2] == 0 or self._contiguous_start(plan) != 0:
+            return None
+        return self.pooled_key
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def refresh_pooled_keys(self, block_size: int, key_centering: str, kernel: str) -> None:
+        """(Re)computes `pooled_key` in place from the cached keys (allocating it the first time)."""
+        num_blocks = self.num_pooled_key_blocks(block_size)
+        batch, _, heads, dim = self.key.shape
+        shape = (batch, heads, num_blocks, dim)
+        if self.pooled_key is None or tuple(self.pooled_key.shape) != shape or \
+                self.pooled_key.device != self.key.device:
+            self.pooled_key = torch.zeros(shape, device=self.key.device, dtype=torch.float32)
+        if num_blocks:
+            pool_key_blocks(self.key[:, : num_blocks * block_size], block_size, key_centering, out=self.pooled_key,
+                            kernel=kernel)
+        self._pooled_spec = (block_size, key_centering, kernel)
+
+    def _refresh_pooled_keys_if_kept(self) -> None:
+        if self._pooled_spec is not None:
+            self.refresh_pooled_keys(*self._pooled_spec)
+
     # --- writes ---------------------------------------------------------------------------------------------
     @torch.compiler.disable  # per-chunk bookkeeping: runs eagerly inside compiled passes
     @torch.no_grad()
-    def commit(self, plan: ChunkPlan, key_raw: torch.Tensor, key_roped: torch.Tensor, value: torch.Tensor, kernel):
+    def commit(self, plan: ChunkPlan, key_raw: torch.Tensor, key_roped: torch.Tensor, value: torch.Tensor, kernel,
+               pooled_keys: tuple[int, str] | None = None):
         """
         Commits the current chunk (raw keys `(B, C·T, H, D)`, RoPE'd keys, values): absorbs what leaves the window
         (hybrid), stores sink frames, shifts the history, and re-RoPEs it for the next chunk. Detached: no gradient
-        flows into cached context.
+        flows into cached context. `pooled_keys` (`(block_size, key_centering)`): also recompute the selection's
+        pooled key blocks of the cached keys (see `pooled_key`); once kept, they are recomputed by every commit.
         """
         layout, tpf = self.layout, self.tokens_per_frame
         f0, chunk = plan.chunk_start, layout.chunk_frames
@@ -285,9 +327,17 @@ class HybridLayerCache:
             # 4. RoPE the history once per chunk at the positions the next chunk uses
             self.key[:, hist] = apply_rotary_emb(self.key_raw[:, hist], *plan.history_rope)
 
+        # 5. the selection's pooled key blocks of the cached keys, for the next chunk's passes
+        if pooled_keys is not None:
+            self.refresh_pooled_keys(*pooled_keys, kernel)
+        else:
+            self._refresh_pooled_keys_if_kept()
+
     def reset(self) -> None:
         for t in self.tensors():
             t.zero_()
+        if self.pooled_key is not None:
+            self.pooled_key.zero_()  # the pooled blocks of all-zero keys: still consistent with `key`
         self.text_key = self.text_value = None
 
 
@@ -383,7 +433,7 @@ class HybridCache:
                 t = getattr(layer, name)
                 if t is not None:
                     setattr(layer, name, t.to(device=device, dtype=dtype))
-            for name in ("kv_state", "kmean_state"):
+            for name in ("kv_state", "kmean_state", "pooled_key"):
                 t = getattr(layer, name)
                 if t is not None:
                     setattr(layer, name, t.to(device=device))
@@ -448,6 +498,7 @@ class HybridCache:
             if layer.kv_state is not None:
                 layer.kv_state.copy_(records[0].kv_state[index])
                 layer.kmean_state.copy_(records[0].kmean_state[index])
+            layer._refresh_pooled_keys_if_kept()
         self.memory_tokens = records[0].memory_tokens
         self.frames_written = records[0].frames_written
 

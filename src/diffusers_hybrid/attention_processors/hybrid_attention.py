@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import AttentionLayout, ChunkPlan, HybridLayerCache
-from ..ops import apply_rotary_emb, block_sparse_attention, linear_memory_absorb, linear_memory_read
+from ..ops import (
+    apply_rotary_emb,
+    block_sparse_attention,
+    block_sparse_attention_with_memory,
+    linear_memory_absorb,
+    linear_memory_read,
+)
 
 
 def _project_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
@@ -97,23 +103,51 @@ class HybridForcingAttnProcessor:
     """
     Self-attention of Hybrid Forcing in the three attention modes.
 
+    With a cache, the block selection takes the pooled key blocks of the cached window (sink + history) from the
+    layer cache, which recomputes them once per chunk at the commit, and pools only the chunk's own keys. With the
+    `"triton"` kernel at inference (no gradient, inference read-out form `linear_attn_query="roped"`, a plain
+    `nn.Linear` projection), the linear-memory read-out and `linear_proj` are fused into the attention kernel.
+
     Args:
         kernel (`str`, defaults to `"reference"`): `"reference"` (plain PyTorch, runs anywhere) or `"triton"`.
+        fuse_memory (`bool`, defaults to `True`): allow the fused read-out (Triton only; results differ from the
+            unfused ops by rounding: the projection is folded into the float32 state).
+        cache_pooled_keys (`bool`, defaults to `True`): keep the pooled key blocks of the cached window in the cache.
     """
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, kernel: str = "reference"):
+    def __init__(self, kernel: str = "reference", fuse_memory: bool = True, cache_pooled_keys: bool = True):
         self.kernel = kernel
+        self.fuse_memory = fuse_memory
+        self.cache_pooled_keys = cache_pooled_keys
+
+    def _fused_memory(self, attn, ctx, tensors) -> bool:
+        """The fused attention + memory read-out applies: Triton, inference read-out form, a plain linear projection
+        (not wrapped by adapters), no gradient wanted."""
+        if not (self.fuse_memory and self.kernel == "triton" and ctx.linear_query == "roped"):
+            return False
+        if type(attn.linear_proj) is not torch.nn.Linear:
+            return False
+        params = (attn.linear_proj.weight, attn.linear_proj.bias)
+        return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, *params)))
 
     def _attend(self, attn, ctx, query_roped, query_raw, query_rope, keys, values, kv_state, kmean_state,
-                memory_ready: bool):
+                memory_ready: bool, pooled_key_prefix: torch.Tensor | None = None):
+        memory = kv_state is not None and memory_ready
+        if memory and self._fused_memory(attn, ctx, (query_roped, query_raw, keys, values)):
+            return block_sparse_attention_with_memory(
+                query_roped, keys, values, query_raw, kv_state, kmean_state, eps=ctx.linear_eps,
+                proj_weight=attn.linear_proj.weight, proj_bias=attn.linear_proj.bias, topk_ratio=ctx.topk_ratio,
+                block_size=ctx.block_size, key_centering=ctx.key_centering, pooled_key_prefix=pooled_key_prefix,
+                kernel=self.kernel,
+            )
         out = block_sparse_attention(
             query_roped, keys, values, topk_ratio=ctx.topk_ratio, block_size=ctx.block_size,
-            key_centering=ctx.key_centering, kernel=self.kernel,
+            key_centering=ctx.key_centering, pooled_key_prefix=pooled_key_prefix, kernel=self.kernel,
         )
-        if kv_state is not None and memory_ready:
+        if memory:
             if ctx.linear_query == "roped":
                 query_numerator = query_roped
             else:  # "roped_relu": the RoFormer form R(φ(q)) the official training code uses
@@ -129,6 +163,8 @@ class HybridForcingAttnProcessor:
         query_roped = apply_rotary_emb(query, *plan.query_rope)
         key_roped = apply_rotary_emb(key, *plan.query_rope)
         kv_state, kmean_state = layer_cache.kv_state, layer_cache.kmean_state
+        pooled_prefix = None
+        select = self.cache_pooled_keys and ctx.topk_ratio < 1.0  # the block selection runs (in a full window)
         if ctx.snapshot is not None:
             cached_key, cached_value, kv_state, kmean_state = ctx.snapshot
             keys, values = torch.cat([cached_key, key_roped], 1), torch.cat([cached_value, value], 1)
@@ -136,15 +172,19 @@ class HybridForcingAttnProcessor:
             views = None
             if not (key_roped.requires_grad or value.requires_grad):
                 views = layer_cache.contiguous_keys(plan, key_roped, value)
+                if views is not None and select:
+                    pooled_prefix = layer_cache.pooled_key_prefix(plan, ctx.block_size, ctx.key_centering)
             if views is None:
                 cached_key, cached_value = layer_cache.context(plan)
                 views = torch.cat([cached_key, key_roped], 1), torch.cat([cached_value, value], 1)
             keys, values = views
         out = self._attend(
-            attn, ctx, query_roped, query, plan.query_rope, keys, values, kv_state, kmean_state, plan.memory_ready
+            attn, ctx, query_roped, query, plan.query_rope, keys, values, kv_state, kmean_state, plan.memory_ready,
+            pooled_prefix,
         )
         if ctx.cache_mode == "write":
-            layer_cache.commit(plan, key, key_roped, value, self.kernel)
+            pooled_keys = (ctx.block_size, ctx.key_centering) if select else None
+            layer_cache.commit(plan, key, key_roped, value, self.kernel, pooled_keys=pooled_keys)
         return out
 
     def _full_sequence(self, attn, query, key, value, ctx: HybridAttentionContext) -> torch.Tensor:

@@ -12,7 +12,9 @@ import torch
 
 from .block_sparse_attention.naive import (
     block_sparse_attention_naive,
+    check_pooled_key_prefix,
     num_selected_blocks,
+    pool_key_blocks_naive,
     select_key_blocks_naive,
 )
 from .linear_memory.naive import linear_memory_absorb_naive, linear_memory_read_naive
@@ -68,6 +70,7 @@ def block_sparse_attention(
     block_size: int = 64,
     key_centering: str = "heads",
     scale: float | None = None,
+    pooled_key_prefix: torch.Tensor | None = None,
     kernel: str = "reference",
 ) -> torch.Tensor:
     """
@@ -78,6 +81,9 @@ def block_sparse_attention(
         topk_ratio (`float`): fraction of `block_size`-token key blocks each query block attends to; when it keeps
             every block the attention is dense and no selection runs.
         key_centering (`str`): `"heads"` (official) or `"none"`; see `select_key_blocks_naive`.
+        pooled_key_prefix (`torch.Tensor` of shape `(B, H, P, D)`, *optional*): the selection's pooled key blocks
+            for the first `P * block_size` keys, as [`pool_key_blocks`] computes them (a cache keeps them for the
+            part of the window that is the same in every pass of a chunk); only the other keys are pooled.
         kernel (`str`): `"reference"` or `"triton"`.
 
     Returns:
@@ -91,12 +97,87 @@ def block_sparse_attention(
 
         return block_sparse_attention_triton(
             query, key, value, topk_ratio=topk_ratio, block_size=block_size, key_centering=key_centering,
-            scale=scale, dense=dense,
+            scale=scale, dense=dense, pooled_key_prefix=pooled_key_prefix,
         )
     block_index = None
     if not dense:
-        block_index = select_key_blocks_naive(query, key, topk_ratio, block_size, key_centering)
+        block_index = select_key_blocks_naive(query, key, topk_ratio, block_size, key_centering, pooled_key_prefix)
     return block_sparse_attention_naive(query, key, value, block_index, block_size, scale)
+
+
+def pool_key_blocks(
+    key: torch.Tensor,
+    block_size: int = 64,
+    key_centering: str = "heads",
+    *,
+    out: torch.Tensor | None = None,
+    kernel: str = "reference",
+) -> torch.Tensor:
+    """
+    The block selection's pooled key blocks: `key_centering` per token, then the mean of every `block_size`-token
+    block; `(B, H, ceil(L / block_size), D)` float32, written into `out` when given. Pass the result for a prefix
+    of the keys as `pooled_key_prefix` to [`block_sparse_attention`].
+    """
+    _check_kernel(kernel)
+    if kernel == "triton" and _use_triton("attention", key, block_size):
+        from .block_sparse_attention.triton_kernel import pool_key_blocks_triton
+
+        return pool_key_blocks_triton(key, block_size, key_centering, out=out)
+    pooled = pool_key_blocks_naive(key, block_size, key_centering)
+    return pooled if out is None else out.copy_(pooled)
+
+
+def block_sparse_attention_with_memory(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_raw: torch.Tensor,
+    kv_state: torch.Tensor,
+    kmean_state: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    proj_weight: torch.Tensor | None = None,
+    proj_bias: torch.Tensor | None = None,
+    topk_ratio: float = 1.0,
+    block_size: int = 64,
+    key_centering: str = "heads",
+    scale: float | None = None,
+    pooled_key_prefix: torch.Tensor | None = None,
+    kernel: str = "reference",
+) -> torch.Tensor:
+    """
+    Hybrid attention of one chunk at inference: block-sparse softmax attention plus the linear memory read with the
+    RoPE'd `query` as numerator query (spec 1.3, inference form), through the output projection `linear_proj`
+    (`proj_weight`, `proj_bias`, shared by the heads):
+
+        block_sparse_attention(query, key, value) + F.linear(linear_memory_read(query, query_raw, kv, kmean), W, b)
+
+    The reference computes exactly that (the projection in the output dtype); the Triton kernel fuses the read-out
+    into the attention kernel with the projection folded into the state (`KV' = KV @ W.T`, float32), so its result
+    differs from the reference by rounding only. Differentiable w.r.t. the queries, keys and values (Triton: through
+    the unfused kernels).
+    """
+    _check_kernel(kernel)
+    if (kernel == "triton" and _use_triton("attention", query, block_size) and _use_triton("memory", query_raw)
+            and kv_state is not None):
+        from .block_sparse_attention.triton_kernel import block_sparse_attention_with_memory_triton
+
+        num_key_blocks = -(-key.shape[1] // block_size)
+        return block_sparse_attention_with_memory_triton(
+            query, key, value, query_raw, kv_state, kmean_state, eps=eps, proj_weight=proj_weight,
+            proj_bias=proj_bias, topk_ratio=topk_ratio, block_size=block_size, key_centering=key_centering,
+            scale=scale, dense=num_selected_blocks(num_key_blocks, topk_ratio) == num_key_blocks,
+            pooled_key_prefix=pooled_key_prefix,
+        )
+    out = block_sparse_attention(query, key, value, topk_ratio=topk_ratio, block_size=block_size,
+                                 key_centering=key_centering, scale=scale, pooled_key_prefix=pooled_key_prefix,
+                                 kernel=kernel)
+    memory = linear_memory_read(query, query_raw, kv_state, kmean_state, eps=eps, kernel=kernel).to(out.dtype)
+    if proj_weight is not None:
+        memory = torch.nn.functional.linear(memory, proj_weight, proj_bias)
+    elif proj_bias is not None:
+        memory = memory + proj_bias
+    return out + memory
 
 
 def linear_memory_absorb(
@@ -142,9 +223,12 @@ __all__ = [
     "KERNELS",
     "apply_rotary_emb",
     "block_sparse_attention",
+    "block_sparse_attention_with_memory",
+    "check_pooled_key_prefix",
     "linear_memory_absorb",
     "linear_memory_read",
     "num_selected_blocks",
+    "pool_key_blocks",
     "select_key_blocks_naive",
     "triton_available",
 ]

@@ -31,11 +31,45 @@ def mean_pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """
     batch, length, heads, dim = x.shape
     num_blocks = -(-length // block_size)
+    if num_blocks == 0:
+        return x.new_zeros((batch, heads, 0, dim), dtype=torch.float32)
     padded = F.pad(x.float(), (0, 0, 0, 0, 0, num_blocks * block_size - length))
     sums = padded.view(batch, num_blocks, block_size, heads, dim).sum(dim=2)
     counts = torch.full((num_blocks,), float(block_size), device=x.device)
     counts[-1] = length - (num_blocks - 1) * block_size
     return (sums / counts.view(1, -1, 1, 1)).permute(0, 2, 1, 3)
+
+
+def pool_key_blocks_naive(key: torch.Tensor, block_size: int = 64, key_centering: str = "heads") -> torch.Tensor:
+    """
+    The pooled key blocks the selection ranks against: `key_centering` applied per token, then the mean of every
+    `block_size`-token block (see [`select_key_blocks_naive`]).
+
+    Args:
+        key (`torch.Tensor` of shape `(B, L, H, D)`).
+    Returns:
+        `torch.Tensor` of shape `(B, H, ceil(L / block_size), D)`, float32.
+    """
+    if key_centering == "heads":
+        key = key.float() - key.float().mean(dim=2, keepdim=True)
+    elif key_centering != "none":
+        raise ValueError(f"`key_centering` must be 'heads' or 'none', got {key_centering!r}.")
+    return mean_pool_blocks(key, block_size)
+
+
+def check_pooled_key_prefix(pooled_key_prefix: torch.Tensor, key: torch.Tensor, block_size: int) -> int:
+    """Validates precomputed pooled key blocks for a prefix of `key`; returns the number of prefix blocks `P` (the
+    prefix covers keys `[0, min(P * block_size, L))`: whole blocks, or every block with the partial last one)."""
+    batch, length, heads, dim = key.shape
+    if pooled_key_prefix.dim() != 4 or pooled_key_prefix.shape[0] != batch or pooled_key_prefix.shape[1] != heads \
+            or pooled_key_prefix.shape[3] != dim:
+        raise ValueError(f"`pooled_key_prefix` must have shape (B, H, P, D) = ({batch}, {heads}, P, {dim}), got "
+                         f"{tuple(pooled_key_prefix.shape)}")
+    num_prefix = pooled_key_prefix.shape[2]
+    if num_prefix > -(-length // block_size):
+        raise ValueError(f"`pooled_key_prefix` holds {num_prefix} blocks of {block_size} tokens, more than the "
+                         f"{length} keys make")
+    return num_prefix
 
 
 def select_key_blocks_naive(
@@ -44,6 +78,7 @@ def select_key_blocks_naive(
     topk_ratio: float,
     block_size: int = 64,
     key_centering: str = "heads",
+    pooled_key_prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     Chooses, per (batch, head, query block), the key blocks to attend to.
@@ -55,17 +90,24 @@ def select_key_blocks_naive(
         key_centering (`str`): `"heads"` subtracts the mean over the *head* axis from every key before pooling (what
             the official code does, a bug that changes the ranking; kept to reproduce released checkpoints);
             `"none"` skips it (centring over tokens would not change the ranking).
+        pooled_key_prefix (`torch.Tensor` of shape `(B, H, P, D)`, *optional*): the pooled key blocks of the first
+            `P * block_size` keys, as [`pool_key_blocks_naive`] computes them (e.g. kept by the cache for the part of
+            the window that does not change between passes); only the remaining keys are pooled.
 
     Returns:
         `torch.LongTensor` of shape `(B, H, ceil(Lq / block_size), topk)`: selected key-block indices, sorted
         ascending.
     """
-    if key_centering == "heads":
-        key = key.float() - key.float().mean(dim=2, keepdim=True)
-    elif key_centering != "none":
-        raise ValueError(f"`key_centering` must be 'heads' or 'none', got {key_centering!r}.")
     pooled_q = mean_pool_blocks(query, block_size)
-    pooled_k = mean_pool_blocks(key, block_size)
+    if pooled_key_prefix is None:
+        pooled_k = pool_key_blocks_naive(key, block_size, key_centering)
+    else:
+        num_prefix = check_pooled_key_prefix(pooled_key_prefix, key, block_size)
+        rest = key[:, num_prefix * block_size :]
+        parts = [pooled_key_prefix.float()]
+        if rest.shape[1]:
+            parts.append(pool_key_blocks_naive(rest, block_size, key_centering))
+        pooled_k = torch.cat(parts, dim=2)
     scores = pooled_q @ pooled_k.transpose(-1, -2)  # (B, H, M, K)
     topk = num_selected_blocks(pooled_k.shape[2], topk_ratio)
     return scores.topk(topk, dim=-1).indices.sort(dim=-1).values

@@ -164,7 +164,7 @@ def test_custom_op_registration():
     """Fake implementation, schema and autograd registration of the custom ops (what torch.compile relies on)."""
     tk = _kernels()
     q, k, v = _inputs(1, 20, 40, 2, 16, torch.float16, grad=True)
-    args = (q, k, v, None, 1, 16, True, 0.25, False)
+    args = (q, k, v, None, 1, 16, True, 0.25, False, None)
     torch.library.opcheck(tk._bsa_fwd_op, args, test_utils=("test_schema", "test_faketensor",
                                                             "test_autograd_registration"))
 
@@ -333,3 +333,190 @@ def test_fused_memory_epilogue(with_proj, dense):
     if with_proj:
         memory = torch.nn.functional.linear(memory, weight, bias)
     assert _rel_err(got, ref.detach() + memory) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Forward launch-configuration variants (round 2): each one against the float32 reference, forward and backward (the
+# backward kernels use the variant's log-sum-exp). `slots` forces the last-wave split on CPU.
+# ------------------------------------------------------------------------------------------------------------------
+
+FWD_VARIANTS = {
+    "group2": dict(group=2),
+    "single_loop": dict(single_loop=True),
+    "loop_attributes": dict(loop_stages=2, unroll=2),
+    "warp_specialize": dict(ws=True, single_loop=True),
+    "tma_device": dict(tma="device"),
+    "tma_host": dict(tma=True),
+    "persistent": dict(persistent=True, slots=3),
+    "fused_combine": dict(fused_combine=True, slots=5),
+    "persistent_fused_flatten": dict(persistent=True, fused_combine=True, flatten=True, slots=5),
+    "warp_specialize_split": dict(ws=True, single_loop=True, slots=5, group=2),
+    "group2_split": dict(group=2, slots=5),
+}
+
+
+@pytest.fixture
+def allocator():
+    """Descriptors built in the kernel need a scratch allocator (the launcher installs one when none is set)."""
+    import triton
+    from triton.runtime import _allocation
+
+    previous = _allocation._allocator.get()
+    yield
+    triton.set_allocator(previous)
+
+
+@pytest.mark.parametrize("name", list(FWD_VARIANTS))
+def test_forward_variants_forward_backward(name, monkeypatch, allocator):
+    tk = _kernels()
+    monkeypatch.setitem(tk.CONFIG_OVERRIDES, "fwd_sparse", FWD_VARIANTS[name])
+    # K = 15 key blocks, 5 selected (odd: a pair loop leaves one unmasked block); 3 query blocks x 2 x 2 = 12 items
+    q, k, v = _inputs(2, 40, 230, 2, 32, torch.bfloat16, grad=True)
+    with poisoned_outputs():
+        lut, _ = tk.select_key_blocks_triton(q.detach(), k.detach(), 0.35, 16, "heads")
+        out = tk.block_sparse_attention_triton(q, k, v, topk_ratio=0.35, block_size=16)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert lut.shape[-1] == 5
+    ref, leaves = _reference(q, k, v, lut, 16)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.float())
+    assert not out.isnan().any() and _rel_err(out, ref) < 1e-2
+    for got, want in zip(grads, ref_grads):
+        assert not got.isnan().any() and _rel_err(got, want) < 2e-2
+
+
+def test_split_plan_is_exercised_by_the_variants():
+    tk = _kernels()
+    n_full, parts = tk._split_plan(12, 5, dict(slots=5), "cpu")
+    assert (n_full, parts) == (10, 2)
+
+
+MEMORY_VARIANTS = {
+    "epilogue": dict(),
+    "denominator_first": dict(mem_mode=1),
+    "all_first": dict(mem_mode=2),
+    "all_first_split_fused": dict(mem_mode=2, slots=5, fused_combine=True),
+    "denominator_first_ws_split": dict(mem_mode=1, ws=True, single_loop=True, slots=5),
+    "epilogue_persistent_split": dict(persistent=True, slots=5, memory_lo=True, mem_state="f32"),
+}
+
+
+@pytest.mark.parametrize("name", list(MEMORY_VARIANTS))
+def test_fused_memory_variants(name, monkeypatch):
+    """Attention + linear-memory read-out (+ linear_proj folded into the state) in each placement == the separate
+    reference ops."""
+    tk = _kernels()
+    from diffusers_hybrid.ops.linear_memory.naive import linear_memory_read_naive
+
+    monkeypatch.setitem(tk.CONFIG_OVERRIDES, "fwd_sparse", MEMORY_VARIANTS[name])
+    q, k, v = _inputs(2, 40, 230, 2, 32, torch.bfloat16)
+    q_raw = torch.randn_like(q)
+    kv = torch.randn(2, 2, 32, 32) / 32
+    kmean = torch.rand(2, 2, 32)
+    weight = torch.randn(32, 32) / 6
+    bias = torch.randn(32)
+    with poisoned_outputs(), torch.no_grad():
+        got = tk.block_sparse_attention_with_memory_triton(
+            q, k, v, q_raw, kv, kmean, eps=1e-6, proj_weight=weight, proj_bias=bias, topk_ratio=0.35, block_size=16)
+        lut = tk.select_key_blocks_triton(q, k, 0.35, 16, "heads")[0]
+    ref, _ = _reference(q, k, v, lut, 16)
+    memory = torch.nn.functional.linear(linear_memory_read_naive(q.float(), q_raw.float(), kv, kmean), weight, bias)
+    assert _rel_err(got, ref.detach() + memory) < 1e-2
+
+
+def test_fused_memory_with_projected_state_and_prefix():
+    """`state_is_projected` (the caller keeps KV' = KV W^T) and a pooled key prefix give the same result."""
+    tk = _kernels()
+    q, k, v = _inputs(1, 40, 100, 2, 32, torch.float16)
+    q_raw = torch.randn_like(q)
+    kv, kmean = torch.randn(1, 2, 32, 32) / 32, torch.rand(1, 2, 32)
+    weight, bias = torch.randn(32, 32) / 6, torch.randn(32)
+    prefix = tk.pool_key_blocks_triton(k[:, :48], 16, "heads")
+    with torch.no_grad():
+        a = tk.block_sparse_attention_with_memory_triton(q, k, v, q_raw, kv, kmean, proj_weight=weight,
+                                                         proj_bias=bias, topk_ratio=0.3, block_size=16)
+        b = tk.block_sparse_attention_with_memory_triton(q, k, v, q_raw, tk.project_memory_state(kv, weight), kmean,
+                                                         proj_bias=bias, topk_ratio=0.3, block_size=16,
+                                                         state_is_projected=True, pooled_key_prefix=prefix)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="state_is_projected"):
+        tk.block_sparse_attention_with_memory_triton(q, k, v, q_raw, kv, kmean, proj_weight=weight,
+                                                     state_is_projected=True)
+
+
+def test_unknown_forward_option_is_rejected():
+    tk = _kernels()
+    q, k, v = _inputs(1, 20, 40, 2, 16, torch.float16)
+    with pytest.raises(ValueError, match="unknown forward launch option"):
+        tk.attention_forward(q, k, v, None, 0, 16, 0.25, True, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4,
+                                                                    num_stages=1, bogus=1))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pooled key prefix: the selection takes precomputed pooled key blocks for a prefix of the keys
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+@pytest.mark.parametrize("key_centering, num_prefix", [("heads", 9), ("none", 14), ("heads", 0), ("heads", 15)])
+def test_pooled_key_prefix_equals_pooling_everything(kernel, key_centering, num_prefix):
+    """Selection (and attention) with the pooled blocks of the first `P` key blocks given == pooling all keys; the
+    prefix may be empty or cover every block, the last block partial (230 = 14 * 16 + 6)."""
+    from diffusers_hybrid.ops import pool_key_blocks
+    from diffusers_hybrid.ops.block_sparse_attention.naive import select_key_blocks_naive
+
+    q, k, v = _inputs(2, 40, 230, 2, 32, torch.bfloat16)
+    prefix = pool_key_blocks(k[:, : num_prefix * 16], 16, key_centering, kernel=kernel)
+    assert prefix.shape == (2, 2, num_prefix, 32) and prefix.dtype == torch.float32
+    with poisoned_outputs():
+        plain = block_sparse_attention(q, k, v, topk_ratio=0.3, block_size=16, key_centering=key_centering,
+                                       kernel=kernel)
+        cached = block_sparse_attention(q, k, v, topk_ratio=0.3, block_size=16, key_centering=key_centering,
+                                        pooled_key_prefix=prefix, kernel=kernel)
+    torch.testing.assert_close(cached, plain, atol=0, rtol=0)
+    want = select_key_blocks_naive(q, k, 0.3, 16, key_centering)
+    if kernel == "reference":
+        got = select_key_blocks_naive(q, k, 0.3, 16, key_centering, pooled_key_prefix=prefix)
+        assert torch.equal(got, want)
+    else:
+        tk = _kernels()
+        with poisoned_outputs():
+            got, bmap = tk.select_key_blocks_triton(q, k, 0.3, 16, key_centering, write_map=True,
+                                                    pooled_key_prefix=prefix)
+            base, _ = tk.select_key_blocks_triton(q, k, 0.3, 16, key_centering)
+        assert torch.equal(got, base)
+        assert_valid_selection(got, q, k, 0.3, 16, key_centering)
+        assert torch.equal(bmap, torch.zeros(bmap.shape, dtype=torch.int8).scatter_(-1, got.long(), 1))
+
+
+@pytest.mark.parametrize("select_cfg", [{"impl": "group", "G": 4}, {"impl": "rows", "G": 2},
+                                        {"impl": "torch"}, {"pool": "tok"}])
+def test_pooled_key_prefix_other_selection_kernels(select_cfg, monkeypatch):
+    tk = _kernels()
+    monkeypatch.setattr(tk, "SELECT_CONFIG", {**tk.SELECT_CONFIG, **select_cfg})
+    q, k, _ = _inputs(2, 50, 230, 3, 32, torch.bfloat16)
+    prefix = tk.pool_key_blocks_triton(k[:, :96], 16, "heads")
+    with poisoned_outputs():
+        got, _ = tk.select_key_blocks_triton(q, k, 0.3, 16, "heads", pooled_key_prefix=prefix)
+    assert_valid_selection(got, q, k, 0.3, 16, "heads")
+
+
+def test_pool_key_blocks_triton_matches_reference_and_fills_out():
+    tk = _kernels()
+    from diffusers_hybrid.ops.block_sparse_attention.naive import pool_key_blocks_naive
+
+    k = _inputs(2, 10, 100, 3, 32, torch.bfloat16)[1]
+    out = torch.full((2, 3, 7, 32), float("nan"))
+    got = tk.pool_key_blocks_triton(k, 16, "heads", out=out)
+    assert got is out
+    torch.testing.assert_close(out, pool_key_blocks_naive(k, 16, "heads"), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="out"):
+        tk.pool_key_blocks_triton(k, 16, "heads", out=torch.empty(2, 3, 6, 32))
+
+
+def test_pooled_key_prefix_is_validated():
+    q, k, v = _inputs(1, 20, 40, 2, 16, torch.float16)
+    for bad in (torch.zeros(1, 2, 4, 16), torch.zeros(1, 3, 1, 16), torch.zeros(2, 2, 1, 16)):  # 40 keys: 3 blocks
+        for kernel in ("reference", "triton"):
+            with pytest.raises(ValueError, match="pooled_key_prefix"):
+                block_sparse_attention(q, k, v, topk_ratio=0.5, block_size=16, pooled_key_prefix=bad, kernel=kernel)

@@ -8,17 +8,26 @@ Forward, three or four launches:
 1. `_pool_heads_kernel`: mean-pools every `block_size`-token block of the queries and of the keys, one program per
    token block looping over the heads (one wide (block, D) load per head), fp32, partial last block averaged over
    its valid rows; for keys it subtracts the mean over heads ("heads" key centring: pooling and the head mean
-   commute).
-2. `_select_row_kernel`: per (batch, head, query block), fp32 scores against all pooled key blocks, then the k-th
-   largest score by a 32-step binary search over the scores' order-preserving int32 image (ties go to the lower
-   block index); writes the selected indices in ascending order (the LUT) and, for the backward, a dense int8 map.
+   commute). With a `pooled_key_prefix` (the pooled blocks of the first keys, e.g. kept by a cache for the part of
+   the window that is the same in every pass) only the remaining key blocks are pooled.
+2. `_select_row_kernel`: per (batch, head, query block), fp32 scores against all pooled key blocks (prefix and
+   freshly pooled ones), then the k-th largest score by a 32-step binary search over the scores' order-preserving
+   int32 image (ties go to the lower block index); writes the selected indices in ascending order (the LUT) and,
+   for the backward, a dense int8 map.
 3. `_attn_fwd_kernel`: FlashAttention-style online softmax (exp2, fp32 accumulators) of one query block over its
    selected key blocks (or every key block when `dense`), K/V tiles gathered through the LUT with bulk-tensor (TMA)
    copies, only the last iteration masked (the partial last key block is last: the LUT is ascending); stores the
    output and the log-sum-exp (base 2) for the backward. The work items of the last, partial wave are split over
-   key ranges and merged by `_attn_fwd_combine_kernel`, so that the last wave does not run mostly idle.
-   Optionally (`block_sparse_attention_with_memory_triton`, inference) the linear-memory read-out, with the
-   output projection folded into the state, is added in the epilogue.
+   key ranges and merged by `_attn_fwd_combine_kernel` (or by the last part to finish, `fused_combine`), so that
+   the last wave does not run mostly idle. Optionally (`block_sparse_attention_with_memory_triton`, inference) the
+   linear-memory read-out, with the output projection folded into the state, is added to the output.
+
+   The launch configuration (`_config`, `CONFIG_OVERRIDES`, keys in `FWD_KEYS`) selects variants of the same kernel:
+   tiles and warps, kernel- or loop-level pipelining (`num_stages`, `loop_stages`, `unroll`), automatic warp
+   specialisation of the main loop (`ws`, with `single_loop`), two selected blocks per online-softmax step
+   (`group`), descriptors built on the host or in the kernel (`tma`), resident programs (`persistent`,
+   `flatten`), the fused split merge, and where the memory read-out runs (`mem_mode`, `mem_state`).
+   `benchmarks/bench_attention.py --round2` checks and times them all.
 
 Backward: `_attn_bwd_dq_kernel` (also computes `delta = rowsum(dO * O)`), `_reverse_lut_kernel` (for every key block
 the list of query blocks that selected it), `_attn_bwd_dkdv_kernel`. The selection is not differentiated.
@@ -42,7 +51,7 @@ import triton.language as tl  # noqa: E402
 
 from ..utils import new_empty, new_empty_like  # noqa: E402
 
-from .naive import num_selected_blocks  # noqa: E402
+from .naive import check_pooled_key_prefix, num_selected_blocks  # noqa: E402
 
 try:  # Hopper bulk-tensor copies (TMA); optional.
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -52,12 +61,13 @@ except Exception:  # pragma: no cover
 LOG2E = 1.4426950408889634
 
 # Kernel launch configurations, overridable (benchmarks / tuning) by updating this dict. Keys are
-# "fwd_sparse", "fwd_dense", "bwd_sparse", "bwd_dense"; see `_config`.
+# "fwd_sparse", "fwd_sparse_memory" (with the fused read-out), "fwd_dense", "bwd_sparse", "bwd_dense"; see `_config`.
 CONFIG_OVERRIDES: dict = {}
 # Selection implementation and launch parameters (benchmarks override): impl "row" (1 query block per program) |
 # "rows" (G per program) | "group" (tl.dot scores) | "torch"; pool "heads" (loop over heads) | "tok".
-# Measured on an H100 (benchmarks/RESULTS.md): pool "heads" with 2 warps, one program per query block.
-SELECT_CONFIG: dict = {"impl": "row", "pool": "heads", "pool_warps": 2, "num_warps": 4}
+# Measured on an H100 (benchmarks/RESULTS.md, round 2): pool "heads" with 2 warps, scores of 8 query blocks per
+# program with tl.dot (35.4 us with the cached pooled prefix vs 49.3 us for one query block per program).
+SELECT_CONFIG: dict = {"impl": "group", "G": 8, "pool": "heads", "pool_warps": 2, "num_warps": 4}
 
 
 def _interpret() -> bool:
@@ -70,15 +80,18 @@ def _config(kind: str, head_dim: int, block_size: int) -> dict:
     if _interpret():
         base = {
             "fwd_sparse": dict(KPI=1, num_warps=4, num_stages=1, tma=False),
+            "fwd_sparse_memory": dict(KPI=1, num_warps=4, num_stages=1, tma=False),
             "fwd_dense": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, tma=False),
             "bwd_sparse": dict(KPI=1, num_warps=4, num_stages=1),
             "bwd_dense": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
         }[kind]
     else:
         base = {
-            # Measured on an H100 (benchmarks/RESULTS.md): TMA loads; the last wave split for the
-            # resident programs (2 per multiprocessor sparse, 1 dense).
-            "fwd_sparse": dict(KPI=1, num_warps=4, num_stages=2, tma=True, ctas_per_sm=2),
+            # Measured on an H100 (benchmarks/RESULTS.md, round 2): TMA loads, no software pipelining and 4 resident
+            # programs per multiprocessor (0.1995 ms vs 0.2120 ms for 2 stages x 2 programs); with the fused memory
+            # read-out the 2-stage configuration is faster (+15.5 us vs +72 us for the read-out), so it keeps that.
+            "fwd_sparse": dict(KPI=1, num_warps=4, num_stages=1, tma=True, ctas_per_sm=4),
+            "fwd_sparse_memory": dict(KPI=1, num_warps=4, num_stages=2, tma=True, ctas_per_sm=2),
             "fwd_dense": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, ctas_per_sm=1),
             "bwd_sparse": dict(KPI=1, num_warps=4, num_stages=2, dkv_num_stages=3),
             "bwd_dense": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, DKV_BLOCK_M=64, DKV_BLOCK_N=128,
@@ -95,7 +108,7 @@ def _config(kind: str, head_dim: int, block_size: int) -> dict:
 
 
 @triton.jit
-def _pool_block(X, P, blk, L, NB, s_l, s_h,
+def _pool_block(X, P, blk, dst, L, NB, s_l, s_h,
                 H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, TOK: tl.constexpr,
                 CENTER: tl.constexpr):
     offs_t = tl.arange(0, TOK)
@@ -113,31 +126,33 @@ def _pool_block(X, P, blk, L, NB, s_l, s_h,
     acc = acc / count
     if CENTER:
         acc = acc - (tl.sum(acc, axis=0) / H)[None, :]
-    out = P + offs_h[:, None] * (NB * D) + blk * D + offs_d[None, :]
+    out = P + offs_h[:, None] * (NB * D) + dst * D + offs_d[None, :]
     tl.store(out, acc, mask=(offs_h < H)[:, None])
 
 
 @triton.jit
-def _pool_kernel(Q, K, PQ, PK, Lq, Lk, Mq, Mk,
+def _pool_kernel(Q, K, PQ, PK, Lq, Lk, Mq, Mk, kb0,
                  s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
                  H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, TOK: tl.constexpr,
                  CENTER: tl.constexpr):
-    """Grid (Mq + Mk, B): one program per query or key block, all heads at once. Outputs (B, H, M, D) fp32."""
+    """Grid (Mq + Mk, B): one program per query block, or per key block `kb0 + i` (i < Mk; the key blocks before
+    `kb0` come pooled already), all heads at once. Outputs (B, H, Mq, D) and (B, H, Mk, D) fp32."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
     if pid < Mq:
-        _pool_block(Q + b * s_qb, PQ + b * (H * Mq * D), pid, Lq, Mq, s_ql, s_qh, H, H_PAD, D, BLOCK, TOK, False)
+        _pool_block(Q + b * s_qb, PQ + b * (H * Mq * D), pid, pid, Lq, Mq, s_ql, s_qh, H, H_PAD, D, BLOCK, TOK,
+                    False)
     else:
-        _pool_block(K + b * s_kb, PK + b * (H * Mk * D), pid - Mq, Lk, Mk, s_kl, s_kh, H, H_PAD, D, BLOCK, TOK,
-                    CENTER)
+        _pool_block(K + b * s_kb, PK + b * (H * Mk * D), kb0 + pid - Mq, pid - Mq, Lk, Mk, s_kl, s_kh, H, H_PAD, D,
+                    BLOCK, TOK, CENTER)
 
 
 @triton.jit
-def _pool_heads_block(X, P, blk, L, NB, s_l, s_h,
+def _pool_heads_block(X, P, blk, dst, L, NB, s_l, s_h,
                       H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                       CENTER: tl.constexpr):
-    """One token block, all heads: a (BLOCK, D) tile per head (one wide load each), pooled vectors gathered in an
-    (H_PAD, D) register tile, head mean subtracted for keys."""
+    """One token block `blk`, all heads: a (BLOCK, D) tile per head (one wide load each), pooled vectors gathered
+    in an (H_PAD, D) register tile, head mean subtracted for keys; written as block `dst` of the output."""
     offs_t = tl.arange(0, BLOCK)
     offs_h = tl.arange(0, H_PAD)
     offs_d = tl.arange(0, D)
@@ -151,27 +166,42 @@ def _pool_heads_block(X, P, blk, L, NB, s_l, s_h,
         tile = tl.where(offs_h[:, None] == h, pooled[None, :], tile)
     if CENTER:
         tile = tile - (tl.sum(tile, axis=0) / H)[None, :]
-    tl.store(P + offs_h[:, None] * (NB * D) + blk * D + offs_d[None, :], tile, mask=(offs_h < H)[:, None])
+    tl.store(P + offs_h[:, None] * (NB * D) + dst * D + offs_d[None, :], tile, mask=(offs_h < H)[:, None])
 
 
 @triton.jit
-def _pool_heads_kernel(Q, K, PQ, PK, Lq, Lk, Mq, Mk,
+def _pool_heads_kernel(Q, K, PQ, PK, Lq, Lk, Mq, Mk, kb0,
                        s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
                        H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                        CENTER: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1)
     if pid < Mq:
-        _pool_heads_block(Q + b * s_qb, PQ + b * (H * Mq * D), pid, Lq, Mq, s_ql, s_qh, H, H_PAD, D, BLOCK, False)
+        _pool_heads_block(Q + b * s_qb, PQ + b * (H * Mq * D), pid, pid, Lq, Mq, s_ql, s_qh, H, H_PAD, D, BLOCK,
+                          False)
     else:
-        _pool_heads_block(K + b * s_kb, PK + b * (H * Mk * D), pid - Mq, Lk, Mk, s_kl, s_kh, H, H_PAD, D, BLOCK,
-                          CENTER)
+        _pool_heads_block(K + b * s_kb, PK + b * (H * Mk * D), kb0 + pid - Mq, pid - Mq, Lk, Mk, s_kl, s_kh, H,
+                          H_PAD, D, BLOCK, CENTER)
 
 
 @triton.jit
-def _select_kernel(PQ, PK, LUT, BMAP, M, NK, topk,
+def _pooled_keys(PK, PKP, bh, NK, NP, offs_k, k_ok, cols, HAS_PRE: tl.constexpr, D: tl.constexpr):
+    """Pooled key rows `offs_k`, columns `cols`: blocks `< NP` from the precomputed prefix PKP (B*H, NP, D), the
+    others from PK (B*H, NK - NP, D); rows past NK read as 0."""
+    if HAS_PRE:
+        pre = offs_k < NP
+        x = tl.load(PKP + (bh * NP + offs_k[:, None]) * D + cols[None, :], mask=pre[:, None], other=0.0)
+        x += tl.load(PK + (bh * (NK - NP) + offs_k[:, None] - NP) * D + cols[None, :],
+                     mask=(k_ok & (offs_k >= NP))[:, None], other=0.0)
+    else:
+        x = tl.load(PK + (bh * NK + offs_k[:, None]) * D + cols[None, :], mask=k_ok[:, None], other=0.0)
+    return x
+
+
+@triton.jit
+def _select_kernel(PQ, PK, PKP, LUT, BMAP, M, NK, NP, topk,
                    G: tl.constexpr, K_PAD: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
-                   WRITE_MAP: tl.constexpr):
+                   WRITE_MAP: tl.constexpr, HAS_PRE: tl.constexpr):
     """Grid (cdiv(M, G), B*H). Top-`topk` key blocks per query block, indices ascending."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -183,7 +213,7 @@ def _select_kernel(PQ, PK, LUT, BMAP, M, NK, topk,
     scores = tl.zeros((G, K_PAD), dtype=tl.float32)
     for d0 in range(0, D, DC):
         pq = tl.load(PQ + bh * M * D + offs_g[:, None] * D + d0 + offs_c[None, :], mask=g_ok[:, None], other=0.0)
-        pk = tl.load(PK + bh * NK * D + offs_k[:, None] * D + d0 + offs_c[None, :], mask=k_ok[:, None], other=0.0)
+        pk = _pooled_keys(PK, PKP, bh, NK, NP, offs_k, k_ok, d0 + offs_c, HAS_PRE, D)
         scores = tl.dot(pq, tl.trans(pk), scores, input_precision="ieee")
     scores = tl.where(k_ok[None, :], scores, float("-inf"))
     # Order-preserving float -> int32 map; then a 32-step binary search for the topk-th largest value T per row.
@@ -211,8 +241,9 @@ def _select_kernel(PQ, PK, LUT, BMAP, M, NK, topk,
 
 
 @triton.jit
-def _select_row_kernel(PQ, PK, LUT, BMAP, M, NK, topk,
-                       K_PAD: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, WRITE_MAP: tl.constexpr):
+def _select_row_kernel(PQ, PK, PKP, LUT, BMAP, M, NK, NP, topk,
+                       K_PAD: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, WRITE_MAP: tl.constexpr,
+                       HAS_PRE: tl.constexpr):
     """Grid (M, B*H): one query block per program, 1-D vectors (the fastest variant measured on an H100).
     Scores in fp32 (D in chunks of DC), then the topk-th largest by a 32-step binary search over the
     order-preserving int32 image of the scores; ties go to the lower block index; indices stored ascending."""
@@ -224,7 +255,7 @@ def _select_row_kernel(PQ, PK, LUT, BMAP, M, NK, topk,
     scores = tl.zeros((K_PAD,), dtype=tl.float32)
     for d0 in tl.static_range(0, D, DC):
         pq = tl.load(PQ + (bh * M + m) * D + d0 + offs_c)
-        pk = tl.load(PK + bh * NK * D + offs_k[:, None] * D + d0 + offs_c[None, :], mask=k_ok[:, None], other=0.0)
+        pk = _pooled_keys(PK, PKP, bh, NK, NP, offs_k, k_ok, d0 + offs_c, HAS_PRE, D)
         scores += tl.sum(pk * pq[None, :], axis=1)
     scores = tl.where(k_ok, scores, float("-inf"))
     bits = scores.to(tl.int32, bitcast=True)
@@ -250,9 +281,9 @@ def _select_row_kernel(PQ, PK, LUT, BMAP, M, NK, topk,
 
 
 @triton.jit
-def _select_rows_kernel(PQ, PK, LUT, BMAP, M, NK, topk,
+def _select_rows_kernel(PQ, PK, PKP, LUT, BMAP, M, NK, NP, topk,
                         G: tl.constexpr, K_PAD: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
-                        WRITE_MAP: tl.constexpr):
+                        WRITE_MAP: tl.constexpr, HAS_PRE: tl.constexpr):
     """Grid (cdiv(M, G), B*H): G query blocks per program (the pooled keys are read once per G rows; the
     selection is latency- and L2-bound). Scores in fp32 (D in chunks of DC, multiply-and-sum), then the topk-th
     largest per row by a 32-step binary search over the order-preserving int32 image of the scores; ties go to
@@ -267,7 +298,7 @@ def _select_rows_kernel(PQ, PK, LUT, BMAP, M, NK, topk,
     scores = tl.zeros((G, K_PAD), dtype=tl.float32)
     for d0 in tl.static_range(0, D, DC):
         pq = tl.load(PQ + (bh * M + offs_g[:, None]) * D + d0 + offs_c[None, :], mask=g_ok[:, None], other=0.0)
-        pk = tl.load(PK + bh * NK * D + offs_k[:, None] * D + d0 + offs_c[None, :], mask=k_ok[:, None], other=0.0)
+        pk = _pooled_keys(PK, PKP, bh, NK, NP, offs_k, k_ok, d0 + offs_c, HAS_PRE, D)
         scores += tl.sum(pq[:, None, :] * pk[None, :, :], axis=2)
     scores = tl.where(k_ok[None, :], scores, float("-inf"))
     bits = scores.to(tl.int32, bitcast=True)
@@ -322,19 +353,29 @@ def _key_tile(lut_row, it, Lk, topk, offs_n,
 
 
 @triton.jit
+def _load_tile(desc, Base, row0, start, col0, cols, ok, s_l, offs_d, USE_TMA: tl.constexpr, MASK: tl.constexpr):
+    """One (BLOCK_N, D) key or value tile: a bulk-tensor copy at row `row0 + start`, or a (masked) gather."""
+    if USE_TMA:
+        x = desc.load([row0 + start, col0])
+    elif MASK:
+        x = tl.load(Base + cols[:, None] * s_l + offs_d[None, :], mask=ok[:, None], other=0.0)
+    else:
+        x = tl.load(Base + cols[:, None] * s_l + offs_d[None, :])
+    return x
+
+
+@triton.jit
 def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, k_desc, v_desc, lut_row, it0, it1, row0, col0, Lk, topk,
               s_kl, s_vl, qk_scale, offs_n, offs_d,
               BLOCK_N: tl.constexpr, BS: tl.constexpr, KPI: tl.constexpr, SPARSE: tl.constexpr,
-              USE_TMA: tl.constexpr, MASK: tl.constexpr, F32: tl.constexpr):
-    """Online-softmax over iterations [it0, it1). MASK: check key validity (only the last iteration needs it)."""
-    for it in range(it0, it1):
+              USE_TMA: tl.constexpr, MASK: tl.constexpr, F32: tl.constexpr,
+              LOOP_STAGES: tl.constexpr, UNROLL: tl.constexpr, WS: tl.constexpr):
+    """Online softmax over iterations [it0, it1). MASK: check key validity (needed only where the partial last key
+    block can occur). LOOP_STAGES / UNROLL / WS: the loop's own pipelining depth, unroll factor and automatic warp
+    specialisation (`tl.range` attributes; None / False leave the compiler's defaults)."""
+    for it in tl.range(it0, it1, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL, warp_specialize=WS):
         start, cols, ok = _key_tile(lut_row, it, Lk, topk, offs_n, BLOCK_N, BS, KPI, SPARSE)
-        if USE_TMA:
-            k = k_desc.load([row0 + start, col0])
-        elif MASK:
-            k = tl.load(K_base + cols[:, None] * s_kl + offs_d[None, :], mask=ok[:, None], other=0.0)
-        else:
-            k = tl.load(K_base + cols[:, None] * s_kl + offs_d[None, :])
+        k = _load_tile(k_desc, K_base, row0, start, col0, cols, ok, s_kl, offs_d, USE_TMA, MASK)
         if F32:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k))
@@ -345,12 +386,7 @@ def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, k_desc, v_desc, lut_row, it0, it
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if USE_TMA:
-            v = v_desc.load([row0 + start, col0])
-        elif MASK:
-            v = tl.load(V_base + cols[:, None] * s_vl + offs_d[None, :], mask=ok[:, None], other=0.0)
-        else:
-            v = tl.load(V_base + cols[:, None] * s_vl + offs_d[None, :])
+        v = _load_tile(v_desc, V_base, row0, start, col0, cols, ok, s_vl, offs_d, USE_TMA, MASK)
         pv = p.to(V_base.dtype.element_ty)
         if F32:
             v = v.to(tl.float32)
@@ -361,21 +397,74 @@ def _fwd_loop(acc, l_i, m_i, q, K_base, V_base, k_desc, v_desc, lut_row, it0, it
 
 
 @triton.jit
-def _memory_term(q, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, eps,
-                 D: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr):
-    """Linear-memory read-out of one query tile, `(q · KV') / (relu(q_raw) · kmean + eps) (+ bias)`, fp32. `q` is
-    the RoPE'd query the attention uses; KV' the state (possibly times the output projection) as a 16-bit `hi`
-    part plus, optionally, the 16-bit residual `lo` (hi + lo: about fp32 accuracy)."""
+def _fwd_loop_pairs(acc, l_i, m_i, q, K_base, V_base, k_desc, v_desc, lut_row, it0, n_pairs, row0, col0,
+                    s_kl, s_vl, qk_scale, offs_n, offs_d,
+                    BS: tl.constexpr, USE_TMA: tl.constexpr, F32: tl.constexpr,
+                    LOOP_STAGES: tl.constexpr, UNROLL: tl.constexpr, WS: tl.constexpr):
+    """Sparse, unmasked: LUT slots it0, it0+1, ... two selected key blocks per online-softmax step (one running-max
+    update, one rescale of the accumulator for both; the two QK^T and PV products are independent)."""
+    for j in tl.range(0, n_pairs, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL, warp_specialize=WS):
+        it = it0 + 2 * j
+        start0 = tl.load(lut_row + it) * BS
+        start1 = tl.load(lut_row + it + 1) * BS
+        cols0 = start0 + offs_n
+        cols1 = start1 + offs_n
+        k0 = _load_tile(k_desc, K_base, row0, start0, col0, cols0, cols0 >= 0, s_kl, offs_d, USE_TMA, False)
+        k1 = _load_tile(k_desc, K_base, row0, start1, col0, cols1, cols1 >= 0, s_kl, offs_d, USE_TMA, False)
+        if F32:
+            k0 = k0.to(tl.float32)
+            k1 = k1.to(tl.float32)
+        s0 = tl.dot(q, tl.trans(k0))
+        s1 = tl.dot(q, tl.trans(k1))
+        m_new = tl.maximum(m_i, tl.maximum(tl.max(s0, 1), tl.max(s1, 1)) * qk_scale)
+        p0 = tl.math.exp2(s0 * qk_scale - m_new[:, None])
+        p1 = tl.math.exp2(s1 * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + (tl.sum(p0, 1) + tl.sum(p1, 1))
+        acc = acc * alpha[:, None]
+        v0 = _load_tile(v_desc, V_base, row0, start0, col0, cols0, cols0 >= 0, s_vl, offs_d, USE_TMA, False)
+        v1 = _load_tile(v_desc, V_base, row0, start1, col0, cols1, cols1 >= 0, s_vl, offs_d, USE_TMA, False)
+        pv0 = p0.to(V_base.dtype.element_ty)
+        pv1 = p1.to(V_base.dtype.element_ty)
+        if F32:
+            v0 = v0.to(tl.float32)
+            v1 = v1.to(tl.float32)
+            pv0 = pv0.to(tl.float32)
+            pv1 = pv1.to(tl.float32)
+        acc = tl.dot(pv0, v0, acc)
+        acc = tl.dot(pv1, v1, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, eps, D: tl.constexpr):
+    """Denominator of the linear-memory read-out, `relu(q_raw) · kmean + eps`, one value per query row."""
     offs_d = tl.arange(0, D)
-    kv_offs = bh * D * D + offs_d[:, None] * D + offs_d[None, :]
     km = tl.load(KMS + bh * D + offs_d)
     qr = tl.load(QR + b * s_qrb + h * s_qrh + offs_m[:, None] * s_qrl + offs_d[None, :], mask=m_ok[:, None],
                  other=0.0).to(tl.float32)
-    den = tl.sum(tl.maximum(qr, 0.0) * km[None, :], axis=1) + eps
+    return tl.sum(tl.maximum(qr, 0.0) * km[None, :], axis=1) + eps
+
+
+@triton.jit
+def _memory_num(q, KVH, KVL, BIAS, bh, den, D: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                F32: tl.constexpr):
+    """`(q · KV') / den (+ bias)`, fp32. KV' is the state (possibly times the output projection): either 16-bit (the
+    `hi` part, plus optionally the 16-bit residual `lo` in KVL: hi + lo is about fp32 accurate), or fp32, split here
+    into hi (+ lo when HAS_LO); fp32 products in the interpreter."""
+    offs_d = tl.arange(0, D)
+    kv_offs = bh * D * D + offs_d[:, None] * D + offs_d[None, :]
+    kv = tl.load(KVH + kv_offs)
     if F32:
-        num = tl.dot(q.to(tl.float32), tl.load(KVH + kv_offs).to(tl.float32), input_precision="ieee")
+        num = tl.dot(q.to(tl.float32), kv.to(tl.float32), input_precision="ieee")
+    elif KVH.dtype.element_ty == tl.float32:
+        kv_hi = kv.to(q.dtype)
+        num = tl.dot(q, kv_hi)
+        if HAS_LO:
+            num = tl.dot(q, (kv - kv_hi.to(tl.float32)).to(q.dtype), num)
     else:
-        num = tl.dot(q, tl.load(KVH + kv_offs))
+        num = tl.dot(q, kv)
         if HAS_LO:
             num = tl.dot(q, tl.load(KVL + kv_offs), num)
     mem = num / den[:, None]
@@ -385,25 +474,63 @@ def _memory_term(q, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qr
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, QR, KVH, KVL, KMS, BIAS,
-                     Lq, Lk, H, M, topk, n_full, n_parts,
-                     s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh, s_qrb, s_qrl, s_qrh,
-                     qk_scale, mem_eps,
-                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
-                     KPI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr, F32: tl.constexpr,
-                     MEM: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """1-D grid over work items w = bh * M + query block. The first `n_full` programs each do one whole item; the
-    remaining items (the last, partial wave) are split into `n_parts` programs over disjoint key ranges that write
-    unnormalised partials (PACC, PML) for `_attn_fwd_combine_kernel` (keeps the last wave from running mostly idle)."""
-    pid = tl.program_id(0)
-    if pid < n_full:
-        w = pid
-        part = 0
-        parts = 1
-    else:
-        w = n_full + (pid - n_full) // n_parts
-        part = (pid - n_full) % n_parts
-        parts = n_parts
+def _memory_term(q, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, eps,
+                 D: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr):
+    """Linear-memory read-out of one query tile, `(q · KV') / (relu(q_raw) · kmean + eps) (+ bias)`, fp32. `q` is
+    the RoPE'd query the attention uses."""
+    den = _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, eps, D)
+    return _memory_num(q, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS, F32)
+
+
+@triton.jit
+def _merge_parts(PACC, PML, r, n_parts, BLOCK_M: tl.constexpr, D: tl.constexpr, CG: tl.constexpr):
+    """Merges the `n_parts` partial softmax states of split item `r`: (unnormalised acc, max, sum)."""
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    m_all = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    for p in range(0, n_parts):
+        if CG:
+            m_p = tl.load(PML + (r * n_parts + p) * 2 * BLOCK_M + rows, cache_modifier=".cg")
+        else:
+            m_p = tl.load(PML + (r * n_parts + p) * 2 * BLOCK_M + rows)
+        m_all = tl.maximum(m_all, m_p)
+    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    l_all = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for p in range(0, n_parts):
+        slot = r * n_parts + p
+        if CG:
+            m_p = tl.load(PML + slot * 2 * BLOCK_M + rows, cache_modifier=".cg")
+            l_p = tl.load(PML + slot * 2 * BLOCK_M + BLOCK_M + rows, cache_modifier=".cg")
+            a_p = tl.load(PACC + (slot * BLOCK_M + rows[:, None]) * D + offs_d[None, :], cache_modifier=".cg")
+        else:
+            m_p = tl.load(PML + slot * 2 * BLOCK_M + rows)
+            l_p = tl.load(PML + slot * 2 * BLOCK_M + BLOCK_M + rows)
+            a_p = tl.load(PACC + (slot * BLOCK_M + rows[:, None]) * D + offs_d[None, :])
+        wgt = tl.math.exp2(m_p - m_all)
+        l_all += l_p * wgt
+        acc += a_p * wgt[:, None]
+    return acc, l_all, m_all
+
+
+@triton.jit
+def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, QR, KVH, KVL, KMS, BIAS,
+              Lq, Lk, H, M, topk, n_full, n_parts,
+              s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh, s_qrb, s_qrl, s_qrh,
+              qk_scale, mem_eps,
+              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
+              KPI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr, F32: tl.constexpr,
+              MEM: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr,
+              GROUP: tl.constexpr, SINGLE_LOOP: tl.constexpr, LOOP_STAGES: tl.constexpr, UNROLL: tl.constexpr,
+              WS: tl.constexpr, MEM_MODE: tl.constexpr, FUSED_COMBINE: tl.constexpr):
+    """Work unit `u`: units `< n_full` are whole items (query block `w % M` of batch-head `w // M`); the others are
+    the `n_parts` key-range parts of the remaining items, which write unnormalised partials (PACC, PML) merged by
+    `_attn_fwd_combine_kernel` or, with FUSED_COMBINE, by the last part to finish (an arrival counter per item)."""
+    # (branch-free: automatic warp specialisation does not take data-dependent branches around the main loop)
+    whole_item = u < n_full
+    rel = tl.maximum(u - n_full, 0)
+    w = tl.where(whole_item, u, n_full + rel // n_parts)
+    part = tl.where(whole_item, 0, rel % n_parts)
+    parts = tl.where(whole_item, 1, n_parts)
     pid_m = w % M
     bh = w // M
     b = bh // H
@@ -420,6 +547,12 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, QR
         q = q.to(tl.float32)
     K_base = K + b * s_kb + h * s_kh
     V_base = V + b * s_vb + h * s_vh
+    # Linear-memory read-out (MEM), MEM_MODE 0: all of it in the epilogue; 1: the denominator (q_raw load) before
+    # the main loop; 2: the whole read-out before the main loop, its result held in registers meanwhile.
+    if MEM and MEM_MODE >= 1:
+        den = _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, mem_eps, D)
+        if MEM_MODE == 2:
+            mem = _memory_num(q, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS, F32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
@@ -432,27 +565,119 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, QR
     chunk = tl.cdiv(n_iter, parts)
     it_lo = part * chunk
     it_hi = tl.minimum(n_iter, it_lo + chunk)
-    # Only the last iteration can hold invalid keys (the partial last block comes last: the LUT is ascending).
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, k_desc, v_desc, lut_row, it_lo,
-                              tl.minimum(it_hi, n_iter - 1), b * Lk, h * D, Lk, topk, s_kl, s_vl, qk_scale, offs_n,
-                              offs_d, BLOCK_N, BS, KPI, SPARSE, USE_TMA, False, F32)
-    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, k_desc, v_desc, lut_row,
-                              tl.maximum(it_lo, n_iter - 1), it_hi, b * Lk, h * D, Lk, topk, s_kl, s_vl, qk_scale,
-                              offs_n, offs_d, BLOCK_N, BS, KPI, SPARSE, USE_TMA, True, F32)
-    if parts == 1:
+    row0 = b * Lk
+    col0 = h * D
+    if SINGLE_LOOP:  # one loop, every iteration masked (a simple loop for warp specialisation)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, k_desc, v_desc, lut_row, it_lo, it_hi, row0,
+                                  col0, Lk, topk, s_kl, s_vl, qk_scale, offs_n, offs_d, BLOCK_N, BS, KPI, SPARSE,
+                                  USE_TMA, True, F32, LOOP_STAGES, UNROLL, WS)
+    else:
+        # Only the last iteration can hold invalid keys (the partial last block comes last: the LUT is ascending).
+        # (The bounds are written as below on purpose: sharing one precomputed bound between the two loops makes
+        # ptxas serialise the wgmma instructions, measured on the sm_90a code of Triton 3.6.)
+        if GROUP == 2:
+            it_mid = tl.maximum(it_lo, tl.minimum(it_hi, n_iter - 1))
+            n_pairs = (it_mid - it_lo) // 2
+            acc, l_i, m_i = _fwd_loop_pairs(acc, l_i, m_i, q, K_base, V_base, k_desc, v_desc, lut_row, it_lo,
+                                            n_pairs, row0, col0, s_kl, s_vl, qk_scale, offs_n, offs_d, BS, USE_TMA,
+                                            F32, LOOP_STAGES, UNROLL, WS)
+            acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, k_desc, v_desc, lut_row,
+                                      it_lo + 2 * n_pairs, tl.minimum(it_hi, n_iter - 1), row0, col0, Lk, topk, s_kl,
+                                      s_vl, qk_scale, offs_n, offs_d, BLOCK_N, BS, KPI, SPARSE, USE_TMA, False, F32,
+                                      None, None, False)
+        else:
+            acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, k_desc, v_desc, lut_row, it_lo,
+                                      tl.minimum(it_hi, n_iter - 1), row0, col0, Lk, topk, s_kl, s_vl, qk_scale, offs_n,
+                                      offs_d, BLOCK_N, BS, KPI, SPARSE, USE_TMA, False, F32, LOOP_STAGES, UNROLL, WS)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, k_desc, v_desc, lut_row,
+                                  tl.maximum(it_lo, n_iter - 1), it_hi, row0, col0, Lk, topk, s_kl, s_vl, qk_scale,
+                                  offs_n, offs_d, BLOCK_N, BS, KPI, SPARSE, USE_TMA, True, F32, None, None, False)
+    o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :]
+    if WS and not FUSED_COMBINE:
+        # Branch-free epilogue (automatic warp specialisation does not take a data-dependent branch after the
+        # loop): whole items store the output, split parts their partial state, through predicated stores.
         out = acc / l_i[:, None]
-        if MEM:  # fused linear-memory epilogue (inference): Q is read and O written once
-            out += _memory_term(q, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, mem_eps,
-                                D, HAS_LO, HAS_BIAS, F32)
-        tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :], out.to(O.dtype.element_ty),
-                 mask=m_ok[:, None])
+        if MEM:
+            if MEM_MODE == 2:
+                out += mem
+            elif MEM_MODE == 1:
+                out += _memory_num(q, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS, F32)
+            else:
+                out += _memory_term(q, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, mem_eps,
+                                    D, HAS_LO, HAS_BIAS, F32)
+        rows_out = tl.where(parts == 1, Lq, 0)  # predicate as a bound: every row valid or none
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < rows_out)[:, None])
+        tl.store(LSE + bh * Lq + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < rows_out)
+        slot = tl.maximum(u - n_full, 0)
+        rows = tl.arange(0, BLOCK_M)
+        rows_part = tl.where(parts > 1, BLOCK_M, 0)
+        tl.store(PACC + (slot * BLOCK_M + rows[:, None]) * D + offs_d[None, :], acc, mask=(rows < rows_part)[:, None])
+        tl.store(PML + (slot * 2 * BLOCK_M) + rows, m_i, mask=rows < rows_part)
+        tl.store(PML + (slot * 2 * BLOCK_M) + BLOCK_M + rows, l_i, mask=rows < rows_part)
+    elif parts == 1:
+        out = acc / l_i[:, None]
+        if MEM:  # fused linear-memory read-out (inference): Q is read and O written once
+            if MEM_MODE == 2:
+                out += mem
+            elif MEM_MODE == 1:
+                out += _memory_num(q, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS, F32)
+            else:
+                out += _memory_term(q, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, mem_eps,
+                                    D, HAS_LO, HAS_BIAS, F32)
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None])
         tl.store(LSE + bh * Lq + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
     else:
-        slot = pid - n_full
+        slot = u - n_full
         rows = tl.arange(0, BLOCK_M)
         tl.store(PACC + (slot * BLOCK_M + rows[:, None]) * D + offs_d[None, :], acc)
         tl.store(PML + (slot * 2 * BLOCK_M) + rows, m_i)
         tl.store(PML + (slot * 2 * BLOCK_M) + BLOCK_M + rows, l_i)
+        if FUSED_COMBINE:
+            r = w - n_full
+            tl.debug_barrier()  # every thread's partial stores precede the release below
+            arrived = tl.atomic_add(SEM + r, 1, sem="acq_rel", scope="gpu")
+            if arrived == parts - 1:  # the last part of this item merges all of them (fixed order: deterministic)
+                acc, l_all, m_all = _merge_parts(PACC, PML, r, parts, BLOCK_M, D, True)
+                out = acc / l_all[:, None]
+                if MEM:
+                    out += _memory_term(q, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh,
+                                        mem_eps, D, HAS_LO, HAS_BIAS, F32)
+                tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None])
+                tl.store(LSE + bh * Lq + offs_m, m_all + tl.math.log2(l_all), mask=m_ok)
+                tl.atomic_xchg(SEM + r, 0, sem="relaxed", scope="gpu")  # ready for the next launch / graph replay
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, QR, KVH, KVL, KMS, BIAS,
+                     Lq, Lk, H, M, topk, n_full, n_parts, n_units, rows_q, rows_k,
+                     s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh, s_qrb, s_qrl, s_qrh,
+                     qk_scale, mem_eps,
+                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
+                     KPI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr, DEVICE_DESC: tl.constexpr,
+                     F32: tl.constexpr, MEM: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     GROUP: tl.constexpr, SINGLE_LOOP: tl.constexpr, LOOP_STAGES: tl.constexpr,
+                     UNROLL: tl.constexpr, WS: tl.constexpr, MEM_MODE: tl.constexpr, FUSED_COMBINE: tl.constexpr,
+                     PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr, WS_OUTER: tl.constexpr):
+    """1-D grid over work units (see `_fwd_unit`): one unit per program, or (PERSISTENT) a grid of resident programs
+    striding over the units. DEVICE_DESC: the bulk-tensor descriptors are built in the kernel (Q, K, V viewed as
+    (rows, H*D) matrices) instead of on the host."""
+    if DEVICE_DESC:
+        q_desc = tl.make_tensor_descriptor(Q, shape=[rows_q, H * D], strides=[s_ql, 1], block_shape=[BLOCK_M, D])
+        k_desc = tl.make_tensor_descriptor(K, shape=[rows_k, H * D], strides=[s_kl, 1], block_shape=[BLOCK_N, D])
+        v_desc = tl.make_tensor_descriptor(V, shape=[rows_k, H * D], strides=[s_vl, 1], block_shape=[BLOCK_N, D])
+    if PERSISTENT:
+        for u in tl.range(tl.program_id(0), n_units, tl.num_programs(0), flatten=FLATTEN, warp_specialize=WS_OUTER):
+            _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, QR, KVH, KVL, KMS, BIAS,
+                      Lq, Lk, H, M, topk, n_full, n_parts,
+                      s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh, s_qrb, s_qrl, s_qrh,
+                      qk_scale, mem_eps, D, BLOCK_M, BLOCK_N, BS, KPI, SPARSE, USE_TMA, F32, MEM, HAS_LO, HAS_BIAS,
+                      GROUP, SINGLE_LOOP, LOOP_STAGES, UNROLL, WS, MEM_MODE, FUSED_COMBINE)
+    else:
+        _fwd_unit(tl.program_id(0), Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, QR, KVH, KVL, KMS,
+                  BIAS, Lq, Lk, H, M, topk, n_full, n_parts,
+                  s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh, s_qrb, s_qrl, s_qrh,
+                  qk_scale, mem_eps, D, BLOCK_M, BLOCK_N, BS, KPI, SPARSE, USE_TMA, F32, MEM, HAS_LO, HAS_BIAS,
+                  GROUP, SINGLE_LOOP, LOOP_STAGES, UNROLL, WS, MEM_MODE, FUSED_COMBINE)
 
 
 @triton.jit
@@ -470,18 +695,7 @@ def _attn_fwd_combine_kernel(O, LSE, PACC, PML, Q, QR, KVH, KVL, KMS, BIAS, Lq, 
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     offs_m = pid_m * BLOCK_M + rows
-    m_all = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    for p in range(0, n_parts):
-        m_all = tl.maximum(m_all, tl.load(PML + (r * n_parts + p) * 2 * BLOCK_M + rows))
-    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-    l_all = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for p in range(0, n_parts):
-        slot = r * n_parts + p
-        m_p = tl.load(PML + slot * 2 * BLOCK_M + rows)
-        l_p = tl.load(PML + slot * 2 * BLOCK_M + BLOCK_M + rows)
-        wgt = tl.math.exp2(m_p - m_all)
-        l_all += l_p * wgt
-        acc += tl.load(PACC + (slot * BLOCK_M + rows[:, None]) * D + offs_d[None, :]) * wgt[:, None]
+    acc, l_all, m_all = _merge_parts(PACC, PML, r, n_parts, BLOCK_M, D, False)
     m_ok = offs_m < Lq
     out = acc / l_all[:, None]
     if MEM:
@@ -691,39 +905,75 @@ def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def select_key_blocks_triton(query: torch.Tensor, key: torch.Tensor, topk_ratio: float = 0.2,
-                             block_size: int = 64, key_centering: str = "heads", write_map: bool = False):
-    """Triton block selection. Returns the `(B, H, M, topk)` int32 LUT (ascending) and, when `write_map`, the
-    `(B, H, M, K)` int8 block map (else `None`)."""
+def _check_centering(key_centering: str) -> None:
     if key_centering not in ("heads", "none"):
         raise ValueError(f"`key_centering` must be 'heads' or 'none', got {key_centering!r}.")
+
+
+def _prefix_arg(pooled_key_prefix: torch.Tensor | None, key: torch.Tensor, block_size: int):
+    """Validated, contiguous fp32 pooled prefix (or None)."""
+    if pooled_key_prefix is None:
+        return None
+    check_pooled_key_prefix(pooled_key_prefix, key, block_size)
+    return pooled_key_prefix.detach().float().contiguous()
+
+
+def select_key_blocks_triton(query: torch.Tensor, key: torch.Tensor, topk_ratio: float = 0.2,
+                             block_size: int = 64, key_centering: str = "heads", write_map: bool = False,
+                             pooled_key_prefix: torch.Tensor | None = None):
+    """Triton block selection. Returns the `(B, H, M, topk)` int32 LUT (ascending) and, when `write_map`, the
+    `(B, H, M, K)` int8 block map (else `None`). `pooled_key_prefix` (`(B, H, P, D)`, optional): the pooled key blocks
+    of the first `P * block_size` keys ([`pool_key_blocks_triton`]); only the other key blocks are pooled."""
+    _check_centering(key_centering)
     query, key = _last_contiguous(query), _last_contiguous(key)
     topk = num_selected_blocks(-(-key.shape[1] // block_size), topk_ratio)
-    return _select(query, key, topk, block_size, key_centering == "heads", write_map)
+    return _select(query, key, topk, block_size, key_centering == "heads", write_map,
+                   _prefix_arg(pooled_key_prefix, key, block_size))
 
 
-def _pool(query, key, block_size: int, center: bool):
-    """Mean-pooled query and (centred) key blocks, (B, H, M, D) and (B, H, K, D) fp32, one launch."""
+def pool_key_blocks_triton(key: torch.Tensor, block_size: int = 64, key_centering: str = "heads",
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton version of `pool_key_blocks_naive`: `(B, H, ceil(L / block_size), D)` fp32 pooled (centred) key blocks;
+    written into `out` (contiguous, that shape) when given (e.g. a cache's preallocated buffer)."""
+    _check_centering(key_centering)
+    key = _last_contiguous(key)
+    batch, length, heads, dim = key.shape
+    shape = (batch, heads, triton.cdiv(length, block_size), dim)
+    if out is not None and (tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous()):
+        raise ValueError(f"`out` must be a contiguous float32 tensor of shape {shape}, got {tuple(out.shape)} "
+                         f"{out.dtype}")
+    if length == 0:
+        return out if out is not None else key.new_empty(shape, dtype=torch.float32)
+    _, pooled = _pool(key[:, :0], key, block_size, key_centering == "heads", out_k=out)
+    return pooled
+
+
+def _pool(query, key, block_size: int, center: bool, first_key_block: int = 0, out_k=None):
+    """Mean-pooled query blocks and (centred) key blocks `first_key_block..`, (B, H, M, D) and (B, H, K - first, D)
+    fp32, one launch."""
     batch, len_q, heads, dim = query.shape
     len_k = key.shape[1]
     num_q_blocks = triton.cdiv(len_q, block_size)
-    num_k_blocks = triton.cdiv(len_k, block_size)
+    num_k_blocks = triton.cdiv(len_k, block_size) - first_key_block
     dev = query.device
     pooled_q = new_empty((batch, heads, num_q_blocks, dim), device=dev, dtype=torch.float32)
-    pooled_k = new_empty((batch, heads, num_k_blocks, dim), device=dev, dtype=torch.float32)
+    pooled_k = out_k if out_k is not None else new_empty((batch, heads, num_k_blocks, dim), device=dev,
+                                                         dtype=torch.float32)
+    if num_q_blocks + num_k_blocks == 0:
+        return pooled_q, pooled_k
     h_pad = triton.next_power_of_2(heads)
+    grid = (num_q_blocks + num_k_blocks, batch)
+    strides = (query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2))
     if SELECT_CONFIG.get("pool", "heads") == "heads":
-        _pool_heads_kernel[(num_q_blocks + num_k_blocks, batch)](
-            query, key, pooled_q, pooled_k, len_q, len_k, num_q_blocks, num_k_blocks,
-            query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+        _pool_heads_kernel[grid](
+            query, key, pooled_q, pooled_k, len_q, len_k, num_q_blocks, num_k_blocks, first_key_block, *strides,
             H=heads, H_PAD=h_pad, D=dim, BLOCK=block_size, CENTER=center,
             num_warps=SELECT_CONFIG.get("pool_warps", 4), num_stages=1,
         )
         return pooled_q, pooled_k
     tok = max(1, min(block_size, SELECT_CONFIG.get("pool_elems", 4096) // (h_pad * dim)))
-    _pool_kernel[(num_q_blocks + num_k_blocks, batch)](
-        query, key, pooled_q, pooled_k, len_q, len_k, num_q_blocks, num_k_blocks,
-        query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+    _pool_kernel[grid](
+        query, key, pooled_q, pooled_k, len_q, len_k, num_q_blocks, num_k_blocks, first_key_block, *strides,
         H=heads, H_PAD=h_pad, D=dim, BLOCK=block_size, TOK=tok, CENTER=center,
         num_warps=SELECT_CONFIG.get("pool_warps", 4),
         num_stages=3 if not _interpret() else 1,
@@ -731,40 +981,45 @@ def _pool(query, key, block_size: int, center: bool):
     return pooled_q, pooled_k
 
 
-def _select(query, key, topk: int, block_size: int, center: bool, write_map: bool):
+def _select(query, key, topk: int, block_size: int, center: bool, write_map: bool, pooled_prefix=None):
     batch, len_q, heads, dim = query.shape
     num_q_blocks = triton.cdiv(len_q, block_size)
     num_k_blocks = triton.cdiv(key.shape[1], block_size)
+    num_prefix = 0 if pooled_prefix is None else pooled_prefix.shape[2]
     dev = query.device
-    pooled_q, pooled_k = _pool(query, key, block_size, center)
+    pooled_q, pooled_k = _pool(query, key, block_size, center, first_key_block=num_prefix)
     lut = new_empty((batch, heads, num_q_blocks, topk), device=dev, dtype=torch.int32)
     bmap = new_empty((batch, heads, num_q_blocks, num_k_blocks), device=dev, dtype=torch.int8) if write_map else lut
     k_pad = max(16, triton.next_power_of_2(num_k_blocks))
     impl = SELECT_CONFIG.get("impl", "row")
+    prefix = dict(HAS_PRE=num_prefix > 0)
+    pkp = pooled_prefix if num_prefix else pooled_k
     if impl == "row":
         dc = SELECT_CONFIG.get("dc") or min(dim, max(8, 4096 // k_pad))
         _select_row_kernel[(num_q_blocks, batch * heads)](
-            pooled_q, pooled_k, lut, bmap, num_q_blocks, num_k_blocks, topk,
-            K_PAD=k_pad, D=dim, DC=dc, WRITE_MAP=write_map, num_warps=SELECT_CONFIG.get("num_warps", 4),
+            pooled_q, pooled_k, pkp, lut, bmap, num_q_blocks, num_k_blocks, num_prefix, topk,
+            K_PAD=k_pad, D=dim, DC=dc, WRITE_MAP=write_map, **prefix, num_warps=SELECT_CONFIG.get("num_warps", 4),
             num_stages=1,
         )
     elif impl == "rows":
         group = SELECT_CONFIG.get("G", 4)
         dc = SELECT_CONFIG.get("dc") or min(dim, max(1, 8192 // (k_pad * group)))
         _select_rows_kernel[(triton.cdiv(num_q_blocks, group), batch * heads)](
-            pooled_q, pooled_k, lut, bmap, num_q_blocks, num_k_blocks, topk,
-            G=group, K_PAD=k_pad, D=dim, DC=dc, WRITE_MAP=write_map, num_warps=SELECT_CONFIG.get("num_warps", 4),
-            num_stages=1,
+            pooled_q, pooled_k, pkp, lut, bmap, num_q_blocks, num_k_blocks, num_prefix, topk,
+            G=group, K_PAD=k_pad, D=dim, DC=dc, WRITE_MAP=write_map, **prefix,
+            num_warps=SELECT_CONFIG.get("num_warps", 4), num_stages=1,
         )
     elif impl == "group":
-        group = 16
-        dc = min(dim, max(8, 8192 // k_pad))
+        group = SELECT_CONFIG.get("G", 16)
+        dc = SELECT_CONFIG.get("dc") or min(dim, max(8, 8192 // k_pad))
         _select_kernel[(triton.cdiv(num_q_blocks, group), batch * heads)](
-            pooled_q, pooled_k, lut, bmap, num_q_blocks, num_k_blocks, topk,
-            G=group, K_PAD=k_pad, D=dim, DC=dc, WRITE_MAP=write_map, num_warps=8 if k_pad >= 256 else 4,
-            num_stages=1,
+            pooled_q, pooled_k, pkp, lut, bmap, num_q_blocks, num_k_blocks, num_prefix, topk,
+            G=group, K_PAD=k_pad, D=dim, DC=dc, WRITE_MAP=write_map, **prefix,
+            num_warps=SELECT_CONFIG.get("num_warps", 8 if k_pad >= 256 else 4), num_stages=1,
         )
     else:  # "torch": scores by a float32 matmul, torch.topk (for comparison)
+        if num_prefix:
+            pooled_k = torch.cat([pooled_prefix, pooled_k], dim=2)
         scores = pooled_q @ pooled_k.transpose(-1, -2)
         lut.copy_(scores.topk(topk, dim=-1).indices.sort(dim=-1).values)
         if write_map:
@@ -775,11 +1030,35 @@ def _select(query, key, topk: int, block_size: int, center: bool, write_map: boo
 def _descriptor(x: torch.Tensor, rows: int, block_rows: int, dim: int):
     """2-D (B*L, H*D) bulk-copy descriptor over a (B, L, H, D) tensor, or None when its strides do not allow it."""
     b, length, h, d = x.shape
-    if TensorDescriptor is None or x.stride(2) != d or x.stride(0) != length * x.stride(1):
-        return None
-    if (x.stride(1) * x.element_size()) % 16 or x.data_ptr() % 16:
+    if TensorDescriptor is None or not _descriptor_ok(x):
         return None
     return TensorDescriptor(x, [b * length, h * d], [x.stride(1), 1], [block_rows, dim])
+
+
+def _descriptor_ok(x: torch.Tensor) -> bool:
+    """A (B, L, H, D) tensor can be viewed as a (B*L, H*D) matrix with 16-byte aligned rows (bulk-tensor copies)."""
+    b, length, h, d = x.shape
+    if x.stride(2) != d or (b > 1 and x.stride(0) != length * x.stride(1)):
+        return False
+    return (x.stride(1) * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
+
+
+def _ensure_allocator() -> None:
+    """Kernels that build bulk-copy descriptors on the device need a global scratch allocator; install a torch
+    one unless the application set its own."""
+    from triton.runtime import _allocation
+
+    current = _allocation._allocator.get()
+    if isinstance(current, _allocation.NullAllocator):
+        def alloc(size: int, alignment: int, stream):
+            return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+        triton.set_allocator(alloc)
+
+
+def _on_device(x: torch.Tensor) -> bool:
+    """GPU-only launch features (bulk copies, resident-program counts) apply: a CUDA tensor, or the interpreter."""
+    return x.is_cuda or _interpret()
 
 
 def _split_plan(work: int, n_iter: int, cfg: dict, device) -> tuple[int, int]:
@@ -789,7 +1068,7 @@ def _split_plan(work: int, n_iter: int, cfg: dict, device) -> tuple[int, int]:
     if slots is None:
         if _interpret() or not torch.cuda.is_available():
             return work, 1
-        slots = torch.cuda.get_device_properties(device).multi_processor_count * cfg.get("ctas_per_sm", 1)
+        slots = _num_sms(device) * cfg.get("ctas_per_sm", 1)
     if slots <= 0 or work % slots == 0:
         return work, 1
     rest = work % slots
@@ -799,14 +1078,66 @@ def _split_plan(work: int, n_iter: int, cfg: dict, device) -> tuple[int, int]:
     return work - rest, parts
 
 
+_SM_COUNT: dict = {}
+
+
+def _num_sms(device) -> int:
+    device = torch.device(device)
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
+
+
+_SEMAPHORES: dict = {}
+_RETIRED_SEMAPHORES: list = []
+
+
+def _semaphores(n: int, device) -> torch.Tensor:
+    """Arrival counters of the fused split-item merge: zero-initialised once per device and kept (every launch
+    leaves them at zero again, so CUDA-graph replays reuse them). Grows when more are needed; a replaced buffer is
+    kept alive, since a captured graph may still point to it. One stream at a time: two launches running
+    concurrently on different streams would share the counters."""
+    key = str(torch.device(device))
+    buf = _SEMAPHORES.get(key)
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _RETIRED_SEMAPHORES.append(buf)
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _SEMAPHORES[key] = buf
+    return buf
+
+
+# Forward launch-configuration keys (`_config("fwd_sparse" | "fwd_dense")`, overridable via CONFIG_OVERRIDES):
+#   KPI / BLOCK_M, BLOCK_N: tiles; num_warps, num_stages (kernel-level software pipelining), maxnreg;
+#   tma: False | True ("host": descriptors built on the host) | "device" (built in the kernel);
+#   ctas_per_sm, slots, max_parts: the split of the last wave;
+#   group (sparse): 1, or 2 selected key blocks per online-softmax step;
+#   single_loop: one main loop with every iteration masked (instead of peeling the masked last iteration);
+#   loop_stages, unroll, ws: `tl.range(num_stages=, loop_unroll_factor=, warp_specialize=)` of the main loop;
+#   fused_combine: split items merged by their last part (no second launch);
+#   persistent (+ flatten, ws_outer): resident programs striding over the work units;
+#   mem_mode: where the fused linear-memory read-out runs (0 epilogue, 1 denominator first, 2 all of it first);
+#   memory_lo: the memory state as 16-bit hi + lo halves (about fp32 accuracy) instead of hi only;
+#   mem_state: "bf16" (a float32 state is cast on the host, one more launch) or "f32" (read as float32 and split
+#   in the kernel).
+FWD_KEYS = ("KPI", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "tma", "ctas_per_sm", "slots",
+            "max_parts", "group", "single_loop", "loop_stages", "unroll", "ws", "fused_combine", "persistent",
+            "flatten", "ws_outer", "mem_mode", "memory_lo", "mem_state")
+
+
 def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, dense: bool, cfg: dict | None = None,
                       memory: tuple | None = None):
     """Launches the forward kernel. Returns `(out, lse)` (lse base 2, (B, H, Lq) fp32). `memory`: optional
     `(query_raw, kv (B, H, D, D) fp32, kmean (B, H, D) fp32, bias (D,) fp32 or None, eps)` read-out added to the
-    output in the epilogue."""
+    output. `cfg`: launch configuration (see FWD_KEYS), the measured default when None."""
     batch, len_q, heads, dim = q.shape
     len_k = k.shape[1]
-    cfg = dict(cfg or _config("fwd_dense" if dense else "fwd_sparse", dim, block_size))
+    kind = "fwd_dense" if dense else ("fwd_sparse_memory" if memory is not None else "fwd_sparse")
+    cfg = dict(cfg or _config(kind, dim, block_size))
+    unknown = set(cfg) - set(FWD_KEYS)
+    if unknown:
+        raise ValueError(f"unknown forward launch option(s) {sorted(unknown)}")
     out = new_empty_like(q)
     lse = new_empty((batch, heads, len_q), device=q.device, dtype=torch.float32)
     if dense:
@@ -816,33 +1147,54 @@ def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, de
         kpi = cfg.get("KPI", 1)
         block_m, block_n = block_size, block_size * kpi
         n_iter = triton.cdiv(topk, kpi)
+    group = cfg.get("group", 1) if not dense and kpi == 1 else 1
+    if group not in (1, 2):
+        raise ValueError(f"`group` must be 1 or 2, got {group}")
     num_q_blocks = triton.cdiv(len_q, block_m)
-    use_tma = bool(cfg.get("tma", False)) and kpi == 1 and not _interpret() and q.is_cuda
+    tma = cfg.get("tma", False)
+    use_tma = bool(tma) and kpi == 1 and _on_device(q)
+    device_desc = use_tma and tma == "device"
     q_desc = k_desc = v_desc = None
     if use_tma:
-        q_desc = _descriptor(q, batch * len_q, block_m, dim)
-        k_desc = _descriptor(k, batch * len_k, block_n, dim)
-        v_desc = _descriptor(v, batch * len_k, block_n, dim)
-        use_tma = None not in (q_desc, k_desc, v_desc)
-        if not use_tma:
-            q_desc = k_desc = v_desc = None
+        if not all(_descriptor_ok(t) for t in (q, k, v)):
+            use_tma = device_desc = False
+        elif device_desc:
+            _ensure_allocator()
+        else:
+            q_desc = _descriptor(q, batch * len_q, block_m, dim)
+            k_desc = _descriptor(k, batch * len_k, block_n, dim)
+            v_desc = _descriptor(v, batch * len_k, block_n, dim)
+            use_tma = None not in (q_desc, k_desc, v_desc)
+            if not use_tma:
+                q_desc = k_desc = v_desc = None
     work = num_q_blocks * batch * heads
     n_full, n_parts = _split_plan(work, n_iter, cfg, q.device)
     n_split = (work - n_full) * n_parts
+    n_units = n_full + n_split
+    fused_combine = bool(cfg.get("fused_combine", False)) and n_split > 0
     if n_split:
         pacc = new_empty((n_split, block_m, dim), device=q.device, dtype=torch.float32)
         pml = new_empty((n_split, 2, block_m), device=q.device, dtype=torch.float32)
     else:
         pacc = pml = lse
+    sem = _semaphores(work - n_full, q.device) if fused_combine else lse
+    has_lo = False
     if memory is not None:
         q_raw, kvp, kms, bias, mem_eps = memory
         q_raw = _last_contiguous(q_raw)
-        kvp, kms = kvp.float(), kms.float().contiguous()
+        kms = kms.float().contiguous()
+        lo = bool(cfg.get("memory_lo", False))
         if _f32_dot(q):  # interpreter, bf16: fp32 state, fp32 dot
+            kv_hi, kv_lo = kvp.float().contiguous(), None
+        elif kvp.dtype == torch.float32 and cfg.get("mem_state", "bf16") == "f32":
+            kv_hi, kv_lo, has_lo = kvp.contiguous(), None, lo  # split into 16-bit halves in the kernel
+        elif kvp.dtype == q.dtype:
             kv_hi, kv_lo = kvp.contiguous(), None
         else:
+            kvp = kvp.float()
             kv_hi = kvp.to(q.dtype).contiguous()
-            kv_lo = (kvp - kv_hi.float()).to(q.dtype).contiguous() if cfg.get("memory_lo", False) else None
+            kv_lo = (kvp - kv_hi.float()).to(q.dtype).contiguous() if lo else None
+        has_lo = has_lo or kv_lo is not None
         bias = None if bias is None else bias.float().contiguous()
         qr_strides = (q_raw.stride(0), q_raw.stride(1), q_raw.stride(2))
     else:
@@ -850,17 +1202,31 @@ def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, de
         mem_eps, qr_strides = 0.0, (0, 0, 0)
     mem_args = tuple(t if t is not None else d for t, d in ((q_raw, q), (kv_hi, lse), (kv_lo, lse), (kms, lse),
                                                             (bias, lse)))
-    mem_flags = dict(MEM=memory is not None, HAS_LO=kv_lo is not None, HAS_BIAS=bias is not None)
-    _attn_fwd_kernel[(n_full + n_split,)](
-        q, k, v, out, lse, lut if lut is not None else lse, q_desc, k_desc, v_desc, pacc, pml, *mem_args,
-        len_q, len_k, heads, num_q_blocks, topk, n_full, n_parts,
+    mem_flags = dict(MEM=memory is not None, HAS_LO=has_lo, HAS_BIAS=bias is not None)
+    persistent = bool(cfg.get("persistent", False))
+    grid = (n_units,)
+    if persistent:
+        slots = cfg.get("slots") or (_num_sms(q.device) * cfg.get("ctas_per_sm", 1) if q.is_cuda else n_units)
+        grid = (max(1, min(n_units, slots)),)
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if cfg.get("maxnreg"):
+        launch["maxnreg"] = cfg["maxnreg"]
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, lut if lut is not None else lse,
+        q_desc if q_desc is not None else q, k_desc if k_desc is not None else k, v_desc if v_desc is not None else v,
+        pacc, pml, sem, *mem_args,
+        len_q, len_k, heads, num_q_blocks, topk, n_full, n_parts, n_units, batch * len_q, batch * len_k,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *qr_strides,
         scale * LOG2E, mem_eps,
         D=dim, BLOCK_M=block_m, BLOCK_N=block_n, BS=block_size, KPI=kpi, SPARSE=not dense, USE_TMA=use_tma,
-        F32=_f32_dot(q), **mem_flags, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DEVICE_DESC=device_desc, F32=_f32_dot(q), **mem_flags,
+        GROUP=group, SINGLE_LOOP=bool(cfg.get("single_loop", False)), LOOP_STAGES=cfg.get("loop_stages"),
+        UNROLL=cfg.get("unroll"), WS=bool(cfg.get("ws", False)), MEM_MODE=int(cfg.get("mem_mode", 0)),
+        FUSED_COMBINE=fused_combine, PERSISTENT=persistent, FLATTEN=bool(cfg.get("flatten", False)),
+        WS_OUTER=bool(cfg.get("ws_outer", False)), **launch,
     )
-    if n_split:
+    if n_split and not fused_combine:
         _attn_fwd_combine_kernel[(work - n_full,)](
             out, lse, pacc, pml, q, *mem_args, len_q, heads, num_q_blocks, n_full, n_parts,
             out.stride(0), out.stride(1), out.stride(2), q.stride(0), q.stride(1), q.stride(2), *qr_strides, mem_eps,
@@ -934,13 +1300,13 @@ def _block_map_from_lut(lut: torch.Tensor, num_k_blocks: int) -> torch.Tensor:
 
 
 def _bsa_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: Optional[torch.Tensor], topk: int,
-                block_size: int, center: bool, scale: float, dense: bool
+                block_size: int, center: bool, scale: float, dense: bool, pooled_prefix: Optional[torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     num_k_blocks = triton.cdiv(k.shape[1], block_size)
     if dense:
         lut, bmap = q.new_empty((0,), dtype=torch.int32), q.new_empty((0,), dtype=torch.int8)
     elif block_index is None:
-        lut, bmap = _select(q, k, topk, block_size, center, write_map=True)
+        lut, bmap = _select(q, k, topk, block_size, center, write_map=True, pooled_prefix=pooled_prefix)
     else:
         lut = block_index.to(torch.int32).sort(dim=-1).values.contiguous()  # kernels expect ascending
         bmap = _block_map_from_lut(lut, num_k_blocks)
@@ -952,7 +1318,7 @@ _bsa_fwd_op = torch.library.custom_op("diffusers_hybrid::block_sparse_attn_fwd",
 
 
 @_bsa_fwd_op.register_fake
-def _(q, k, v, block_index, topk, block_size, center, scale, dense):
+def _(q, k, v, block_index, topk, block_size, center, scale, dense, pooled_prefix):
     batch, len_q, heads, _ = q.shape
     num_q_blocks = -(-len_q // block_size)
     num_k_blocks = -(-k.shape[1] // block_size)
@@ -978,7 +1344,7 @@ def _(dout, q, k, v, out, lse, lut, bmap, block_size, scale, dense):
 
 
 def _bsa_setup_context(ctx, inputs, output):
-    q, k, v, _block_index, _topk, block_size, _center, scale, dense = inputs
+    q, k, v, _block_index, _topk, block_size, _center, scale, dense, _pooled_prefix = inputs
     out, lse, lut, bmap = output
     ctx.save_for_backward(q, k, v, out, lse, lut, bmap)
     ctx.block_size, ctx.scale, ctx.dense = block_size, scale, dense
@@ -988,9 +1354,9 @@ def _bsa_setup_context(ctx, inputs, output):
 def _bsa_backward(ctx, dout, _dlse, _dlut, _dbmap):
     q, k, v, out, lse, lut, bmap = ctx.saved_tensors
     if dout is None:
-        return None, None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None, None
     dq, dk, dv = _bsa_bwd_op(dout, q, k, v, out, lse, lut, bmap, ctx.block_size, ctx.scale, ctx.dense)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _bsa_fwd_op.register_autograd(_bsa_backward, setup_context=_bsa_setup_context)
@@ -998,8 +1364,9 @@ _bsa_fwd_op.register_autograd(_bsa_backward, setup_context=_bsa_setup_context)
 
 def _bsa_memory_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_raw: torch.Tensor,
                        kv_proj: torch.Tensor, kmean: torch.Tensor, bias: Optional[torch.Tensor], topk: int,
-                       block_size: int, center: bool, scale: float, dense: bool, eps: float) -> torch.Tensor:
-    lut = None if dense else _select(q, k, topk, block_size, center, write_map=False)[0]
+                       block_size: int, center: bool, scale: float, dense: bool, eps: float,
+                       pooled_prefix: Optional[torch.Tensor]) -> torch.Tensor:
+    lut = None if dense else _select(q, k, topk, block_size, center, write_map=False, pooled_prefix=pooled_prefix)[0]
     out, _ = attention_forward(q, k, v, lut, topk, block_size, scale, dense,
                                memory=(query_raw, kv_proj, kmean, bias, eps))
     return out
@@ -1010,8 +1377,18 @@ _bsa_memory_fwd_op = torch.library.custom_op("diffusers_hybrid::block_sparse_att
 
 
 @_bsa_memory_fwd_op.register_fake
-def _(q, k, v, query_raw, kv_proj, kmean, bias, topk, block_size, center, scale, dense, eps):
+def _(q, k, v, query_raw, kv_proj, kmean, bias, topk, block_size, center, scale, dense, eps, pooled_prefix):
     return torch.empty_like(q)
+
+
+def project_memory_state(kv_state: torch.Tensor, proj_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The linear memory's state with the output projection folded in, `KV' = KV @ W.T` per head (float32, `(B, H,
+    D, D)`): `linear_proj(q · KV / den) = (q · KV') / den + bias`. A caller that keeps the state between passes can
+    project it once and pass it with `state_is_projected=True`."""
+    kv = kv_state.detach().float()
+    if proj_weight is not None:
+        kv = torch.matmul(kv, proj_weight.detach().float().t())
+    return kv.contiguous()
 
 
 def block_sparse_attention_with_memory_triton(
@@ -1030,32 +1407,43 @@ def block_sparse_attention_with_memory_triton(
     key_centering: str = "heads",
     scale: float | None = None,
     dense: bool = False,
+    pooled_key_prefix: torch.Tensor | None = None,
+    state_is_projected: bool = False,
 ) -> torch.Tensor:
     """
     `block_sparse_attention(query, key, value) + linear_proj(linear_memory_read(query, query_raw, kv, kmean))` with
-    the read-out fused into the attention epilogue (inference: `query` is the RoPE'd query, used as the read-out's
+    the read-out fused into the attention kernel (inference: `query` is the RoPE'd query, used as the read-out's
     numerator query, spec 1.3). `linear_proj` (`x @ proj_weight.T + proj_bias`, shared by the heads) is folded into
-    the state: `KV' = KV @ W.T` per head. Under autograd it falls back to the unfused, differentiable ops.
+    the state: `KV' = KV @ W.T` per head ([`project_memory_state`]). Under autograd it falls back to the unfused,
+    differentiable ops.
 
     Args:
         query_raw (`(B, Lq, H, D)`): the un-RoPE'd query (denominator). kv_state (`(B, H, D, D)`), kmean_state
             (`(B, H, D)`): float32 memory state. proj_weight (`(D, D)`), proj_bias (`(D,)`): optional projection.
+        pooled_key_prefix (`(B, H, P, D)`, *optional*): pooled key blocks of the first `P * block_size` keys (see
+            [`select_key_blocks_triton`]).
+        state_is_projected (`bool`): `kv_state` is already `KV'` (`proj_weight` then only checked to be None).
 
     Returns:
         `(B, Lq, H, D)` in the dtype of `query`.
     """
+    if state_is_projected and proj_weight is not None:
+        raise ValueError("`state_is_projected=True` takes the projection folded into `kv_state`; pass no "
+                         "`proj_weight`.")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
             query, key, value, query_raw, proj_weight, proj_bias)):
         from ..linear_memory.triton_kernel import linear_memory_read_triton
 
         out = block_sparse_attention_triton(query, key, value, topk_ratio=topk_ratio, block_size=block_size,
-                                            key_centering=key_centering, scale=scale, dense=dense)
-        memory = linear_memory_read_triton(query, query_raw, kv_state, kmean_state, eps=eps)
+                                            key_centering=key_centering, scale=scale, dense=dense,
+                                            pooled_key_prefix=pooled_key_prefix)
+        memory = linear_memory_read_triton(query, query_raw, kv_state.float(), kmean_state, eps=eps)
         if proj_weight is not None:
             memory = torch.nn.functional.linear(memory.to(proj_weight.dtype), proj_weight, proj_bias)
+        elif proj_bias is not None:
+            memory = memory + proj_bias.float()
         return out + memory.to(out.dtype)
-    if key_centering not in ("heads", "none"):
-        raise ValueError(f"`key_centering` must be 'heads' or 'none', got {key_centering!r}.")
+    _check_centering(key_centering)
     _check_inputs(query, key, value, block_size)
     query, key, value, query_raw = (_last_contiguous(t) for t in (query, key, value, query_raw))
     num_k_blocks = -(-key.shape[1] // block_size)
@@ -1063,13 +1451,12 @@ def block_sparse_attention_with_memory_triton(
     dense = dense or topk == num_k_blocks
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    kv = kv_state.detach().float()
-    if proj_weight is not None:
-        kv = torch.matmul(kv, proj_weight.detach().float().t())
+    kv = kv_state.detach() if state_is_projected else project_memory_state(kv_state, proj_weight)
     bias = None if proj_bias is None else proj_bias.detach().float()
+    prefix = None if dense else _prefix_arg(pooled_key_prefix, key, block_size)
     op = _bsa_memory_fwd_impl if _direct_call() else _bsa_memory_fwd_op
     return op(query, key, value, query_raw, kv.contiguous(), kmean_state.detach().float().contiguous(), bias, topk,
-              block_size, key_centering == "heads", float(scale), bool(dense), float(eps))
+              block_size, key_centering == "heads", float(scale), bool(dense), float(eps), prefix)
 
 
 def block_sparse_attention_triton(
@@ -1083,6 +1470,7 @@ def block_sparse_attention_triton(
     scale: float | None = None,
     dense: bool = False,
     block_index: torch.Tensor | None = None,
+    pooled_key_prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     Block-sparse softmax attention (selection included) through the Triton kernels; same contract as
@@ -1096,12 +1484,13 @@ def block_sparse_attention_triton(
         scale (`float`, *optional*): softmax scale, `1/sqrt(D)` by default.
         dense (`bool`): attend to every key (no selection): the dispatch sets it when the ratio keeps every block.
         block_index (`(B, H, ceil(Lq/bs), topk)` integer tensor, *optional*): precomputed selection (skips ours).
+        pooled_key_prefix (`(B, H, P, D)` float32, *optional*): the pooled (centred) key blocks of the first
+            `P * block_size` keys ([`pool_key_blocks_triton`]); the selection pools only the remaining keys.
 
     Returns:
         `(B, Lq, H, D)` tensor in the dtype of `query`; differentiable w.r.t. query, key and value.
     """
-    if key_centering not in ("heads", "none"):
-        raise ValueError(f"`key_centering` must be 'heads' or 'none', got {key_centering!r}.")
+    _check_centering(key_centering)
     _check_inputs(query, key, value, block_size)
     query, key, value = (_last_contiguous(t) for t in (query, key, value))
     num_k_blocks = -(-key.shape[1] // block_size)
@@ -1113,18 +1502,23 @@ def block_sparse_attention_triton(
         dense = dense or topk == num_k_blocks
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
+    prefix = None if dense or block_index is not None else _prefix_arg(pooled_key_prefix, key, block_size)
     # Eager inference skips the dispatcher (its overhead is not negligible next to the kernels).
     op = _bsa_fwd_impl if _direct_call(query, key, value) else _bsa_fwd_op
     out, _lse, _lut, _bmap = op(query, key, value, block_index, topk, block_size, key_centering == "heads",
-                                float(scale), bool(dense))
+                                float(scale), bool(dense), prefix)
     return out
 
 
 __all__ = [
     "CONFIG_OVERRIDES",
-    "block_sparse_attention_with_memory_triton",
+    "FWD_KEYS",
+    "SELECT_CONFIG",
     "attention_backward",
     "attention_forward",
     "block_sparse_attention_triton",
+    "block_sparse_attention_with_memory_triton",
+    "pool_key_blocks_triton",
+    "project_memory_state",
     "select_key_blocks_triton",
 ]

@@ -42,7 +42,9 @@ def _split_state(x: torch.Tensor) -> bool:
     return not _interpret() and x.dtype in (torch.bfloat16, torch.float16)
 
 
-# Launch parameters (benchmarks override); defaults measured on an H100.
+# Launch parameters (benchmarks override); defaults measured on an H100. Keys: absorb_tokens (min tokens per program),
+# absorb_progs_per_sm, absorb_be (state columns per program), absorb_warps, absorb_stages; read_bm, read_warps,
+# read_progs_per_sm, read_stages, read_bwd_warps.
 LM_CONFIG: dict = {"absorb_tokens": 128, "read_bm": 128, "read_warps": 8, "read_progs_per_sm": 8}
 
 
@@ -232,10 +234,11 @@ def _absorb_launch(kv_state, kmean_state, count: int, key_roped, key_raw, value,
     if num_splits is None:
         if _interpret():
             num_splits = 1
-        else:  # at least `absorb_tokens` tokens per program, at most ~one program per multiprocessor
+        else:  # at least `absorb_tokens` tokens per program, at most `absorb_progs_per_sm` programs per multiprocessor
             sms = torch.cuda.get_device_properties(key_roped.device).multi_processor_count
+            slots = sms * LM_CONFIG.get("absorb_progs_per_sm", 1)
             num_splits = max(1, min(triton.cdiv(num_new, LM_CONFIG.get("absorb_tokens", 512)),
-                                    sms // (batch * heads * (dim // be))))
+                                    slots // (batch * heads * (dim // be))))
     tokens_per_split = triton.cdiv(triton.cdiv(num_new, num_splits), bt) * bt
     num_splits = triton.cdiv(num_new, tokens_per_split)
     direct = num_splits == 1

@@ -1,0 +1,179 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""The block selection's pooled key blocks kept in the layer cache (sink + history, recomputed in place by each commit)
+give exactly what pooling every key in every pass gives; and the fused Triton attention + memory read-out path of the
+processor, streamed through Triton's interpreter, matches the reference kernels."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from diffusers_hybrid.ops.block_sparse_attention.naive import pool_key_blocks_naive
+
+from .test_transformer_hybrid_forcing import LATENT_H, LATENT_W, _hybrid, _inputs
+
+
+def _set_pooled_key_cache(model, enabled: bool) -> None:
+    for block in model.blocks:
+        block.attn1.processor.cache_pooled_keys = enabled
+
+
+def _stream(model, x, t, text, on_read=None):
+    chunk = model.config.num_frame_per_block
+    cache = model.init_cache(x.shape[0], LATENT_H, LATENT_W)
+    outs = []
+    for start in range(0, x.shape[2], chunk):
+        xc, tc = x[:, :, start : start + chunk], t[:, start : start + chunk]
+        read = model(xc, tc, text, cache=cache, frame_offset=start, cache_mode="read").sample
+        if on_read is not None:
+            on_read(start, cache)
+        outs += [read, model(xc, tc, text, cache=cache, frame_offset=start, cache_mode="write").sample]
+    return outs, cache
+
+
+def _assert_pooled_current(cache, block_size, key_centering):
+    for layer in cache.layers:
+        num = layer.num_pooled_key_blocks(block_size)
+        expected = pool_key_blocks_naive(layer.key[:, : num * block_size], block_size, key_centering)
+        torch.testing.assert_close(layer.pooled_key, expected, atol=0, rtol=0)
+
+
+ODD_LAYOUT = dict(sink_frames=1, local_attn_frames=5, num_frame_per_block=2, max_rope_frames=9,
+                  absorb_sink_frames=False)
+
+
+@pytest.mark.parametrize("key_centering, layout", [("heads", {}), ("none", ODD_LAYOUT)], ids=["official", "odd"])
+def test_cached_pooled_keys_equal_recomputed(key_centering, layout, monkeypatch):
+    model = _hybrid("hybrid", sparse_key_centering=key_centering, **layout)
+    block_size = model.config.sparse_block_size
+    chunk = model.config.num_frame_per_block
+    x, t, text = _inputs(frames=6 * chunk)
+    used = []
+    from diffusers_hybrid.cache import HybridLayerCache
+
+    original = HybridLayerCache.pooled_key_prefix
+
+    def spy(self, plan, *args):
+        prefix = original(self, plan, *args)
+        used.append((plan.chunk_start, prefix is not None))
+        return prefix
+
+    monkeypatch.setattr(HybridLayerCache, "pooled_key_prefix", spy)
+    buffers = {}
+
+    def check(start, cache):
+        _assert_pooled_current(cache, block_size, key_centering)
+        # one buffer per layer, updated in place (what a CUDA-graph replay of the read passes relies on)
+        ptrs = [layer.pooled_key.data_ptr() for layer in cache.layers]
+        assert buffers.setdefault("ptrs", ptrs) == ptrs
+
+    with torch.no_grad():
+        _set_pooled_key_cache(model, True)
+        cached, cache = _stream(model, x, t, text, on_read=lambda s, c: s > 0 and check(s, c))
+        _set_pooled_key_cache(model, False)
+        plain, _ = _stream(model, x, t, text)
+    for a, b in zip(cached, plain):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # the prefix is used once sink and history are full (from the third chunk on in both layouts), by both passes
+    assert {start for start, hit in used if hit} == {start for start in range(2 * chunk, 6 * chunk, chunk)}
+    assert cache.layers[0].pooled_key.shape[2] == cache.layers[0].num_pooled_key_blocks(block_size) > 0
+
+
+def test_pooled_keys_follow_rewind_reset_and_to():
+    model = _hybrid("hybrid")
+    block_size, centering = model.config.sparse_block_size, model.config.sparse_key_centering
+    x, t, text = _inputs(frames=15)
+    cache = model.init_cache(2, LATENT_H, LATENT_W)
+    records = []
+    with torch.no_grad():
+        for start in range(0, 15, 3):
+            records = (records + [cache.record_commit()])[-1:]
+            model(x[:, :, start : start + 3], t[:, start : start + 3], text, cache=cache, frame_offset=start,
+                  cache_mode="write")
+        _assert_pooled_current(cache, block_size, centering)
+        model.rewind_cache(cache, records)
+        _assert_pooled_current(cache, block_size, centering)
+        cache.to("cpu")
+        _assert_pooled_current(cache, block_size, centering)
+        cache.reset()
+        _assert_pooled_current(cache, block_size, centering)
+        assert all(float(layer.pooled_key.abs().sum()) == 0 for layer in cache.layers)
+
+
+def test_dense_ratio_keeps_no_pooled_keys():
+    model = _hybrid("hybrid", sparse_topk_ratio=1.0)
+    x, t, text = _inputs(frames=9)
+    with torch.no_grad():
+        _, cache = _stream(model, x, t, text)
+    assert all(layer.pooled_key is None for layer in cache.layers)
+
+
+_TRITON_STREAM = textwrap.dedent(
+    """
+    import torch
+    from diffusers import WanTransformer3DModel
+    from diffusers_hybrid import HybridForcingTransformer3DModel
+    from diffusers_hybrid.ops.block_sparse_attention import triton_kernel as tk
+    from diffusers_hybrid.ops.utils import poisoned_outputs
+
+    torch.manual_seed(0)
+    wan = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4,
+                                out_channels=4, text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2,
+                                rope_max_seq_len=64).eval()
+    model = HybridForcingTransformer3DModel.from_wan(
+        wan, num_frame_per_block=3, sink_frames=3, local_attn_frames=6, max_rope_frames=12, sparse_block_size=16,
+        sparse_topk_ratio=0.5, attention_mode="hybrid")
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn1.linear_proj.weight.normal_(std=0.5)
+            block.attn1.linear_proj.bias.normal_(std=0.1)
+    model = model.to(torch.bfloat16).eval()
+    calls = {"fused": 0, "prefix": 0}
+    fused = tk.block_sparse_attention_with_memory_triton
+
+    def spy(*args, **kwargs):
+        calls["fused"] += 1
+        calls["prefix"] += kwargs.get("pooled_key_prefix") is not None
+        return fused(*args, **kwargs)
+
+    tk.block_sparse_attention_with_memory_triton = spy
+    x = torch.randn(2, 4, 12, 6, 10, dtype=torch.bfloat16)
+    t = torch.rand(2, 12) * 1000
+    text = torch.randn(2, 7, 16, dtype=torch.bfloat16)
+
+    def stream():
+        cache = model.init_cache(2, 6, 10)
+        outs = []
+        for start in range(0, 12, 3):
+            args = (x[:, :, start:start + 3], t[:, start:start + 3], text)
+            outs.append(model(*args, cache=cache, frame_offset=start, cache_mode="read").sample)
+            outs.append(model(*args, cache=cache, frame_offset=start, cache_mode="write").sample)
+        return torch.cat(outs, dim=2).double()
+
+    with torch.no_grad(), poisoned_outputs():
+        model.set_attention_kernel("reference")
+        ref = stream()
+        model.set_attention_kernel("triton")
+        got = stream()
+    err = ((got - ref).norm() / ref.norm()).item()
+    # memory ready from chunk 2 (frames 6-8): 2 chunks x 2 passes x 2 layers fused, all with the cached prefix
+    assert calls == {"fused": 8, "prefix": 8}, calls
+    assert got.isfinite().all() and err < 3e-2, err
+    print("OK", err)
+    """
+)
+
+
+def test_triton_fused_memory_and_pooled_prefix_stream_in_interpreter():
+    """The processor's Triton path (fused read-out, pooled key prefix) through Triton's CPU interpreter, in a child
+    process so that `TRITON_INTERPRET` does not leak into other tests."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("covered on the GPU by tests/test_model_triton_gpu.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _TRITON_STREAM], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
