@@ -173,6 +173,49 @@ def test_prompt_sources(train_script, tmp_path):
         train_script.load_prompts(str(tmp_path / "p.parquetx"))
 
 
+def test_prompts_from_a_hub_dataset_name(train_script, monkeypatch):
+    """A name that is not a local path goes to `datasets.load_dataset` (no network here: the loader is replaced)."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config_name=None, split=None, **kwargs):
+        calls.append((name, config_name, split))
+        return datasets.Dataset.from_dict({"id": [1, 2], "text": ["from the hub", "second  prompt"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert train_script.load_prompts("someone/prompts") == ["from the hub", "second prompt"]
+    assert calls == [("someone/prompts", None, "train")]
+
+
+def test_push_to_hub_uploads_the_final_pipeline_folder(tmp_path, monkeypatch):
+    """`--push_to_hub` calls `hub_utils.upload_pipeline_folder`: it creates the repo, then uploads the folder as is."""
+    from diffusers_hybrid.utils import hub_utils
+
+    created, uploaded = [], []
+
+    class _Repo:
+        def __init__(self, repo_id):
+            self.repo_id = repo_id
+
+    def fake_create_repo(repo_id, private=None, token=None, exist_ok=False):
+        created.append((repo_id, private, token, exist_ok))
+        return _Repo(f"user/{repo_id}")
+
+    def fake_upload_folder(**kwargs):
+        uploaded.append(kwargs)
+        return "commit-url"
+
+    monkeypatch.setattr(hub_utils, "create_repo", fake_create_repo)
+    monkeypatch.setattr(hub_utils, "upload_folder", fake_upload_folder)
+    (tmp_path / "final").mkdir()
+    result = hub_utils.upload_pipeline_folder(tmp_path / "final", "my-student", token="t", commit_message="End")
+    assert result == "commit-url"
+    assert created == [("my-student", None, "t", True)]
+    assert uploaded == [dict(repo_id="user/my-student", folder_path=str(tmp_path / "final"), token="t",
+                             commit_message="End", create_pr=False)]
+
+
 def test_sharded_sampler_is_disjoint_and_resumable(train_script):
     s0 = train_script.ShardedIndexSampler(10, seed=3, rank=0, world_size=2)
     s1 = train_script.ShardedIndexSampler(10, seed=3, rank=1, world_size=2)
