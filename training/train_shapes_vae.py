@@ -16,9 +16,7 @@ Videos are rendered on the fly on the training device (`diffusers_hybrid.shapes`
 import argparse
 import json
 import logging
-import math
 import os
-import shutil
 import time
 
 import diffusers
@@ -30,13 +28,13 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKLWan
-from diffusers.optimization import get_scheduler
 from diffusers.utils import check_min_version
 from tqdm.auto import tqdm
 
 check_min_version("0.42.0")
 
 from diffusers_hybrid.shapes.domain import render_batch, scene_specs  # noqa: E402
+from diffusers_hybrid.training_utils import save_rotated_checkpoint, time_budget_lr_scheduler  # noqa: E402
 from diffusers_hybrid.shapes.video_io import ffmpeg_available, try_write_video  # noqa: E402
 
 logger = get_logger(__name__)
@@ -210,50 +208,6 @@ Weights are stored in {args.save_dtype}; load with `torch_dtype=torch.float32` o
         f.write(card)
 
 
-class _Budget:
-    """Training progress in [0, 1]: the larger of the step fraction and, with --max_train_time, the time fraction
-    (so that a time-limited run still completes its learning-rate schedule)."""
-
-    def __init__(self, max_steps, max_time):
-        self.max_steps, self.max_time, self.t0 = max_steps, max_time, None
-
-    def start(self):
-        self.t0 = time.time()
-
-    def fraction(self, step):
-        frac = step / max(1, self.max_steps)
-        if self.max_time and self.t0 is not None:
-            frac = max(frac, (time.time() - self.t0) / self.max_time)
-        return min(1.0, frac)
-
-
-def make_lr_scheduler(optimizer, args, num_processes):
-    """`--lr_scheduler` from diffusers, or, with --max_train_time, a warmup + cosine/linear/constant schedule over
-    the run's progress (`_Budget`)."""
-    if not args.max_train_time:
-        return get_scheduler(
-            args.lr_scheduler,
-            optimizer=optimizer,
-            num_warmup_steps=args.lr_warmup_steps * num_processes,
-            num_training_steps=args.max_train_steps * num_processes,
-        )
-    budget = _Budget(args.max_train_steps * num_processes, args.max_train_time)
-    warm = args.lr_warmup_steps * num_processes
-
-    def factor(step):
-        if budget.t0 is None:
-            budget.start()
-        w = min(1.0, (step + 1) / warm) if warm else 1.0
-        p = budget.fraction(step)
-        if args.lr_scheduler == "cosine":
-            return w * 0.5 * (1 + math.cos(math.pi * p))
-        if args.lr_scheduler == "linear":
-            return w * (1 - p)
-        return w
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------------
@@ -317,7 +271,7 @@ def main(args):
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
-    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
+    lr_scheduler = time_budget_lr_scheduler(optimizer, args, accelerator.num_processes)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
@@ -380,7 +334,8 @@ def main(args):
             accelerator.log(logs, step=global_step)
             if accelerator.is_main_process:
                 if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                    _save_checkpoint(accelerator, args, global_step)
+                    logger.info("Saved state to " + save_rotated_checkpoint(
+                        accelerator, args.output_dir, global_step, args.checkpoints_total_limit))
                 if args.validation_steps and global_step % args.validation_steps == 0:
                     _validate(accelerator.unwrap_model(model).vae, val_specs, args, global_step, accelerator)
             if args.max_train_time and time.time() - t_start > args.max_train_time:
@@ -438,19 +393,6 @@ def main(args):
             f"held-out PSNR {measurements['psnr_heldout']:.2f} dB (stored weights: {measurements['psnr_heldout_saved']:.2f} dB)"
         )
     accelerator.end_training()
-
-
-def _save_checkpoint(accelerator, args, global_step):
-    if args.checkpoints_total_limit is not None:
-        ckpts = sorted(
-            [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")], key=lambda d: int(d.split("-")[1])
-        )
-        if len(ckpts) >= args.checkpoints_total_limit:
-            for d in ckpts[: len(ckpts) - args.checkpoints_total_limit + 1]:
-                shutil.rmtree(os.path.join(args.output_dir, d))
-    path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    accelerator.save_state(path)
-    logger.info(f"Saved state to {path}")
 
 
 def _validate(vae, specs, args, step, accelerator, final=False):

@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -41,7 +40,6 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import check_min_version
 from tqdm.auto import tqdm
@@ -50,6 +48,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 check_min_version("0.42.0")
 
 from diffusers_hybrid.shapes.domain import render_batch, scene_specs  # noqa: E402
+from diffusers_hybrid.training_utils import save_rotated_checkpoint, time_budget_lr_scheduler  # noqa: E402
 from diffusers_hybrid.shapes.text import encode_prompts  # noqa: E402
 from diffusers_hybrid.shapes.video_io import ffmpeg_available, try_write_video  # noqa: E402
 
@@ -320,50 +319,6 @@ def fix_tokenizer_class(folder):
             json.dump(cfg, f, indent=2)
 
 
-class _Budget:
-    """Training progress in [0, 1]: the larger of the step fraction and, with --max_train_time, the time fraction
-    (so that a time-limited run still completes its learning-rate schedule)."""
-
-    def __init__(self, max_steps, max_time):
-        self.max_steps, self.max_time, self.t0 = max_steps, max_time, None
-
-    def start(self):
-        self.t0 = time.time()
-
-    def fraction(self, step):
-        frac = step / max(1, self.max_steps)
-        if self.max_time and self.t0 is not None:
-            frac = max(frac, (time.time() - self.t0) / self.max_time)
-        return min(1.0, frac)
-
-
-def make_lr_scheduler(optimizer, args, num_processes):
-    """`--lr_scheduler` from diffusers, or, with --max_train_time, a warmup + cosine/linear/constant schedule over
-    the run's progress (`_Budget`)."""
-    if not args.max_train_time:
-        return get_scheduler(
-            args.lr_scheduler,
-            optimizer=optimizer,
-            num_warmup_steps=args.lr_warmup_steps * num_processes,
-            num_training_steps=args.max_train_steps * num_processes,
-        )
-    budget = _Budget(args.max_train_steps * num_processes, args.max_train_time)
-    warm = args.lr_warmup_steps * num_processes
-
-    def factor(step):
-        if budget.t0 is None:
-            budget.start()
-        w = min(1.0, (step + 1) / warm) if warm else 1.0
-        p = budget.fraction(step)
-        if args.lr_scheduler == "cosine":
-            return w * 0.5 * (1 + math.cos(math.pi * p))
-        if args.lr_scheduler == "linear":
-            return w * (1 - p)
-        return w
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------------
@@ -486,7 +441,7 @@ def main(args):
     optimizer = torch.optim.AdamW(
         params, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
     )
-    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator.num_processes)
+    lr_scheduler = time_budget_lr_scheduler(optimizer, args, accelerator.num_processes)
     if args.train_text_encoder:
         transformer_p, text_encoder_p, optimizer, lr_scheduler = accelerator.prepare(
             transformer, text_encoder, optimizer, lr_scheduler
@@ -580,7 +535,8 @@ def main(args):
             accelerator.log(logs, step=global_step)
             if accelerator.is_main_process:
                 if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                    _save_checkpoint(accelerator, args, global_step)
+                    logger.info("Saved state to " + save_rotated_checkpoint(
+                        accelerator, args.output_dir, global_step, args.checkpoints_total_limit))
                 if args.validation_steps and global_step % args.validation_steps == 0:
                     with _ema_weights(ema, ema_te, transformer_p, text_encoder_p):
                         log_validation(
@@ -645,19 +601,6 @@ class _ema_weights:
     def __exit__(self, *exc):
         for e, m in self.pairs:
             e.restore(m.parameters())
-
-
-def _save_checkpoint(accelerator, args, global_step):
-    if args.checkpoints_total_limit is not None:
-        ckpts = sorted(
-            [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")], key=lambda d: int(d.split("-")[1])
-        )
-        if len(ckpts) >= args.checkpoints_total_limit:
-            for d in ckpts[: len(ckpts) - args.checkpoints_total_limit + 1]:
-                shutil.rmtree(os.path.join(args.output_dir, d))
-    path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    accelerator.save_state(path)
-    logger.info(f"Saved state to {path}")
 
 
 @torch.no_grad()

@@ -22,7 +22,9 @@ Official-code quirks deliberately not reproduced are listed in `docs/deviations.
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -599,5 +601,76 @@ __all__ = [
     "flow_to_x0", "classifier_free_guidance", "dmd_gradient", "dmd_loss", "critic_flow_loss", "regression_loss",
     "guided_velocity", "euler_ode_solve", "RolloutPlan", "sample_rollout_plan", "RolloutOutput",
     "self_forcing_rollout", "dmd_clip", "sample_chunk_step_indices", "ParameterEMA", "merge_lora_state_dict",
-    "count_parameters", "seed_for_rank", "is_finite",
+    "count_parameters", "seed_for_rank", "is_finite", "time_budget_lr_scheduler", "save_rotated_checkpoint",
 ]
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Schedules and checkpoints shared by the shapes training scripts (train_shapes_vae.py, train_teacher.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _TrainingBudget:
+    """Training progress in [0, 1]: the larger of the step fraction and, with --max_train_time, the time fraction
+    (so that a time-limited run still completes its learning-rate schedule)."""
+
+    def __init__(self, max_steps, max_time):
+        self.max_steps, self.max_time, self.t0 = max_steps, max_time, None
+
+    def start(self):
+        self.t0 = time.time()
+
+    def fraction(self, step):
+        frac = step / max(1, self.max_steps)
+        if self.max_time and self.t0 is not None:
+            frac = max(frac, (time.time() - self.t0) / self.max_time)
+        return min(1.0, frac)
+
+
+def time_budget_lr_scheduler(optimizer, args, num_processes: int):
+    """`--lr_scheduler` from diffusers, or, with --max_train_time, a warmup + cosine/linear/constant schedule over
+    the run's progress (`_TrainingBudget`)."""
+    if not args.max_train_time:
+        from diffusers.optimization import get_scheduler
+
+        return get_scheduler(
+            args.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=args.lr_warmup_steps * num_processes,
+            num_training_steps=args.max_train_steps * num_processes,
+        )
+    budget = _TrainingBudget(args.max_train_steps * num_processes, args.max_train_time)
+    warm = args.lr_warmup_steps * num_processes
+
+    def factor(step):
+        if budget.t0 is None:
+            budget.start()
+        w = min(1.0, (step + 1) / warm) if warm else 1.0
+        p = budget.fraction(step)
+        if args.lr_scheduler == "cosine":
+            return w * 0.5 * (1 + math.cos(math.pi * p))
+        if args.lr_scheduler == "linear":
+            return w * (1 - p)
+        return w
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def save_rotated_checkpoint(accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
+    """`accelerator.save_state` into `output_dir/checkpoint-{step}`, first deleting the oldest checkpoints so that at
+    most `total_limit` remain (None: keep all). Returns the new checkpoint's path."""
+    import os
+    import shutil
+
+    if total_limit is not None:
+        ckpts = sorted((d for d in os.listdir(output_dir) if d.startswith("checkpoint-")),
+                       key=lambda d: int(d.split("-")[1]))
+        for d in ckpts[: max(0, len(ckpts) - total_limit + 1)]:
+            shutil.rmtree(os.path.join(output_dir, d))
+    path = os.path.join(output_dir, f"checkpoint-{step}")
+    accelerator.save_state(path)
+    return path

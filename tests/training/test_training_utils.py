@@ -2,6 +2,7 @@
 """The shared training math (`diffusers_hybrid.training_utils`) against hand-computed values on tiny tensors."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -421,3 +422,50 @@ def test_merge_lora_state_dict_matches_peft_merge():
     plain.load_state_dict(merged)
     torch.testing.assert_close(plain(x), expected)
     assert not math.isclose(float((merged["0.weight"] - model.state_dict()["0.base_layer.weight"]).abs().sum()), 0.0)
+
+
+def test_time_budget_lr_scheduler_anneals_by_time(monkeypatch):
+    """With --max_train_time the cosine schedule follows the larger of the step and time fractions, so a run stopped
+    by its time limit still ends at a learning rate of zero."""
+    import math
+    import time
+    from types import SimpleNamespace
+
+    from diffusers_hybrid.training_utils import time_budget_lr_scheduler
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    param = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.SGD([param], lr=0.5)
+    args = SimpleNamespace(max_train_time=100.0, max_train_steps=10_000, lr_warmup_steps=0, lr_scheduler="cosine")
+    sched = time_budget_lr_scheduler(opt, args, num_processes=1)
+    assert math.isclose(opt.param_groups[0]["lr"], 0.5)
+    clock[0] += 50.0  # half the time, 1 step of 10,000
+    opt.step()
+    sched.step()
+    assert math.isclose(opt.param_groups[0]["lr"], 0.25, rel_tol=1e-6)
+    clock[0] += 60.0
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    args_steps = SimpleNamespace(max_train_time=None, max_train_steps=4, lr_warmup_steps=0, lr_scheduler="linear")
+    opt2 = torch.optim.SGD([param], lr=1.0)
+    sched2 = time_budget_lr_scheduler(opt2, args_steps, num_processes=1)
+    opt2.step()
+    sched2.step()
+    assert math.isclose(opt2.param_groups[0]["lr"], 0.75)
+
+
+def test_save_rotated_checkpoint_keeps_the_newest(tmp_path):
+    from diffusers_hybrid.training_utils import save_rotated_checkpoint
+
+    class _Accelerator:
+        def save_state(self, path):
+            os.makedirs(path)
+
+    acc = _Accelerator()
+    for step in (5, 10, 15, 20):
+        save_rotated_checkpoint(acc, str(tmp_path), step, total_limit=2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-15", "checkpoint-20"]
+    save_rotated_checkpoint(acc, str(tmp_path), 25, total_limit=None)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-15", "checkpoint-20", "checkpoint-25"]
