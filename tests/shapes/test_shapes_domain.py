@@ -57,10 +57,33 @@ def test_render_batch_matches_render_video_and_resolutions():
         assert torch.equal(batch[i], render_video(s, 6, start_frame=f))
     x = render_batch(specs[:1], 5, 256, 160)
     assert x.shape == (1, 3, 5, 256, 160) and x.min() >= -1 and x.max() <= 1
+    with pytest.raises(ValueError, match="output"):
+        render_batch(specs[:1], 2, output="float")
     with pytest.raises(ValueError):
         render_video(specs[0], 4, 120, 128)  # not a multiple of 16
     with pytest.raises(ValueError):
         render_video(specs[0], 4, 272, 272)  # above 256
+
+
+def test_render_batch_coverage_marks_the_objects():
+    from diffusers_hybrid.shapes.domain import background_image
+
+    specs = scene_specs("train", 4, base_seed=3, two_object_prob=1.0)
+    video, coverage = render_batch(specs, 5, 144, 128, output="uint8", start_frames=[0, 2, 4, 6], return_coverage=True)
+    assert torch.equal(video, render_batch(specs, 5, 144, 128, output="uint8", start_frames=[0, 2, 4, 6]))
+    assert coverage.shape == (4, 1, 5, 144, 128) and coverage.min() >= 0 and coverage.max() <= 1
+    for i, spec in enumerate(specs):
+        bg = background_image(spec.attrs.background, spec.attrs.texture, 144, 128).round().clamp(0, 255)
+        frames = video[i].float()  # [T, H, W, 3]
+        cov = coverage[i, 0]
+        # uncovered pixels are the background, fully covered ones an object colour (the top object's)
+        assert torch.equal(frames[cov == 0], bg.expand_as(frames)[cov == 0])
+        palette = torch.tensor([OBJECT_COLORS[o.color] for o in spec.attrs.objects], dtype=torch.float32)
+        inside = frames[cov >= 0.999]
+        assert len(inside) > 100
+        assert (inside[:, None, :] - palette[None]).abs().amax(-1).amin(-1).max() <= 0.5
+    vae_video, vae_cov = render_batch(specs, 5, 144, 128, return_coverage=True, start_frames=[0, 2, 4, 6])
+    assert torch.equal(vae_cov, coverage) and vae_video.shape == (4, 3, 5, 144, 128)
 
 
 def test_caption_attribute_round_trip():

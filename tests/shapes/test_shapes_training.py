@@ -156,12 +156,43 @@ def test_train_shapes_vae_two_steps(repo_root, accelerate_config, tmp_path):
             "5",
             "--posterior_noise",
             "0",
+            "--foreground_weight",
+            "10",
         ],
     )
     m = json.load(open(os.path.join(out, "measurements.json")))
-    assert m["steps"] == 2 and np.isfinite(m["psnr_heldout"])  # noqa: E501 and len(m["latents_std"]) == 16
+    assert m["steps"] == 2 and np.isfinite(m["psnr_heldout"]) and len(m["latents_std"]) == 16
+    assert 0 < m["object_color_error_heldout"] < 255 and 0 < m["object_color_error_heldout_saved"] < 255
     vae = AutoencoderKLWan.from_pretrained(os.path.join(out, "vae"))
     assert vae.config.latents_std == m["latents_std"] and vae.config.temperal_downsample == [False, True, True]
     assert os.path.isdir(os.path.join(out, "checkpoint-2", "vae")) and os.path.isfile(
         os.path.join(out, "vae", "README.md")
     )
+
+
+def test_vae_reconstruction_loss_weights_the_objects(repo_root):
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_shapes_vae", os.path.join(repo_root, "training", "train_shapes_vae.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(2, 3, 5, 16, 16, generator=g) * 2 - 1) * 0.8  # away from the clamp at +-1
+    coverage = (torch.rand(2, 1, 5, 16, 16, generator=g) > 0.9).float()
+    recon = x + 0.1 * torch.randn(x.shape, generator=g)
+    plain = argparse.Namespace(l1_weight=1.0, mse_weight=0.5, foreground_weight=0.0)
+    expected = torch.nn.functional.l1_loss(recon, x) + 0.5 * torch.nn.functional.mse_loss(recon, x)
+    torch.testing.assert_close(script.reconstruction_loss(recon, x, coverage, plain), expected)
+    # the same error is costlier on an object than on the background, and a uniform error costs the same
+    weighted = argparse.Namespace(l1_weight=1.0, mse_weight=0.5, foreground_weight=20.0)
+    on_objects = x + 0.3 * coverage
+    on_background = x + 0.3 * (1 - coverage) * (coverage.mean() / (1 - coverage).mean())
+    assert script.reconstruction_loss(on_objects, x, coverage, weighted) > 5 * script.reconstruction_loss(
+        on_background, x, coverage, weighted
+    )
+    torch.testing.assert_close(
+        script.reconstruction_loss(x + 0.2, x, coverage, weighted), script.reconstruction_loss(x + 0.2, x, coverage, plain)
+    )
+    err = script.object_color_error(x + 0.1 * coverage, x, coverage)
+    assert abs(err - 0.1 * 127.5) < 1e-3

@@ -437,9 +437,10 @@ def checker_sign(height: int, width: int, device=None) -> torch.Tensor:
     return ((iy.view(-1, 1) + ix.view(1, -1)) % 2).float() * 2 - 1
 
 
-def _render_frames(specs, num_frames: int, height: int, width: int, start_frames, device) -> torch.Tensor:
+def _render_frames(specs, num_frames: int, height: int, width: int, start_frames, device, return_coverage=False):
     """Unrounded RGB frames [B, T, H, W, 3] in 0..255 of several scenes, vectorised over scenes, objects and frames
-    (objects of one shape are drawn together; each scene draws its large object(s) first)."""
+    (objects of one shape are drawn together; each scene draws its large object(s) first). With `return_coverage`,
+    also the objects' anti-aliased coverage [B, T, H, W] in [0, 1] (the union of the objects)."""
     b = len(specs)
     xs = torch.arange(width, device=device, dtype=torch.float32) + 0.5
     ys = torch.arange(height, device=device, dtype=torch.float32) + 0.5
@@ -471,6 +472,8 @@ def _render_frames(specs, num_frames: int, height: int, width: int, start_frames
     for layer in range(2):
         a = cov[:, layer].unsqueeze(-1)
         frames = frames * (1 - a) + color[:, layer].view(b, 1, 1, 1, 3) * a
+    if return_coverage:
+        return frames, 1 - (1 - cov[:, 0]) * (1 - cov[:, 1])
     return frames
 
 
@@ -504,16 +507,21 @@ def render_batch(
     device=None,
     start_frames=None,
     output: str = "vae",
-) -> torch.Tensor:
+    return_coverage: bool = False,
+):
     """Several scenes at once (vectorised; the same pixels as `render_video`). `output="vae"`: float
-    [B, C=3, T, H, W] in [-1, 1] (the VAE's input convention); `output="uint8"`: uint8 [B, T, H, W, 3]."""
+    [B, C=3, T, H, W] in [-1, 1] (the VAE's input convention); `output="uint8"`: uint8 [B, T, H, W, 3].
+    `return_coverage=True` also returns where the objects are: float [B, 1, T, H, W] in [0, 1] (anti-aliased
+    union of the objects), e.g. to weight a reconstruction loss towards the objects."""
     check_resolution(height, width)
+    if output not in ("vae", "uint8"):
+        raise ValueError(f"output must be 'vae' or 'uint8', got {output!r}")
     device = torch.device(device or "cpu")
     start_frames = list(start_frames) if start_frames is not None else [0] * len(specs)
-    frames = _render_frames(specs, num_frames, height, width, start_frames, device).round().clamp(0, 255)
-    if output == "uint8":
-        return frames.to(torch.uint8)
-    return frames.permute(0, 4, 1, 2, 3).div(127.5).sub(1.0)
+    frames, coverage = _render_frames(specs, num_frames, height, width, start_frames, device, return_coverage=True)
+    frames = frames.round().clamp(0, 255)
+    video = frames.to(torch.uint8) if output == "uint8" else frames.permute(0, 4, 1, 2, 3).div(127.5).sub(1.0)
+    return (video, coverage.unsqueeze(1)) if return_coverage else video
 
 
 def scene_specs(split: str, count: int, base_seed: int = 0, two_object_prob: float = 0.5) -> list[SceneSpec]:
