@@ -11,6 +11,7 @@ the FLOPs actually computed / time); the linear memory ops. Correctness against 
 
     python benchmarks/bench_attention.py [--quick] [--explore] [--flex] [--out DIR]
     python benchmarks/bench_attention.py --round2 [--quick] [--out DIR]     # benchmarks/run_kernel_round2.sh
+    python benchmarks/bench_attention.py --round3 [--out DIR]               # benchmarks/run_kernel_round3.sh
 
 `--round2` (issue 3, round 2), in one process: every forward launch variant (R2_FWD_VARIANTS: fused split merge,
 pipelining depth, CTAs per SM, two blocks per softmax step, warp specialisation, persistent, in-kernel descriptors),
@@ -20,6 +21,15 @@ processes (a compile failure, crash or hang there is reported and cannot spoil t
 against the float32 reference (attention forward and backward, memory read-out, selection rows, absorption), then
 timed with `triton.testing.do_bench_cudagraph` next to the round-1 default and cuDNN dense attention; the fastest
 correct configurations are printed as recommended defaults.
+
+`--round3` (issue 3, round 3), main shape, ratio 0.2, pooled prefix of the cached window: selection variants
+(R3_SELECT_VARIANTS: the 16-step radix-4 top-k search, software pipelining of the pooling / scoring loops, warps and
+query blocks per program) timed as pooling alone, top-k alone, both, and the full op (selection + attention) against
+cuDNN dense; fused memory read-out variants (R3_MEM_VARIANTS: the projected state as float32 cast on the host / split
+in the kernel into hi or hi+lo, or kept in bf16 by the caller; the contraction in chunks of state rows; on the 2-stage
+and the 1-stage x 4-CTA attention configurations) as +us and % of the attention, with their error against float32;
+the whole op with memory with the per-call projection vs a kept projected state; absorption variants
+(R3_ABSORB_VARIANTS). Same probe / check / time sequence as round 2; writes `bench_attention_round3.json`.
 
 Prints a table last; writes `bench_attention.json` (every figure) to `--out` (default `$OUT` or `.`).
 """
@@ -1127,6 +1137,392 @@ def _r2_print_summary(r2: dict, main_name: str):
     log(f"round 2 wall {r2.get('wall_s', 0):.0f} s")
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# round 3 (issue 3): selection search / pipelining, memory read-out state forms and chunking, absorption
+# ------------------------------------------------------------------------------------------------------------------
+
+# The built-in defaults when round 3 started (benchmarks/RESULTS.md, round 2), the baselines of every comparison.
+R3_FWD_DEFAULT = dict(KPI=1, num_warps=4, num_stages=1, tma=True, ctas_per_sm=4)
+R3_FWD_MEM_DEFAULT = dict(KPI=1, num_warps=4, num_stages=2, tma=True, ctas_per_sm=2)
+R3_SELECT_DEFAULT = dict(impl="group", G=8, pool="heads", pool_warps=2, num_warps=4)
+R3_SELECT_VARIANTS = {
+    "default": dict(R3_SELECT_DEFAULT),
+    "radix4": dict(R3_SELECT_DEFAULT, search="radix4"),
+    "radix4_w8": dict(R3_SELECT_DEFAULT, search="radix4", num_warps=8),
+    "radix4_g4": dict(R3_SELECT_DEFAULT, search="radix4", G=4),
+    "radix4_g16_w8": dict(R3_SELECT_DEFAULT, search="radix4", G=16, num_warps=8),
+    "pool_stages2": dict(R3_SELECT_DEFAULT, pool_stages=2),
+    "pool_stages3_w4": dict(R3_SELECT_DEFAULT, pool_stages=3, pool_warps=4),
+    "select_stages2": dict(R3_SELECT_DEFAULT, select_stages=2),
+    "radix4_pool3_sel2": dict(R3_SELECT_DEFAULT, search="radix4", pool_stages=3, pool_warps=4, select_stages=2),
+    "rows_radix4_g4": dict(R3_SELECT_DEFAULT, impl="rows", G=4, search="radix4"),
+}
+# Fused read-out variants: (attention configuration, overrides, dtype the projected state is passed in). "f32": the
+# float32 KV' of `project_memory_state` (today's op); "bf16": KV' kept in bf16 by the caller (no cast launch).
+R3_MEM_VARIANTS = {
+    "hi_host_cast": (R3_FWD_MEM_DEFAULT, dict(), "f32"),  # the built-in default
+    "hi_bf16_state": (R3_FWD_MEM_DEFAULT, dict(), "bf16"),
+    "hi_f32_in_kernel": (R3_FWD_MEM_DEFAULT, dict(mem_state="f32"), "f32"),
+    "hilo_f32_in_kernel": (R3_FWD_MEM_DEFAULT, dict(mem_state="f32", memory_lo=True), "f32"),
+    "hilo_host_split": (R3_FWD_MEM_DEFAULT, dict(memory_lo=True), "f32"),
+    "hi_bf16_state_kc64": (R3_FWD_MEM_DEFAULT, dict(mem_kc=64), "bf16"),
+    "hi_bf16_state_kc32": (R3_FWD_MEM_DEFAULT, dict(mem_kc=32), "bf16"),
+    "hi_bf16_state_den_first": (R3_FWD_MEM_DEFAULT, dict(mem_mode=1), "bf16"),
+    "cta4_hi_bf16_state": (R3_FWD_DEFAULT, dict(), "bf16"),
+    "cta4_hi_bf16_state_kc64": (R3_FWD_DEFAULT, dict(mem_kc=64), "bf16"),
+    "cta4_hi_bf16_state_kc32": (R3_FWD_DEFAULT, dict(mem_kc=32), "bf16"),
+    "cta3_hi_bf16_state_kc32": (dict(R3_FWD_DEFAULT, ctas_per_sm=3), dict(mem_kc=32), "bf16"),
+}
+R3_ABSORB_VARIANTS = {
+    "default": dict(),
+    "warps4": dict(absorb_warps=4),
+    "ksum_dot": dict(absorb_ksum="dot"),
+    "ksum_dot_warps4": dict(absorb_ksum="dot", absorb_warps=4),
+    "ksum_dot_warps4_tok256": dict(absorb_ksum="dot", absorb_warps=4, absorb_tokens=256),
+    "ksum_dot_warps4_stages2": dict(absorb_ksum="dot", absorb_warps=4, absorb_stages=2),
+}
+R3_MAIN = "wan1.3b_832x480"
+# Tokens already absorbed when the benchmarked chunk is folded in (two chunks of the main shape).
+R3_ABSORBED = 9360
+
+
+def _r3_mem_cfg(name: str, dim: int) -> tuple[dict, torch.dtype]:
+    """Complete forward configuration and state dtype of a read-out variant (`mem_kc` capped at head_dim: tiny
+    dry-run shapes)."""
+    base, over, state = R3_MEM_VARIANTS[name]
+    cfg = dict(base, **over)
+    if "mem_kc" in cfg:
+        cfg["mem_kc"] = min(cfg["mem_kc"], dim)
+    return cfg, (torch.bfloat16 if state == "bf16" else torch.float32)
+
+
+class _SelectConfig:
+    """Context manager: SELECT_CONFIG replaced by `cfg`, restored afterwards."""
+
+    def __init__(self, cfg: dict):
+        self.cfg, self.saved = dict(cfg), None
+
+    def __enter__(self):
+        self.saved = dict(bsa.SELECT_CONFIG)
+        bsa.SELECT_CONFIG.clear()
+        bsa.SELECT_CONFIG.update(self.cfg)
+
+    def __exit__(self, *exc):
+        bsa.SELECT_CONFIG.clear()
+        bsa.SELECT_CONFIG.update(self.saved)
+
+
+def _r3_setup(seed: int):
+    """Main-shape inputs, the pooled prefix of the cached window, memory inputs and the projected state."""
+    shape = SHAPES[R3_MAIN]
+    q, k, v = inputs(shape, seed=seed)
+    num_prefix = _r2_prefix_blocks(shape)
+    prefix = bsa.pool_key_blocks_triton(k[:, : num_prefix * R2_BS], R2_BS, "heads")
+    q_raw, kv, km, weight, bias = _r2_memory_inputs(q)
+    kvp = bsa.project_memory_state(kv, weight)
+    return shape, q, k, v, num_prefix, prefix, q_raw, kv, km, weight, bias, kvp
+
+
+def probe3_main(names: list[str]):
+    """Child process of `--round3` (protocol of `run_probes`): compiles and runs each new variant once at the main
+    shape and compares it with the round-2 default (selection rows, fused output, absorbed state)."""
+    shape, q, k, v, num_prefix, prefix, q_raw, kv, km, weight, bias, kvp = _r3_setup(seed=11)
+    with _SelectConfig(R3_SELECT_DEFAULT):
+        lut, _ = bsa.select_key_blocks_triton(q, k, R2_RATIO, R2_BS, "heads", pooled_key_prefix=prefix)
+    topk, scale = lut.shape[-1], shape["dim"] ** -0.5
+    sync()
+    for name in names:
+        print(f"R2PROBE START {name}", flush=True)
+        try:
+            kind, variant = name.split(":", 1)
+            if kind == "r3sel":
+                with _SelectConfig(R3_SELECT_VARIANTS[variant]):
+                    got, _ = bsa.select_key_blocks_triton(q, k, R2_RATIO, R2_BS, "heads", pooled_key_prefix=prefix)
+                sync()
+                same = (got == lut).all(-1).float().mean().item()
+                info, ok = dict(rows_equal_default=same), same > 0.99
+            elif kind == "r3mem":
+                cfg, state_dtype = _r3_mem_cfg(variant, shape["dim"])
+                mem = (q_raw, kvp.to(state_dtype), km, bias.float(), 1e-6)
+                got = bsa.attention_forward(q, k, v, lut, topk, R2_BS, scale, False, cfg, memory=mem)[0]
+                base = bsa.attention_forward(q, k, v, lut, topk, R2_BS, scale, False, dict(R3_FWD_MEM_DEFAULT),
+                                             memory=(q_raw, kvp, km, bias.float(), 1e-6))[0]
+                sync()
+                err = rel(got, base)
+                info, ok = dict(err_vs_default=err), math.isfinite(err) and err < 1e-2
+            else:  # r3abs
+                from diffusers_hybrid.ops.linear_memory import triton_kernel as lmk
+
+                saved = dict(lmk.LM_CONFIG)
+                lmk.LM_CONFIG.update(R3_ABSORB_VARIANTS[variant])
+                try:
+                    kr, kw, vv = (torch.randn_like(q) for _ in range(3))
+                    got = lmk._absorb_launch(kv, km, R3_ABSORBED, kr, kw, vv)
+                finally:
+                    lmk.LM_CONFIG.clear()
+                    lmk.LM_CONFIG.update(saved)
+                want = linear_memory_absorb_naive(kv, km, R3_ABSORBED, kr, kw, vv)
+                errs = (rel(got[0], want[0]), rel(got[1], want[1]))
+                info, ok = dict(kv=errs[0], kmean=errs[1]), max(errs) < 1e-4
+            print(f"R2PROBE {'OK' if ok else 'FAIL'} {name} {json.dumps(info)}", flush=True)
+        except Exception as e:  # compile errors etc.: reported, the next variant goes on
+            print(f"R2PROBE FAIL {name} {json.dumps(dict(error=f'{type(e).__name__}: {str(e)[:300]}'))}",
+                  flush=True)
+
+
+def round3(args):
+    t0 = time.time()
+    r3 = RESULTS.setdefault("round3", {})
+    from diffusers_hybrid.ops.linear_memory import triton_kernel as lmk
+
+    # 0. every new variant first in child processes
+    names = ([f"r3sel:{n}" for n in R3_SELECT_VARIANTS if n != "default"] + [f"r3mem:{n}" for n in R3_MEM_VARIANTS]
+             + [f"r3abs:{n}" for n in R3_ABSORB_VARIANTS if n != "default"])
+    log(f"== round 3: probing {len(names)} variants in child processes")
+    probe = run_probes(names, args.out, workers=args.probe_workers)
+    r3["probe"] = probe
+    for n in names:
+        log(f"  probe {n:<34} {json.dumps(probe.get(n, dict(ok=False, error='not run')))[:200]}")
+    sel_usable = [n for n in R3_SELECT_VARIANTS if n == "default" or probe.get(f"r3sel:{n}", {}).get("ok")]
+    mem_usable = [n for n in R3_MEM_VARIANTS if probe.get(f"r3mem:{n}", {}).get("ok")]
+    abs_usable = [n for n in R3_ABSORB_VARIANTS if n == "default" or probe.get(f"r3abs:{n}", {}).get("ok")]
+    log(f"  probe done in {time.time() - t0:.0f} s")
+
+    # 1. correctness: selection rows vs the naive reference (and exactly vs the default kernel), the fused read-out
+    # vs float32 attention + linear_proj(read-out), absorption vs the naive running means
+    log("== round 3: correctness")
+    shape, q, k, v, num_prefix, prefix, q_raw, kv, km, weight, bias, kvp = _r3_setup(seed=1)
+    ref_lut = select_key_blocks_naive(q, k, R2_RATIO, R2_BS, "heads")
+    with _SelectConfig(R3_SELECT_DEFAULT):
+        default_lut, _ = bsa.select_key_blocks_triton(q, k, R2_RATIO, R2_BS, "heads", pooled_key_prefix=prefix)
+    sel_checks = {}
+    for name in sel_usable:
+        def run(name=name):
+            with _SelectConfig(R3_SELECT_VARIANTS[name]):
+                a, _ = bsa.select_key_blocks_triton(q, k, R2_RATIO, R2_BS, "heads", write_map=True)
+                b, _ = bsa.select_key_blocks_triton(q, k, R2_RATIO, R2_BS, "heads", pooled_key_prefix=prefix)
+            same_a = (a.long() == ref_lut).all(-1).float().mean().item()
+            same_b = (b.long() == ref_lut).all(-1).float().mean().item()
+            return dict(rows_equal_ref=same_a, rows_equal_ref_with_prefix=same_b,
+                        equals_default_kernel=bool(torch.equal(b, default_lut)), ok=same_a > 0.99 and same_b > 0.99)
+        sel_checks[name] = safe(f"check select {name}", run) or dict(ok=False)
+        log(f"  select {name:<24} {json.dumps(sel_checks[name])}")
+    lut = default_lut
+    topk, scale = lut.shape[-1], shape["dim"] ** -0.5
+    mem_checks = {}
+    with torch.no_grad():
+        ref = block_sparse_attention_naive(q.float(), k.float(), v.float(), lut.long(), R2_BS)
+        ref = ref + F.linear(linear_memory_read_naive(q.float(), q_raw.float(), kv, km), weight, bias)
+        # the floor any bf16 output has: the float32 reference rounded to bf16
+        r3["bf16_rounding_floor"] = rel(ref.to(torch.bfloat16), ref)
+        for name in mem_usable:
+            def run(name=name):
+                cfg, state_dtype = _r3_mem_cfg(name, shape["dim"])
+                got = bsa.attention_forward(q, k, v, lut, topk, R2_BS, scale, False, cfg,
+                                            memory=(q_raw, kvp.to(state_dtype), km, bias.float(), 1e-6))[0]
+                err = rel(got, ref)
+                return dict(out=err, ok=math.isfinite(err) and err < 1e-2)
+            mem_checks[name] = safe(f"check mem {name}", run) or dict(ok=False)
+            log(f"  mem {name:<27} {json.dumps(mem_checks[name])}")
+        ref = None
+    log(f"  bf16 rounding of the float32 reference itself: {r3['bf16_rounding_floor']:.2e}")
+    saved_lm = dict(lmk.LM_CONFIG)
+    kr, kw, vv = (torch.randn_like(q) for _ in range(3))
+    want = linear_memory_absorb_naive(kv, km, R3_ABSORBED, kr, kw, vv)
+    abs_checks = {}
+    for name in abs_usable:
+        def run(name=name):
+            lmk.LM_CONFIG.clear()
+            lmk.LM_CONFIG.update(saved_lm, **R3_ABSORB_VARIANTS[name])
+            got = lmk._absorb_launch(kv, km, R3_ABSORBED, kr, kw, vv)
+            errs = (rel(got[0], want[0]), rel(got[1], want[1]))
+            return dict(kv=errs[0], kmean=errs[1], ok=max(errs) < 1e-4)
+        abs_checks[name] = safe(f"check absorb {name}", run) or dict(ok=False)
+        log(f"  absorb {name:<24} {json.dumps(abs_checks[name])}")
+    lmk.LM_CONFIG.clear()
+    lmk.LM_CONFIG.update(saved_lm)
+    r3["correctness"] = dict(selection=sel_checks, memory=mem_checks, absorb=abs_checks)
+    sync(empty=True)
+    log(f"  correctness done at {time.time() - t0:.0f} s")
+
+    # 2. timings (CUDA graphs, median ms), main shape
+    log("== round 3: timings (triton.testing.do_bench_cudagraph, median ms)")
+    dense_flops = flops_fwd(shape, shape["len_k"])
+    act = flops_fwd(shape, topk * R2_BS)
+    attn = {}
+    for name, cfg in (("default", R3_FWD_DEFAULT), ("mem_default", R3_FWD_MEM_DEFAULT)):
+        ms = safe(f"time attention {name}", lambda: bench(lambda: bsa.attention_forward(
+            q, k, v, lut, topk, R2_BS, scale, False, dict(cfg)), graph=True))
+        if ms:
+            attn[name] = ms
+            log(f"  attention {name:<18} {ms:.4f} ms (LUT given)")
+    fwd, _ = sdpa_fns(q, k, v, "cudnn")
+    cudnn_ms = safe("time cudnn", lambda: bench(lambda: fwd(), graph=True))
+    if cudnn_ms:
+        record(R3_MAIN, "sdpa_cudnn[cudagraph]", 1.0, "fwd", cudnn_ms, dense_flops, dense_flops)
+    r3["attention_ms"], r3["cudnn_ms"] = attn, cudnn_ms
+    # selection: pooling alone, top-k alone (pooled inputs given), both, and the full op; all with the prefix
+    select, full = {}, {}
+    pooled = bsa._pool(q, k, R2_BS, True, num_prefix)
+    real_pool = bsa._pool
+    for name in sel_usable:
+        if not sel_checks.get(name, {}).get("ok"):
+            continue
+        scfg = R3_SELECT_VARIANTS[name]
+
+        def run_select():
+            return bsa.select_key_blocks_triton(q, k, R2_RATIO, R2_BS, "heads", pooled_key_prefix=prefix)
+
+        def run_full():
+            bsa.CONFIG_OVERRIDES["fwd_sparse"] = dict(R3_FWD_DEFAULT)
+            try:
+                return bsa.block_sparse_attention_triton(q, k, v, topk_ratio=R2_RATIO, block_size=R2_BS,
+                                                         pooled_key_prefix=prefix)
+            finally:
+                bsa.CONFIG_OVERRIDES.pop("fwd_sparse", None)
+
+        row = {}
+        with _SelectConfig(scfg), torch.no_grad():
+            row["pool"] = safe(f"time pool {name}", lambda: bench(lambda: bsa._pool(q, k, R2_BS, True, num_prefix),
+                                                                   graph=True))
+            bsa._pool = lambda *a, **kw: pooled  # the top-k launch alone
+            try:
+                row["topk"] = safe(f"time topk {name}", lambda: bench(run_select, graph=True))
+            finally:
+                bsa._pool = real_pool
+            row["both"] = safe(f"time select {name}", lambda: bench(run_select, graph=True))
+            full_ms = safe(f"time full {name}", lambda: bench(run_full, graph=True))
+        select[name] = row
+        if full_ms:
+            full[name] = full_ms
+            record(R3_MAIN, f"r3_full_op[{name}][cudagraph]", R2_RATIO, "fwd", full_ms, dense_flops, act,
+                   "selection incl., prefix")
+        log(f"  select {name:<24} pool {(row['pool'] or 0) * 1e3:6.1f} us  top-k {(row['topk'] or 0) * 1e3:6.1f} us"
+            f"  both {(row['both'] or 0) * 1e3:6.1f} us  full op {full_ms or 0:.4f} ms"
+            + (f" = {cudnn_ms / full_ms:.2f}x cuDNN" if full_ms and cudnn_ms else ""))
+    r3["selection_us"] = {n: {a: (b or 0) * 1e3 for a, b in row.items()} for n, row in select.items()}
+    r3["full_op_ms"] = full
+    best_select = min(full, key=full.get) if full else "default"
+    # fused read-out: + us over the attention alone (same configuration, and the no-memory default)
+    mem = {}
+    for name in mem_usable:
+        if not mem_checks.get(name, {}).get("ok"):
+            continue
+        cfg, state_dtype = _r3_mem_cfg(name, shape["dim"])
+        mem_args = (q_raw, kvp.to(state_dtype), km, bias.float(), 1e-6)
+        base_cfg = {k_: v_ for k_, v_ in cfg.items() if k_ not in ("mem_kc", "mem_mode", "memory_lo", "mem_state")}
+        ms = safe(f"time mem {name}", lambda: bench(lambda: bsa.attention_forward(
+            q, k, v, lut, topk, R2_BS, scale, False, cfg, memory=mem_args), graph=True))
+        base_ms = safe(f"time mem base {name}", lambda: bench(lambda: bsa.attention_forward(
+            q, k, v, lut, topk, R2_BS, scale, False, base_cfg), graph=True))
+        if ms and base_ms:
+            mem[name] = dict(ms=ms, same_cfg_attention_ms=base_ms, extra_us=(ms - base_ms) * 1e3,
+                             extra_pct=(ms / base_ms - 1) * 100)
+            if attn.get("default"):
+                mem[name]["vs_default_attention_pct"] = (ms / attn["default"] - 1) * 100
+            log(f"  read-out {name:<27} {ms:.4f} ms = attention({base_ms:.4f}) + {mem[name]['extra_us']:6.1f} us "
+                f"({mem[name]['extra_pct']:5.1f} %); vs no-memory default "
+                f"{mem[name].get('vs_default_attention_pct', float('nan')):5.1f} %")
+    r3["memory_readout"] = mem
+    best_mem = min(mem, key=lambda n: mem[n]["ms"]) if mem else "hi_host_cast"
+    # the whole op with memory as the model calls it: per-call projection (today) vs a kept bf16 projected state
+    op_mem = {}
+    cfg_best, dtype_best = _r3_mem_cfg(best_mem, shape["dim"])
+    for tag, state, projected, wgt, cfg in (
+            ("per_call_projection[default]", kv, False, weight, _r3_mem_cfg("hi_host_cast", shape["dim"])[0]),
+            (f"kept_state[{best_mem}]", kvp.to(dtype_best), True, None, cfg_best)):
+        def run(state=state, projected=projected, wgt=wgt, cfg=cfg):
+            bsa.CONFIG_OVERRIDES["fwd_sparse_memory"] = dict(cfg)
+            try:
+                return bsa.block_sparse_attention_with_memory_triton(
+                    q, k, v, q_raw, state, km, proj_weight=wgt, proj_bias=bias, topk_ratio=R2_RATIO,
+                    block_size=R2_BS, pooled_key_prefix=prefix, state_is_projected=projected)
+            finally:
+                bsa.CONFIG_OVERRIDES.pop("fwd_sparse_memory", None)
+        with torch.no_grad(), _SelectConfig(R3_SELECT_VARIANTS[best_select]):
+            ms = safe(f"time mem op {tag}", lambda: bench(run, graph=True))
+        if ms:
+            op_mem[tag] = ms
+            log(f"  full op with memory, {tag:<40} {ms:.4f} ms"
+                + (f" (+{(ms / full[best_select] - 1) * 100:.1f} % over the op without memory)"
+                   if full.get(best_select) else ""))
+    r3["full_op_with_memory_ms"] = op_mem
+    absorb = {}
+    for name in abs_usable:
+        if not abs_checks.get(name, {}).get("ok"):
+            continue
+        lmk.LM_CONFIG.clear()
+        lmk.LM_CONFIG.update(saved_lm, **R3_ABSORB_VARIANTS[name])
+        ms = safe(f"time absorb {name}", lambda: bench(lambda: lmk._absorb_launch(kv, km, R3_ABSORBED, kr, kw, vv),
+                                                        graph=True))
+        if ms:
+            absorb[name] = ms * 1e3
+            log(f"  absorb {name:<24} {ms * 1e3:7.1f} us")
+    lmk.LM_CONFIG.clear()
+    lmk.LM_CONFIG.update(saved_lm)
+    r3["absorb_us"] = absorb
+    best_absorb = min(absorb, key=absorb.get) if absorb else "default"
+
+    r3["recommended"] = dict(
+        SELECT_CONFIG=R3_SELECT_VARIANTS[best_select],
+        fwd_sparse_memory=dict(_r3_mem_cfg(best_mem, shape["dim"])[0]),
+        memory_state_dtype=R3_MEM_VARIANTS[best_mem][2],
+        LM_CONFIG_absorb=dict(saved_lm, **R3_ABSORB_VARIANTS[best_absorb]))
+    r3["best"] = dict(select=best_select, memory=best_mem, absorb=best_absorb)
+    r3["wall_s"] = time.time() - t0
+    _r3_print_summary(r3)
+
+
+def _r3_print_summary(r3: dict):
+    log(f"\n==== round 3 summary (CUDA-graph medians; main shape {R3_MAIN}, ratio {R2_RATIO}, pooled prefix) ====")
+    log(json.dumps(RESULTS.get("env", {})))
+    cudnn_ms, full, attn = r3.get("cudnn_ms"), r3.get("full_op_ms", {}), r3.get("attention_ms", {})
+    log("attention alone (LUT given): " + ", ".join(f"{k} {v:.4f} ms" for k, v in attn.items())
+        + (f"; cuDNN dense {cudnn_ms:.4f} ms" if cudnn_ms else ""))
+    checks = r3.get("correctness", {})
+    log(f"{'selection variant':<26} {'pool':>8} {'top-k':>8} {'both':>8} {'full op':>9} {'vs cuDNN':>9}  "
+        f"rows==ref (/prefix) ==default | probe")
+    for name in R3_SELECT_VARIANTS:
+        t = r3.get("selection_us", {}).get(name, {})
+        c = checks.get("selection", {}).get(name, {})
+        p = r3.get("probe", {}).get(f"r3sel:{name}", {})
+        ms = full.get(name)
+        speed = f"{cudnn_ms / ms:8.2f}x" if ms and cudnn_ms else " " * 9
+        probe_s = "" if name == "default" else ("ok" if p.get("ok") else "FAIL " + str(p.get("error", ""))[:50])
+        log(f"{name:<26} {t.get('pool', 0):6.1f}us {t.get('topk', 0):6.1f}us {t.get('both', 0):6.1f}us "
+            f"{(ms or 0):8.4f}  {speed}  {c.get('rows_equal_ref', '-')} / {c.get('rows_equal_ref_with_prefix', '-')}"
+            f" {c.get('equals_default_kernel', '-')} | {probe_s}")
+    if full and cudnn_ms:
+        best = min(full, key=full.get)
+        speedup = cudnn_ms / full[best]
+        log(f"  best full op: {best} {full[best]:.4f} ms = {speedup:.2f}x cuDNN dense (target >= 3.5x: "
+            f"{'MET' if speedup >= 3.5 else 'missed'}); default {full.get('default', 0):.4f} ms")
+    log(f"{'memory read-out variant':<28} {'ms':>8} {'+us':>7} {'+%':>6} {'vs no-mem default':>18}  rel err vs "
+        f"float32 (bf16 floor {r3.get('bf16_rounding_floor', float('nan')):.1e}) | probe")
+    for name in R3_MEM_VARIANTS:
+        m = r3.get("memory_readout", {}).get(name, {})
+        c = checks.get("memory", {}).get(name, {})
+        p = r3.get("probe", {}).get(f"r3mem:{name}", {})
+        probe_s = "ok" if p.get("ok") else "FAIL " + str(p.get("error", ""))[:50]
+        log(f"{name:<28} {m.get('ms', 0):8.4f} {m.get('extra_us', 0):7.1f} {m.get('extra_pct', 0):5.1f}% "
+            f"{m.get('vs_default_attention_pct', 0):17.1f}%  {c.get('out', float('nan')):.2e} | {probe_s}")
+    for tag, ms in r3.get("full_op_with_memory_ms", {}).items():
+        log(f"full op with memory {tag}: {ms:.4f} ms")
+    absorb = r3.get("absorb_us", {})
+    if absorb:
+        log("absorb (once per chunk): " + ", ".join(f"{k} {v:.1f} us" for k, v in absorb.items()))
+        a = attn.get("default")
+        m = r3.get("memory_readout", {}).get(r3.get("best", {}).get("memory"), {})
+        if a and m:
+            per_pass = (min(absorb.values()) * 1e-3 / 5 + m["ms"] - a) / a * 100
+            log(f"  memory cost per pass (absorb / 5 passes + read-out vs the no-memory default attention): "
+                f"{per_pass:.1f} % (target < 3 %)")
+    log("recommended defaults: " + json.dumps(r3.get("recommended", {})))
+    for e in RESULTS["errors"]:
+        log("ERROR", e[:300])
+    log(f"round 3 wall {r3.get('wall_s', 0):.0f} s")
+
+
 def render_markdown(path: str) -> str:
     """Markdown tables from a `bench_attention.json` (for benchmarks/RESULTS*.md)."""
     r = json.load(open(path))
@@ -1161,7 +1557,10 @@ def main():
     parser.add_argument("--round2", action="store_true",
                         help="issue 3 round 2: every forward / selection / memory variant checked against float32 "
                              "(risky ones first in child processes), then timed as CUDA graphs; --quick: main shape")
-    parser.add_argument("--probe", metavar="NAMES", help=argparse.SUPPRESS)  # child process of --round2
+    parser.add_argument("--round3", action="store_true",
+                        help="issue 3 round 3: selection search / pipelining, memory read-out state forms and "
+                             "chunking, absorption; probed in child processes, checked, timed as CUDA graphs")
+    parser.add_argument("--probe", metavar="NAMES", help=argparse.SUPPRESS)  # child process of --round2/3
     parser.add_argument("--probe-workers", type=int, default=4, help="--round2: probe processes at once")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
@@ -1178,7 +1577,8 @@ def main():
             shape.update(len_q=70, len_k=200, dim=32, heads=min(shape["heads"], 3))
         bsa.CONFIG_OVERRIDES.clear()
     if args.probe is not None:
-        probe_main([n for n in args.probe.split(",") if n])
+        names = [n for n in args.probe.split(",") if n]
+        (probe3_main if names and names[0].startswith("r3") else probe_main)(names)
         return
     import triton
 
@@ -1191,6 +1591,15 @@ def main():
                command=" ".join(sys.argv))
     RESULTS["env"] = env
     log(json.dumps(env))
+    if args.round3:
+        try:
+            round3(args)
+        finally:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "bench_attention_round3.json"), "w") as f:
+                json.dump(RESULTS, f, indent=1, default=str)
+            log(f"wrote {os.path.join(args.out, 'bench_attention_round3.json')}")
+        return
     if args.round2:
         try:
             round2(args)

@@ -92,6 +92,8 @@ def _reference(q, k, v, lut, block_size, scale=None):
     ("heads", 0.1, {}),
     ("none", 0.3, {"impl": "rows", "G": 4}),
     ("heads", 0.3, {"impl": "group", "pool": "tok"}),
+    ("heads", 0.3, {"impl": "group", "G": 8, "search": "radix4", "pool_stages": 2, "select_stages": 2}),
+    ("none", 0.1, {"impl": "rows", "G": 2, "search": "radix4"}),
 ])
 def test_selection_is_topk(key_centering, topk_ratio, select_cfg, monkeypatch):
     tk = _kernels()
@@ -398,6 +400,11 @@ MEMORY_VARIANTS = {
     "all_first_split_fused": dict(mem_mode=2, slots=5, fused_combine=True),
     "denominator_first_ws_split": dict(mem_mode=1, ws=True, single_loop=True, slots=5),
     "epilogue_persistent_split": dict(persistent=True, slots=5, memory_lo=True, mem_state="f32"),
+    # round 3: the read-out's contraction in chunks of state rows (query columns re-read)
+    "epilogue_kc16": dict(mem_kc=16),
+    "denominator_first_kc16_f32_lo": dict(mem_mode=1, mem_kc=16, mem_state="f32", memory_lo=True),
+    "all_first_kc16_split": dict(mem_mode=2, mem_kc=16, slots=5),
+    "epilogue_kc16_split_fused": dict(mem_kc=16, slots=5, fused_combine=True),
 }
 
 
@@ -442,6 +449,65 @@ def test_fused_memory_with_projected_state_and_prefix():
     with pytest.raises(ValueError, match="state_is_projected"):
         tk.block_sparse_attention_with_memory_triton(q, k, v, q_raw, kv, kmean, proj_weight=weight,
                                                      state_is_projected=True)
+
+
+def test_fused_memory_with_16bit_projected_state():
+    """A projected state kept in the queries' 16-bit dtype (no per-call cast or fold) stays within 16-bit tolerance
+    of the float32 reference."""
+    tk = _kernels()
+    from diffusers_hybrid.ops.linear_memory.naive import linear_memory_read_naive
+
+    q, k, v = _inputs(2, 40, 230, 3, 32, torch.bfloat16)
+    q_raw = torch.randn_like(q)
+    kv, kmean = torch.randn(2, 3, 32, 32) / 32, torch.rand(2, 3, 32)
+    weight, bias = torch.randn(32, 32) / 6, torch.randn(32)
+    state = tk.project_memory_state(kv, weight).to(torch.bfloat16)
+    with poisoned_outputs(), torch.no_grad():
+        got = tk.block_sparse_attention_with_memory_triton(q, k, v, q_raw, state, kmean, proj_bias=bias,
+                                                           topk_ratio=0.35, block_size=16, state_is_projected=True)
+        lut = tk.select_key_blocks_triton(q, k, 0.35, 16, "heads")[0]
+    ref, _ = _reference(q, k, v, lut, 16)
+    memory = torch.nn.functional.linear(linear_memory_read_naive(q.float(), q_raw.float(), kv, kmean), weight, bias)
+    assert not got.isnan().any() and _rel_err(got, ref.detach() + memory) < 1e-2
+    with pytest.raises(ValueError, match="mem_kc"):
+        tk.attention_forward(q, k, v, lut, lut.shape[-1], 16, 0.2, False, dict(KPI=1, num_warps=4, num_stages=1,
+                                                                               mem_kc=24),
+                             memory=(q_raw, state, kmean, bias, 1e-6))
+
+
+@pytest.mark.parametrize("impl, num_keys, num_prefix", [("group", 230, 0), ("rows", 230, 9), ("group", 600 * 16, 0)])
+def test_radix4_search_equals_binary_search(impl, num_keys, num_prefix, monkeypatch):
+    """The 16-step radix-4 threshold search selects exactly what the 32-step binary search selects (ties included:
+    duplicated key blocks), with and without a pooled prefix; 600 key blocks pad to 1024 columns, whose packed
+    counts need 64-bit fields."""
+    tk = _kernels()
+    from diffusers_hybrid.ops.block_sparse_attention.naive import select_key_blocks_naive
+
+    dim = 16 if num_keys > 1000 else 32
+    q, k, _ = _inputs(2, 50 if num_keys < 1000 else 20, num_keys, 3, dim, torch.bfloat16)
+    k[:, 64:128] = k[:, 0:64]  # exact ties between key blocks 4..7 and 0..3
+    prefix = tk.pool_key_blocks_triton(k[:, : num_prefix * 16], 16, "heads") if num_prefix else None
+    luts = {}
+    for search in ("binary", "radix4"):
+        monkeypatch.setattr(tk, "SELECT_CONFIG", {**tk.SELECT_CONFIG, "impl": impl, "G": 4, "search": search})
+        with poisoned_outputs():
+            luts[search], _ = tk.select_key_blocks_triton(q, k, 0.3, 16, "heads", pooled_key_prefix=prefix)
+    assert torch.equal(luts["radix4"], luts["binary"])
+    assert_valid_selection(luts["radix4"], q, k, 0.3, 16, "heads")
+    # torch.topk orders exact ties arbitrarily: compare with the reference on the rows without a tie at the cut
+    want = select_key_blocks_naive(q, k, 0.3, 16, "heads")
+    scores = _pooled_scores(q, k, 16, "heads")
+    top = scores.topk(want.shape[-1] + 1, dim=-1).values
+    untied = (top[..., -2] - top[..., -1]) > 1e-5 * scores.abs().amax(-1)  # clear of float32 rounding at the cut
+    assert untied.any() and (luts["radix4"].long() == want).all(-1)[untied].all()
+
+
+def test_unknown_search_is_rejected(monkeypatch):
+    tk = _kernels()
+    monkeypatch.setattr(tk, "SELECT_CONFIG", {**tk.SELECT_CONFIG, "impl": "group", "search": "bogus"})
+    q, k, _ = _inputs(1, 20, 40, 2, 16, torch.float16)
+    with pytest.raises(ValueError, match="search"):
+        tk.select_key_blocks_triton(q, k, 0.5, 16, "heads")
 
 
 def test_unknown_forward_option_is_rejected():

@@ -12,8 +12,9 @@ Forward, three or four launches:
    the window that is the same in every pass) only the remaining key blocks are pooled.
 2. `_select_row_kernel`: per (batch, head, query block), fp32 scores against all pooled key blocks (prefix and
    freshly pooled ones), then the k-th largest score by a 32-step binary search over the scores' order-preserving
-   int32 image (ties go to the lower block index); writes the selected indices in ascending order (the LUT) and,
-   for the backward, a dense int8 map.
+   int32 image, or (`SELECT_CONFIG["search"] = "radix4"`, `_topk_rows`) a 16-step search of two bits per step
+   (ties go to the lower block index); writes the selected indices in ascending order (the LUT) and, for the
+   backward, a dense int8 map.
 3. `_attn_fwd_kernel`: FlashAttention-style online softmax (exp2, fp32 accumulators) of one query block over its
    selected key blocks (or every key block when `dense`), K/V tiles gathered through the LUT with bulk-tensor (TMA)
    copies, only the last iteration masked (the partial last key block is last: the LUT is ascending); stores the
@@ -26,8 +27,8 @@ Forward, three or four launches:
    tiles and warps, kernel- or loop-level pipelining (`num_stages`, `loop_stages`, `unroll`), automatic warp
    specialisation of the main loop (`ws`, with `single_loop`), two selected blocks per online-softmax step
    (`group`), descriptors built on the host or in the kernel (`tma`), resident programs (`persistent`,
-   `flatten`), the fused split merge, and where the memory read-out runs (`mem_mode`, `mem_state`).
-   `benchmarks/bench_attention.py --round2` checks and times them all.
+   `flatten`), the fused split merge, and where and how the memory read-out runs (`mem_mode`, `mem_state`,
+   `mem_kc`). `benchmarks/bench_attention.py --round2` / `--round3` check and time them all.
 
 Backward: `_attn_bwd_dq_kernel` (also computes `delta = rowsum(dO * O)`), `_reverse_lut_kernel` (for every key block
 the list of query blocks that selected it), `_attn_bwd_dkdv_kernel`. The selection is not differentiated.
@@ -64,7 +65,10 @@ LOG2E = 1.4426950408889634
 # "fwd_sparse", "fwd_sparse_memory" (with the fused read-out), "fwd_dense", "bwd_sparse", "bwd_dense"; see `_config`.
 CONFIG_OVERRIDES: dict = {}
 # Selection implementation and launch parameters (benchmarks override): impl "row" (1 query block per program) |
-# "rows" (G per program) | "group" (tl.dot scores) | "torch"; pool "heads" (loop over heads) | "tok".
+# "rows" (G per program) | "group" (tl.dot scores) | "torch"; pool "heads" (loop over heads) | "tok";
+# search (rows / group): the top-k threshold search of `_topk_rows`, "binary" (32 steps) | "radix4" (16 steps);
+# pool_stages / select_stages: software-pipelining depth of the pooling kernel's loop over heads / the selection
+# kernel's loop over D chunks (1: none).
 # Measured on an H100 (benchmarks/RESULTS.md, round 2): pool "heads" with 2 warps, scores of 8 query blocks per
 # program with tl.dot (35.4 us with the cached pooled prefix vs 49.3 us for one query block per program).
 SELECT_CONFIG: dict = {"impl": "group", "G": 8, "pool": "heads", "pool_warps": 2, "num_warps": 4}
@@ -198,11 +202,66 @@ def _pooled_keys(PK, PKP, bh, NK, NP, offs_k, k_ok, cols, HAS_PRE: tl.constexpr,
     return x
 
 
+# Top-k threshold searches of `_topk_rows` (SELECT_CONFIG["search"]): dependent row reductions per selection.
+SEARCH_STEPS = {"binary": 32, "radix4": 16}
+
+
+@triton.jit
+def _topk_rows(scores, k_ok, topk, G: tl.constexpr, SEARCH: tl.constexpr, FIELD: tl.constexpr):
+    """(G, K_PAD) mask of the `topk` largest scores of every row (invalid columns hold -inf), ties to the lower
+    column. The k-th largest value T is searched on an order-preserving integer image of the float32 scores.
+    "binary": 32 dependent steps, each one count (a row reduction) of the values >= the midpoint. "radix4": 16 steps
+    of two bits each, counting the values >= three candidate thresholds in one reduction (the three counts packed
+    in fields of FIELD bits, `2**FIELD > K_PAD`): half the dependent reductions, the same T."""
+    bits = scores.to(tl.int32, bitcast=True)
+    if SEARCH == "radix4":
+        # Unsigned image (sign bit flipped for positives, all bits for negatives); T is built from the top bit pair
+        # down as the largest value with count(key >= T) >= topk.
+        key = tl.where(bits >= 0, bits ^ (-2147483648), ~bits).to(tl.uint32, bitcast=True)
+        one = tl.full((G,), 1, dtype=tl.uint32)
+        thr = tl.zeros((G,), dtype=tl.uint32)
+        field_mask = (1 << FIELD) - 1
+        for step in tl.static_range(16):
+            shift = 30 - 2 * step
+            c1 = thr | (one << shift)
+            c2 = thr | ((one + one) << shift)
+            c3 = c1 | c2
+            if 3 * FIELD > 31:  # three fields do not fit an int32
+                packed = ((key >= c1[:, None]).to(tl.int64) + ((key >= c2[:, None]).to(tl.int64) << FIELD)
+                          + ((key >= c3[:, None]).to(tl.int64) << (2 * FIELD)))
+            else:
+                packed = ((key >= c1[:, None]).to(tl.int32) + ((key >= c2[:, None]).to(tl.int32) << FIELD)
+                          + ((key >= c3[:, None]).to(tl.int32) << (2 * FIELD)))
+            counts = tl.sum(packed, axis=1)
+            digit = (((counts & field_mask) >= topk).to(tl.uint32)
+                     + (((counts >> FIELD) & field_mask) >= topk).to(tl.uint32)
+                     + ((counts >> (2 * FIELD)) >= topk).to(tl.uint32))
+            thr = thr | (digit << shift)
+        above = key > thr[:, None]
+        tie = key == thr[:, None]
+    else:
+        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        lo = tl.full((G,), -2147483648, dtype=tl.int64)
+        hi = tl.full((G,), 2147483647, dtype=tl.int64)
+        for _ in range(32):
+            mid = (lo + hi + 1) >> 1
+            cnt = tl.sum((ordered >= mid[:, None].to(tl.int32)).to(tl.int32), axis=1)
+            enough = cnt >= topk
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid - 1)
+        thr = lo.to(tl.int32)
+        above = ordered > thr[:, None]
+        tie = ordered == thr[:, None]
+    need = topk - tl.sum(above.to(tl.int32), axis=1)
+    return (above | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= need[:, None]))) & k_ok[None, :]
+
+
 @triton.jit
 def _select_kernel(PQ, PK, PKP, LUT, BMAP, M, NK, NP, topk,
                    G: tl.constexpr, K_PAD: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
-                   WRITE_MAP: tl.constexpr, HAS_PRE: tl.constexpr):
-    """Grid (cdiv(M, G), B*H). Top-`topk` key blocks per query block, indices ascending."""
+                   WRITE_MAP: tl.constexpr, HAS_PRE: tl.constexpr, SEARCH: tl.constexpr, FIELD: tl.constexpr):
+    """Grid (cdiv(M, G), B*H). Top-`topk` key blocks per query block (fp32 scores by tl.dot, the threshold search of
+    `_topk_rows`), indices ascending."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     offs_g = pid * G + tl.arange(0, G)
@@ -216,22 +275,7 @@ def _select_kernel(PQ, PK, PKP, LUT, BMAP, M, NK, NP, topk,
         pk = _pooled_keys(PK, PKP, bh, NK, NP, offs_k, k_ok, d0 + offs_c, HAS_PRE, D)
         scores = tl.dot(pq, tl.trans(pk), scores, input_precision="ieee")
     scores = tl.where(k_ok[None, :], scores, float("-inf"))
-    # Order-preserving float -> int32 map; then a 32-step binary search for the topk-th largest value T per row.
-    bits = scores.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    lo = tl.full((G,), -2147483648, dtype=tl.int64)
-    hi = tl.full((G,), 2147483647, dtype=tl.int64)
-    for _ in range(32):
-        mid = (lo + hi + 1) >> 1
-        cnt = tl.sum((ordered >= mid[:, None].to(tl.int32)).to(tl.int32), axis=1)
-        enough = cnt >= topk
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    thr = lo.to(tl.int32)
-    above = ordered > thr[:, None]
-    tie = ordered == thr[:, None]
-    need = topk - tl.sum(above.to(tl.int32), axis=1)
-    selected = (above | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= need[:, None]))) & k_ok[None, :]
+    selected = _topk_rows(scores, k_ok, topk, G, SEARCH, FIELD)
     pos = tl.cumsum(selected.to(tl.int32), axis=1) - 1
     row = bh * M + offs_g
     idx = tl.zeros((G, K_PAD), dtype=tl.int32) + offs_k[None, :]
@@ -283,11 +327,10 @@ def _select_row_kernel(PQ, PK, PKP, LUT, BMAP, M, NK, NP, topk,
 @triton.jit
 def _select_rows_kernel(PQ, PK, PKP, LUT, BMAP, M, NK, NP, topk,
                         G: tl.constexpr, K_PAD: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
-                        WRITE_MAP: tl.constexpr, HAS_PRE: tl.constexpr):
+                        WRITE_MAP: tl.constexpr, HAS_PRE: tl.constexpr, SEARCH: tl.constexpr, FIELD: tl.constexpr):
     """Grid (cdiv(M, G), B*H): G query blocks per program (the pooled keys are read once per G rows; the
     selection is latency- and L2-bound). Scores in fp32 (D in chunks of DC, multiply-and-sum), then the topk-th
-    largest per row by a 32-step binary search over the order-preserving int32 image of the scores; ties go to
-    the lower block index; indices stored ascending."""
+    largest per row (`_topk_rows`); ties go to the lower block index; indices stored ascending."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     offs_g = pid * G + tl.arange(0, G)
@@ -301,21 +344,7 @@ def _select_rows_kernel(PQ, PK, PKP, LUT, BMAP, M, NK, NP, topk,
         pk = _pooled_keys(PK, PKP, bh, NK, NP, offs_k, k_ok, d0 + offs_c, HAS_PRE, D)
         scores += tl.sum(pq[:, None, :] * pk[None, :, :], axis=2)
     scores = tl.where(k_ok[None, :], scores, float("-inf"))
-    bits = scores.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    lo = tl.full((G,), -2147483648, dtype=tl.int64)
-    hi = tl.full((G,), 2147483647, dtype=tl.int64)
-    for _ in range(32):
-        mid = (lo + hi + 1) >> 1
-        cnt = tl.sum((ordered >= mid[:, None].to(tl.int32)).to(tl.int32), axis=1)
-        enough = cnt >= topk
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    thr = lo.to(tl.int32)
-    above = ordered > thr[:, None]
-    tie = ordered == thr[:, None]
-    need = topk - tl.sum(above.to(tl.int32), axis=1)
-    selected = (above | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= need[:, None]))) & k_ok[None, :]
+    selected = _topk_rows(scores, k_ok, topk, G, SEARCH, FIELD)
     pos = tl.cumsum(selected.to(tl.int32), axis=1) - 1
     row = bh * M + offs_g
     idx = tl.zeros((G, K_PAD), dtype=tl.int32) + offs_k[None, :]
@@ -438,35 +467,70 @@ def _fwd_loop_pairs(acc, l_i, m_i, q, K_base, V_base, k_desc, v_desc, lut_row, i
 
 
 @triton.jit
-def _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, eps, D: tl.constexpr):
-    """Denominator of the linear-memory read-out, `relu(q_raw) · kmean + eps`, one value per query row."""
-    offs_d = tl.arange(0, D)
-    km = tl.load(KMS + bh * D + offs_d)
-    qr = tl.load(QR + b * s_qrb + h * s_qrh + offs_m[:, None] * s_qrl + offs_d[None, :], mask=m_ok[:, None],
-                 other=0.0).to(tl.float32)
-    return tl.sum(tl.maximum(qr, 0.0) * km[None, :], axis=1) + eps
+def _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, eps, D: tl.constexpr, MEM_KC: tl.constexpr):
+    """Denominator of the linear-memory read-out, `relu(q_raw) · kmean + eps`, one value per query row; q_raw read
+    in column chunks of MEM_KC (fewer live registers when MEM_KC < D)."""
+    offs_c = tl.arange(0, MEM_KC)
+    for c0 in tl.static_range(0, D, MEM_KC):
+        km = tl.load(KMS + bh * D + c0 + offs_c)
+        qr = tl.load(QR + b * s_qrb + h * s_qrh + offs_m[:, None] * s_qrl + c0 + offs_c[None, :], mask=m_ok[:, None],
+                     other=0.0).to(tl.float32)
+        part = tl.sum(tl.maximum(qr, 0.0) * km[None, :], axis=1)
+        if c0 == 0:
+            den = part + eps
+        else:
+            den += part
+    return den
 
 
 @triton.jit
-def _memory_num(q, KVH, KVL, BIAS, bh, den, D: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                F32: tl.constexpr):
-    """`(q · KV') / den (+ bias)`, fp32. KV' is the state (possibly times the output projection): either 16-bit (the
-    `hi` part, plus optionally the 16-bit residual `lo` in KVL: hi + lo is about fp32 accurate), or fp32, split here
-    into hi (+ lo when HAS_LO); fp32 products in the interpreter."""
-    offs_d = tl.arange(0, D)
-    kv_offs = bh * D * D + offs_d[:, None] * D + offs_d[None, :]
+def _memory_product(q, KVH, KVL, kv_offs, num, FIRST: tl.constexpr, HAS_LO: tl.constexpr, F32: tl.constexpr):
+    """`num (+)= q · KV'[rows of kv_offs]`, fp32: the state either 16-bit (the `hi` part, plus optionally the 16-bit
+    residual `lo` in KVL: hi + lo is about fp32 accurate), or fp32, split here into hi (+ lo when HAS_LO); fp32
+    products in the interpreter."""
     kv = tl.load(KVH + kv_offs)
     if F32:
-        num = tl.dot(q.to(tl.float32), kv.to(tl.float32), input_precision="ieee")
+        if FIRST:
+            num = tl.dot(q.to(tl.float32), kv.to(tl.float32), input_precision="ieee")
+        else:
+            num = tl.dot(q.to(tl.float32), kv.to(tl.float32), num, input_precision="ieee")
     elif KVH.dtype.element_ty == tl.float32:
         kv_hi = kv.to(q.dtype)
-        num = tl.dot(q, kv_hi)
+        if FIRST:
+            num = tl.dot(q, kv_hi)
+        else:
+            num = tl.dot(q, kv_hi, num)
         if HAS_LO:
             num = tl.dot(q, (kv - kv_hi.to(tl.float32)).to(q.dtype), num)
     else:
-        num = tl.dot(q, kv)
+        if FIRST:
+            num = tl.dot(q, kv)
+        else:
+            num = tl.dot(q, kv, num)
         if HAS_LO:
             num = tl.dot(q, tl.load(KVL + kv_offs), num)
+    return num
+
+
+@triton.jit
+def _memory_num(q, Q_base, s_ql, offs_m, m_ok, KVH, KVL, BIAS, bh, den, D: tl.constexpr, HAS_LO: tl.constexpr,
+                HAS_BIAS: tl.constexpr, F32: tl.constexpr, MEM_KC: tl.constexpr):
+    """`(q · KV') / den (+ bias)`, fp32. KV' is the state (possibly times the output projection). MEM_KC == D: one
+    product with the whole (D, D) state and the query tile `q` in registers; MEM_KC < D: the contraction in chunks
+    of MEM_KC state rows, the matching query columns re-read from `Q_base` (L2-resident): a smaller state operand
+    at a time (shared memory / registers of the epilogue)."""
+    offs_d = tl.arange(0, D)
+    if MEM_KC == D:
+        num = _memory_product(q, KVH, KVL, bh * D * D + offs_d[:, None] * D + offs_d[None, :], q, True, HAS_LO, F32)
+    else:
+        offs_c = tl.arange(0, MEM_KC)
+        for c0 in tl.static_range(0, D, MEM_KC):
+            qc = tl.load(Q_base + offs_m[:, None] * s_ql + c0 + offs_c[None, :], mask=m_ok[:, None], other=0.0)
+            kv_offs = bh * D * D + (c0 + offs_c)[:, None] * D + offs_d[None, :]
+            if c0 == 0:
+                num = _memory_product(qc, KVH, KVL, kv_offs, qc, True, HAS_LO, F32)
+            else:
+                num = _memory_product(qc, KVH, KVL, kv_offs, num, False, HAS_LO, F32)
     mem = num / den[:, None]
     if HAS_BIAS:
         mem += tl.load(BIAS + offs_d)[None, :]
@@ -474,12 +538,13 @@ def _memory_num(q, KVH, KVL, BIAS, bh, den, D: tl.constexpr, HAS_LO: tl.constexp
 
 
 @triton.jit
-def _memory_term(q, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, eps,
-                 D: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr):
+def _memory_term(q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, eps,
+                 D: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr,
+                 MEM_KC: tl.constexpr):
     """Linear-memory read-out of one query tile, `(q · KV') / (relu(q_raw) · kmean + eps) (+ bias)`, fp32. `q` is
-    the RoPE'd query the attention uses."""
-    den = _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, eps, D)
-    return _memory_num(q, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS, F32)
+    the RoPE'd query the attention uses (also at `Q_base`, rows `offs_m` with stride `s_ql`)."""
+    den = _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, eps, D, MEM_KC)
+    return _memory_num(q, Q_base, s_ql, offs_m, m_ok, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS, F32, MEM_KC)
 
 
 @triton.jit
@@ -521,7 +586,7 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
               KPI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr, F32: tl.constexpr,
               MEM: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr,
               GROUP: tl.constexpr, SINGLE_LOOP: tl.constexpr, LOOP_STAGES: tl.constexpr, UNROLL: tl.constexpr,
-              WS: tl.constexpr, MEM_MODE: tl.constexpr, FUSED_COMBINE: tl.constexpr):
+              WS: tl.constexpr, MEM_MODE: tl.constexpr, FUSED_COMBINE: tl.constexpr, MEM_KC: tl.constexpr):
     """Work unit `u`: units `< n_full` are whole items (query block `w % M` of batch-head `w // M`); the others are
     the `n_parts` key-range parts of the remaining items, which write unnormalised partials (PACC, PML) merged by
     `_attn_fwd_combine_kernel` or, with FUSED_COMBINE, by the last part to finish (an arrival counter per item)."""
@@ -539,10 +604,11 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     m_ok = offs_m < Lq
+    Q_base = Q + b * s_qb + h * s_qh
     if USE_TMA:
         q = q_desc.load([b * Lq + pid_m * BLOCK_M, h * D])
     else:
-        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        q = tl.load(Q_base + offs_m[:, None] * s_ql + offs_d[None, :], mask=m_ok[:, None], other=0.0)
     if F32:
         q = q.to(tl.float32)
     K_base = K + b * s_kb + h * s_kh
@@ -550,9 +616,10 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
     # Linear-memory read-out (MEM), MEM_MODE 0: all of it in the epilogue; 1: the denominator (q_raw load) before
     # the main loop; 2: the whole read-out before the main loop, its result held in registers meanwhile.
     if MEM and MEM_MODE >= 1:
-        den = _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, mem_eps, D)
+        den = _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, mem_eps, D, MEM_KC)
         if MEM_MODE == 2:
-            mem = _memory_num(q, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS, F32)
+            mem = _memory_num(q, Q_base, s_ql, offs_m, m_ok, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS, F32,
+                              MEM_KC)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
@@ -601,10 +668,11 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
             if MEM_MODE == 2:
                 out += mem
             elif MEM_MODE == 1:
-                out += _memory_num(q, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS, F32)
+                out += _memory_num(q, Q_base, s_ql, offs_m, m_ok, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS,
+                                   F32, MEM_KC)
             else:
-                out += _memory_term(q, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, mem_eps,
-                                    D, HAS_LO, HAS_BIAS, F32)
+                out += _memory_term(q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl,
+                                    s_qrh, mem_eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC)
         rows_out = tl.where(parts == 1, Lq, 0)  # predicate as a bound: every row valid or none
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < rows_out)[:, None])
         tl.store(LSE + bh * Lq + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < rows_out)
@@ -620,10 +688,11 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
             if MEM_MODE == 2:
                 out += mem
             elif MEM_MODE == 1:
-                out += _memory_num(q, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS, F32)
+                out += _memory_num(q, Q_base, s_ql, offs_m, m_ok, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS,
+                                   F32, MEM_KC)
             else:
-                out += _memory_term(q, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, mem_eps,
-                                    D, HAS_LO, HAS_BIAS, F32)
+                out += _memory_term(q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl,
+                                    s_qrh, mem_eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC)
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None])
         tl.store(LSE + bh * Lq + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
     else:
@@ -640,8 +709,8 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
                 acc, l_all, m_all = _merge_parts(PACC, PML, r, parts, BLOCK_M, D, True)
                 out = acc / l_all[:, None]
                 if MEM:
-                    out += _memory_term(q, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh,
-                                        mem_eps, D, HAS_LO, HAS_BIAS, F32)
+                    out += _memory_term(q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb,
+                                        s_qrl, s_qrh, mem_eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC)
                 tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None])
                 tl.store(LSE + bh * Lq + offs_m, m_all + tl.math.log2(l_all), mask=m_ok)
                 tl.atomic_xchg(SEM + r, 0, sem="relaxed", scope="gpu")  # ready for the next launch / graph replay
@@ -657,7 +726,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SE
                      F32: tl.constexpr, MEM: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr,
                      GROUP: tl.constexpr, SINGLE_LOOP: tl.constexpr, LOOP_STAGES: tl.constexpr,
                      UNROLL: tl.constexpr, WS: tl.constexpr, MEM_MODE: tl.constexpr, FUSED_COMBINE: tl.constexpr,
-                     PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr, WS_OUTER: tl.constexpr):
+                     PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr, WS_OUTER: tl.constexpr,
+                     MEM_KC: tl.constexpr):
     """1-D grid over work units (see `_fwd_unit`): one unit per program, or (PERSISTENT) a grid of resident programs
     striding over the units. DEVICE_DESC: the bulk-tensor descriptors are built in the kernel (Q, K, V viewed as
     (rows, H*D) matrices) instead of on the host."""
@@ -671,20 +741,20 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SE
                       Lq, Lk, H, M, topk, n_full, n_parts,
                       s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh, s_qrb, s_qrl, s_qrh,
                       qk_scale, mem_eps, D, BLOCK_M, BLOCK_N, BS, KPI, SPARSE, USE_TMA, F32, MEM, HAS_LO, HAS_BIAS,
-                      GROUP, SINGLE_LOOP, LOOP_STAGES, UNROLL, WS, MEM_MODE, FUSED_COMBINE)
+                      GROUP, SINGLE_LOOP, LOOP_STAGES, UNROLL, WS, MEM_MODE, FUSED_COMBINE, MEM_KC)
     else:
         _fwd_unit(tl.program_id(0), Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, QR, KVH, KVL, KMS,
                   BIAS, Lq, Lk, H, M, topk, n_full, n_parts,
                   s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh, s_qrb, s_qrl, s_qrh,
                   qk_scale, mem_eps, D, BLOCK_M, BLOCK_N, BS, KPI, SPARSE, USE_TMA, F32, MEM, HAS_LO, HAS_BIAS,
-                  GROUP, SINGLE_LOOP, LOOP_STAGES, UNROLL, WS, MEM_MODE, FUSED_COMBINE)
+                  GROUP, SINGLE_LOOP, LOOP_STAGES, UNROLL, WS, MEM_MODE, FUSED_COMBINE, MEM_KC)
 
 
 @triton.jit
 def _attn_fwd_combine_kernel(O, LSE, PACC, PML, Q, QR, KVH, KVL, KMS, BIAS, Lq, H, M, n_full, n_parts,
                              s_ob, s_ol, s_oh, s_qb, s_ql, s_qh, s_qrb, s_qrl, s_qrh, mem_eps,
                              D: tl.constexpr, BLOCK_M: tl.constexpr, MEM: tl.constexpr, HAS_LO: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, F32: tl.constexpr):
+                             HAS_BIAS: tl.constexpr, F32: tl.constexpr, MEM_KC: tl.constexpr):
     """Grid (number of split items,): merges the partial softmax states of one split work item."""
     r = tl.program_id(0)
     w = n_full + r
@@ -699,9 +769,10 @@ def _attn_fwd_combine_kernel(O, LSE, PACC, PML, Q, QR, KVH, KVL, KMS, BIAS, Lq, 
     m_ok = offs_m < Lq
     out = acc / l_all[:, None]
     if MEM:
-        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_ql + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        out += _memory_term(q, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, mem_eps, D,
-                            HAS_LO, HAS_BIAS, F32)
+        Q_base = Q + b * s_qb + h * s_qh
+        q = tl.load(Q_base + offs_m[:, None] * s_ql + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        out += _memory_term(q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh,
+                            mem_eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC)
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_ok[:, None])
     tl.store(LSE + bh * Lq + offs_m, m_all + tl.math.log2(l_all), mask=m_ok)
@@ -968,7 +1039,7 @@ def _pool(query, key, block_size: int, center: bool, first_key_block: int = 0, o
         _pool_heads_kernel[grid](
             query, key, pooled_q, pooled_k, len_q, len_k, num_q_blocks, num_k_blocks, first_key_block, *strides,
             H=heads, H_PAD=h_pad, D=dim, BLOCK=block_size, CENTER=center,
-            num_warps=SELECT_CONFIG.get("pool_warps", 4), num_stages=1,
+            num_warps=SELECT_CONFIG.get("pool_warps", 4), num_stages=SELECT_CONFIG.get("pool_stages", 1),
         )
         return pooled_q, pooled_k
     tok = max(1, min(block_size, SELECT_CONFIG.get("pool_elems", 4096) // (h_pad * dim)))
@@ -993,6 +1064,12 @@ def _select(query, key, topk: int, block_size: int, center: bool, write_map: boo
     k_pad = max(16, triton.next_power_of_2(num_k_blocks))
     impl = SELECT_CONFIG.get("impl", "row")
     prefix = dict(HAS_PRE=num_prefix > 0)
+    search = SELECT_CONFIG.get("search", "binary")
+    if search not in SEARCH_STEPS:
+        raise ValueError(f"SELECT_CONFIG['search'] must be one of {sorted(SEARCH_STEPS)}, got {search!r}")
+    # radix4 packs three counts (each <= k_pad) into one reduction: fields of k_pad.bit_length() bits.
+    threshold = dict(SEARCH=search, FIELD=k_pad.bit_length())
+    select_stages = 1 if _interpret() else SELECT_CONFIG.get("select_stages", 1)
     pkp = pooled_prefix if num_prefix else pooled_k
     if impl == "row":
         dc = SELECT_CONFIG.get("dc") or min(dim, max(8, 4096 // k_pad))
@@ -1006,16 +1083,16 @@ def _select(query, key, topk: int, block_size: int, center: bool, write_map: boo
         dc = SELECT_CONFIG.get("dc") or min(dim, max(1, 8192 // (k_pad * group)))
         _select_rows_kernel[(triton.cdiv(num_q_blocks, group), batch * heads)](
             pooled_q, pooled_k, pkp, lut, bmap, num_q_blocks, num_k_blocks, num_prefix, topk,
-            G=group, K_PAD=k_pad, D=dim, DC=dc, WRITE_MAP=write_map, **prefix,
-            num_warps=SELECT_CONFIG.get("num_warps", 4), num_stages=1,
+            G=group, K_PAD=k_pad, D=dim, DC=dc, WRITE_MAP=write_map, **prefix, **threshold,
+            num_warps=SELECT_CONFIG.get("num_warps", 4), num_stages=select_stages,
         )
     elif impl == "group":
         group = SELECT_CONFIG.get("G", 16)
         dc = SELECT_CONFIG.get("dc") or min(dim, max(8, 8192 // k_pad))
         _select_kernel[(triton.cdiv(num_q_blocks, group), batch * heads)](
             pooled_q, pooled_k, pkp, lut, bmap, num_q_blocks, num_k_blocks, num_prefix, topk,
-            G=group, K_PAD=k_pad, D=dim, DC=dc, WRITE_MAP=write_map, **prefix,
-            num_warps=SELECT_CONFIG.get("num_warps", 8 if k_pad >= 256 else 4), num_stages=1,
+            G=group, K_PAD=k_pad, D=dim, DC=dc, WRITE_MAP=write_map, **prefix, **threshold,
+            num_warps=SELECT_CONFIG.get("num_warps", 8 if k_pad >= 256 else 4), num_stages=select_stages,
         )
     else:  # "torch": scores by a float32 matmul, torch.topk (for comparison)
         if num_prefix:
@@ -1120,10 +1197,12 @@ def _semaphores(n: int, device) -> torch.Tensor:
 #   mem_mode: where the fused linear-memory read-out runs (0 epilogue, 1 denominator first, 2 all of it first);
 #   memory_lo: the memory state as 16-bit hi + lo halves (about fp32 accuracy) instead of hi only;
 #   mem_state: "bf16" (a float32 state is cast on the host, one more launch) or "f32" (read as float32 and split
-#   in the kernel).
+#   in the kernel); a state passed already in the queries' 16-bit dtype is read as is (hi only, no cast);
+#   mem_kc: the read-out's contraction in chunks of mem_kc state rows (query columns re-read from L2) instead of
+#   one product with the whole (D, D) state (None / D).
 FWD_KEYS = ("KPI", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "tma", "ctas_per_sm", "slots",
             "max_parts", "group", "single_loop", "loop_stages", "unroll", "ws", "fused_combine", "persistent",
-            "flatten", "ws_outer", "mem_mode", "memory_lo", "mem_state")
+            "flatten", "ws_outer", "mem_mode", "memory_lo", "mem_state", "mem_kc")
 
 
 def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, dense: bool, cfg: dict | None = None,
@@ -1202,7 +1281,10 @@ def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, de
         mem_eps, qr_strides = 0.0, (0, 0, 0)
     mem_args = tuple(t if t is not None else d for t, d in ((q_raw, q), (kv_hi, lse), (kv_lo, lse), (kms, lse),
                                                             (bias, lse)))
-    mem_flags = dict(MEM=memory is not None, HAS_LO=has_lo, HAS_BIAS=bias is not None)
+    mem_kc = int(cfg.get("mem_kc") or dim)
+    if memory is not None and (mem_kc < 16 or mem_kc > dim or dim % mem_kc):
+        raise ValueError(f"`mem_kc` must divide head_dim {dim} and be >= 16, got {mem_kc}")
+    mem_flags = dict(MEM=memory is not None, HAS_LO=has_lo, HAS_BIAS=bias is not None, MEM_KC=mem_kc)
     persistent = bool(cfg.get("persistent", False))
     grid = (n_units,)
     if persistent:

@@ -50,6 +50,23 @@ def test_absorb(dtype, num_splits, count):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_splits, count", [(None, 0), (3, 1234)])
+def test_absorb_key_sums_on_tensor_cores(dtype, num_splits, count, monkeypatch):
+    """Round 3 variant `absorb_ksum="dot"`: the sums of relu(k_raw) as a product with a ones matrix."""
+    tk = _kernels()
+    monkeypatch.setattr(tk, "LM_CONFIG", {**tk.LM_CONFIG, "absorb_ksum": "dot"})
+    batch, seq, heads, dim = 2, 75, 3, 32
+    kv, kmean = _state(batch, heads, dim)
+    key_roped, key_raw, value = (torch.randn(batch, seq, heads, dim, dtype=dtype) for _ in range(3))
+    with poisoned_outputs():
+        got = tk._absorb_launch(kv, kmean, count, key_roped, key_raw, value, num_splits=num_splits)
+    want = linear_memory_absorb_naive(kv, kmean, count, key_roped, key_raw, value)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and g.shape == w.shape
+        assert _rel_err(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_read_forward_backward(dtype):
     batch, seq, heads, dim = 2, 75, 3, 32
     kv, kmean = _state(batch, heads, dim)

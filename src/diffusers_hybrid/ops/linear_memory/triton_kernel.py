@@ -46,6 +46,9 @@ def _split_state(x: torch.Tensor) -> bool:
 # absorb_progs_per_sm, absorb_be (state columns per program), absorb_warps, absorb_stages; read_bm, read_warps,
 # read_progs_per_sm, read_stages, read_bwd_warps.
 LM_CONFIG: dict = {"absorb_tokens": 128, "read_bm": 128, "read_warps": 8, "read_progs_per_sm": 8}
+# absorb_ksum: "reduce" (a cross-thread sum of relu(k_raw) per token tile) | "dot" (tensor cores: ones @ relu(k_raw)).
+# Rows of the ones matrix of the "dot" sums: the smallest M of a tensor-core product.
+KSUM_ROWS = tl.constexpr(16)
 
 
 @triton.jit
@@ -53,8 +56,9 @@ def _absorb_kernel(KR, KRAW, V, KV_OLD, KM_OLD, KV_OUT, KM_OUT, PART_KV, PART_KM
                    S, H, tokens_per_split, w_old, w_new,
                    s_krb, s_krl, s_krh, s_kwb, s_kwl, s_kwh, s_vb, s_vl, s_vh,
                    D: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr, DIRECT: tl.constexpr,
-                   F32: tl.constexpr, PREC: tl.constexpr):
-    """Grid (B*H, D // BE, splits)."""
+                   F32: tl.constexpr, PREC: tl.constexpr, KSUM_DOT: tl.constexpr):
+    """Grid (B*H, D // BE, splits). KSUM_DOT: `Σ relu(k_raw)` on the tensor cores (a (KSUM_ROWS, BT) matrix of ones
+    times relu(k_raw), exact: 16-bit inputs, fp32 accumulation) instead of a cross-thread reduction per tile."""
     bh = tl.program_id(0)
     pe = tl.program_id(1)
     sp = tl.program_id(2)
@@ -66,6 +70,9 @@ def _absorb_kernel(KR, KRAW, V, KV_OLD, KM_OLD, KV_OUT, KM_OUT, PART_KV, PART_KM
     offs_t = tl.arange(0, BT)
     acc = tl.zeros((D, BE), dtype=tl.float32)
     ksum = tl.zeros((D,), dtype=tl.float32)
+    if KSUM_DOT:
+        ones = tl.full((KSUM_ROWS, BT), 1.0, dtype=KRAW.dtype.element_ty)
+        ksum_rows = tl.zeros((KSUM_ROWS, D), dtype=tl.float32)
     t0 = sp * tokens_per_split
     t1 = tl.minimum(S, t0 + tokens_per_split)
     for t in range(t0, t1, BT):
@@ -77,7 +84,16 @@ def _absorb_kernel(KR, KRAW, V, KV_OLD, KM_OLD, KV_OUT, KM_OUT, PART_KV, PART_KM
             acc = tl.dot(tl.trans(kr.to(tl.float32)), v.to(tl.float32), acc, input_precision=PREC)
         else:
             acc = tl.dot(tl.trans(kr), v, acc)
-        if BE == D:  # one column block: no branch in the loop
+        if KSUM_DOT:
+            if pe == 0:
+                kw = tl.load(KRAW + b * s_kwb + h * s_kwh + rows[:, None] * s_kwl + offs_d[None, :],
+                             mask=ok[:, None], other=0.0)
+                if F32:
+                    ksum_rows = tl.dot(ones.to(tl.float32), tl.maximum(kw.to(tl.float32), 0.0), ksum_rows,
+                                       input_precision="ieee")
+                else:
+                    ksum_rows = tl.dot(ones, tl.maximum(kw, 0.0).to(kw.dtype), ksum_rows)
+        elif BE == D:  # one column block: no branch in the loop
             kw = tl.load(KRAW + b * s_kwb + h * s_kwh + rows[:, None] * s_kwl + offs_d[None, :], mask=ok[:, None],
                          other=0.0)
             ksum += tl.sum(tl.maximum(kw.to(tl.float32), 0.0), axis=0)
@@ -85,6 +101,8 @@ def _absorb_kernel(KR, KRAW, V, KV_OLD, KM_OLD, KV_OUT, KM_OUT, PART_KV, PART_KM
             kw = tl.load(KRAW + b * s_kwb + h * s_kwh + rows[:, None] * s_kwl + offs_d[None, :], mask=ok[:, None],
                          other=0.0)
             ksum += tl.sum(tl.maximum(kw.to(tl.float32), 0.0), axis=0)
+    if KSUM_DOT:
+        ksum = tl.max(ksum_rows, axis=0)  # every row holds the same sums
     if DIRECT:
         kv_ptr = bh * D * D + offs_d[:, None] * D + offs_e[None, :]
         old = tl.load(KV_OLD + kv_ptr)
@@ -252,7 +270,8 @@ def _absorb_launch(kv_state, kmean_state, count: int, key_roped, key_raw, value,
         num_new, heads, tokens_per_split, w_old, w_new,
         key_roped.stride(0), key_roped.stride(1), key_roped.stride(2), key_raw.stride(0), key_raw.stride(1),
         key_raw.stride(2), value.stride(0), value.stride(1), value.stride(2),
-        D=dim, BE=be, BT=bt, DIRECT=direct, F32=f32, PREC=prec, num_warps=LM_CONFIG.get("absorb_warps", 8),
+        D=dim, BE=be, BT=bt, DIRECT=direct, F32=f32, PREC=prec, KSUM_DOT=LM_CONFIG.get("absorb_ksum") == "dot",
+        num_warps=LM_CONFIG.get("absorb_warps", 8),
         num_stages=1 if _interpret() else LM_CONFIG.get("absorb_stages", 3),
     )
     if not direct:
