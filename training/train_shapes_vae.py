@@ -220,6 +220,8 @@ were measured on {args.num_stats_videos} training-split videos, as in Wan2.1 (th
 | --- | --- |
 | held-out reconstruction PSNR ({args.num_eval_videos} videos x {args.eval_frames} frames at {args.resolution}x{args.resolution}, 8-bit) | {measurements.get("psnr_heldout", float("nan")):.2f} dB |
 | same, weights as stored ({args.save_dtype}) loaded in float32 | {measurements.get("psnr_heldout_saved", float("nan")):.2f} dB |
+| held-out object colour error (mean absolute RGB error inside the objects, 0-255) | {measurements.get("object_color_error_heldout", float("nan")):.1f} |
+| reconstruction loss weight on object pixels (`--foreground_weight`) | 1 + {args.foreground_weight:g} |
 | training steps / seconds | {measurements.get("steps")} / {measurements.get("train_seconds", 0):.0f} |
 | parameters | {measurements.get("parameters")} |
 
