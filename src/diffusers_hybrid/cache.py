@@ -164,6 +164,11 @@ class HybridLayerCache:
             first `P = (S + W - C)·T // block_size` whole blocks of `key` (sink + history: the same in every pass of a
             chunk). Allocated by the first commit that asks for it ([`commit`] with `pooled_keys`), then recomputed in
             place by every commit (and by rewind / reset), so passes replayed from a CUDA graph read it current.
+        projected_kv_state (`(B, H, D, D)`, float32, fused Triton memory read-out only): `kv_state @ W.T`, the memory
+            state with the layer's output projection `linear_proj` (weight `W`) folded in, so that the passes of a
+            chunk read it without a projection matmul each. Kept like `pooled_key`: allocated by the first commit
+            that passes `memory_projection`, then recomputed in place by every commit, rewind and reset; it is
+            returned only for the same, unchanged weight ([`projected_memory_state`]).
     """
 
     def __init__(self, layout: AttentionLayout, batch_size, tokens_per_frame, heads, head_dim, device, dtype):
@@ -182,6 +187,9 @@ class HybridLayerCache:
         self.text_value: torch.Tensor | None = None
         self.pooled_key: torch.Tensor | None = None
         self._pooled_spec: tuple[int, str, str] | None = None  # (block_size, key_centering, kernel) of pooled_key
+        self.projected_kv_state: torch.Tensor | None = None
+        self._projection: torch.Tensor | None = None  # the `linear_proj` weight folded into projected_kv_state
+        self._projection_key: tuple[int, int] | None = None  # (data_ptr, version) of that weight when folded
 
     # --- slot arithmetic -------------------------------------------------------------------------------------
     def _frames(self, first_frame: int, num_frames: int) -> slice:
@@ -266,16 +274,42 @@ class HybridLayerCache:
         if self._pooled_spec is not None:
             self.refresh_pooled_keys(*self._pooled_spec)
 
+    # --- linear memory with the output projection folded in (fused Triton read-out) -------------------------------
+    def projected_memory_state(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """`projected_kv_state` when it was folded with this very `weight`, unchanged since (same storage, no in-place
+        update: an optimizer step bumps the version), else `None` (the caller folds the projection itself)."""
+        if self.projected_kv_state is None or self._projection is not weight:
+            return None
+        if self._projection_key != (weight.data_ptr(), weight._version):
+            return None
+        return self.projected_kv_state
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def refresh_projected_memory(self, weight: torch.Tensor | None = None) -> None:
+        """(Re)computes `projected_kv_state = kv_state @ weight.T` in place (allocating it the first time); without
+        `weight`, with the one kept from before (nothing to do if none was)."""
+        weight = self._projection if weight is None else weight
+        if weight is None or self.kv_state is None:
+            return
+        if self.projected_kv_state is None or self.projected_kv_state.device != self.kv_state.device:
+            self.projected_kv_state = torch.empty_like(self.kv_state)
+        torch.matmul(self.kv_state, weight.detach().to(self.kv_state).t(), out=self.projected_kv_state)
+        self._projection = weight
+        self._projection_key = (weight.data_ptr(), weight._version)
+
     # --- writes ---------------------------------------------------------------------------------------------
     @torch.compiler.disable  # per-chunk bookkeeping: runs eagerly inside compiled passes
     @torch.no_grad()
     def commit(self, plan: ChunkPlan, key_raw: torch.Tensor, key_roped: torch.Tensor, value: torch.Tensor, kernel,
-               pooled_keys: tuple[int, str] | None = None):
+               pooled_keys: tuple[int, str] | None = None, memory_projection: torch.Tensor | None = None):
         """
         Commits the current chunk (raw keys `(B, C·T, H, D)`, RoPE'd keys, values): absorbs what leaves the window
         (hybrid), stores sink frames, shifts the history, and re-RoPEs it for the next chunk. Detached: no gradient
         flows into cached context. `pooled_keys` (`(block_size, key_centering)`): also recompute the selection's
-        pooled key blocks of the cached keys (see `pooled_key`); once kept, they are recomputed by every commit.
+        pooled key blocks of the cached keys (see `pooled_key`); `memory_projection` (the `linear_proj` weight): also
+        keep the memory state with it folded in (see `projected_kv_state`). Once kept, both are recomputed by every
+        commit.
         """
         layout, tpf = self.layout, self.tokens_per_frame
         f0, chunk = plan.chunk_start, layout.chunk_frames
@@ -302,6 +336,7 @@ class HybridLayerCache:
             )
             self.kv_state.copy_(kv)
             self.kmean_state.copy_(kmean)
+        self.refresh_projected_memory(memory_projection)
 
         # 2. sink frames of this chunk (positions fixed forever)
         num_sink_new = max(0, min(layout.sink_frames, f0 + chunk) - f0)
@@ -338,6 +373,8 @@ class HybridLayerCache:
             t.zero_()
         if self.pooled_key is not None:
             self.pooled_key.zero_()  # the pooled blocks of all-zero keys: still consistent with `key`
+        if self.projected_kv_state is not None:
+            self.projected_kv_state.zero_()  # the projection of an all-zero state
         self.text_key = self.text_value = None
 
 
@@ -433,7 +470,7 @@ class HybridCache:
                 t = getattr(layer, name)
                 if t is not None:
                     setattr(layer, name, t.to(device=device, dtype=dtype))
-            for name in ("kv_state", "kmean_state", "pooled_key"):
+            for name in ("kv_state", "kmean_state", "pooled_key", "projected_kv_state"):
                 t = getattr(layer, name)
                 if t is not None:
                     setattr(layer, name, t.to(device=device))
@@ -499,6 +536,7 @@ class HybridCache:
                 layer.kv_state.copy_(records[0].kv_state[index])
                 layer.kmean_state.copy_(records[0].kmean_state[index])
             layer._refresh_pooled_keys_if_kept()
+            layer.refresh_projected_memory()
         self.memory_tokens = records[0].memory_tokens
         self.frames_written = records[0].frames_written
 

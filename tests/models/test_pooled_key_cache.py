@@ -103,6 +103,67 @@ def test_pooled_keys_follow_rewind_reset_and_to():
         assert all(float(layer.pooled_key.abs().sum()) == 0 for layer in cache.layers)
 
 
+def _assert_projected_current(cache, weights):
+    for layer, weight in zip(cache.layers, weights):
+        expected = layer.kv_state @ weight.detach().float().t()
+        torch.testing.assert_close(layer.projected_memory_state(weight), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_projected_memory_state_follows_commit_rewind_reset_and_weight_changes():
+    """The memory state with `linear_proj` folded in, kept by the layer cache for the fused read-out: current after
+    every commit (one buffer, updated in place), rewind, reset and `to`; refused for another or an updated weight."""
+    model = _hybrid("hybrid")
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn1.linear_proj.weight.normal_()
+    weights = [block.attn1.linear_proj.weight for block in model.blocks]
+    x, t, text = _inputs(frames=18)
+    cache = model.init_cache(2, LATENT_H, LATENT_W)
+    records, ptrs = [], None
+    with torch.no_grad():
+        for layer, weight in zip(cache.layers, weights):
+            assert layer.projected_memory_state(weight) is None  # nothing kept before the first request
+            layer.refresh_projected_memory(weight)
+        for start in range(0, 18, 3):
+            records = (records + [cache.record_commit()])[-1:]
+            model(x[:, :, start : start + 3], t[:, start : start + 3], text, cache=cache, frame_offset=start,
+                  cache_mode="write")
+            _assert_projected_current(cache, weights)
+            now = [layer.projected_kv_state.data_ptr() for layer in cache.layers]
+            assert ptrs in (None, now)  # recomputed in place: what a CUDA-graph replay of the read passes needs
+            ptrs = now
+        assert all(float(layer.kv_state.abs().sum()) > 0 for layer in cache.layers)  # memory was absorbed
+        model.rewind_cache(cache, records)
+        _assert_projected_current(cache, weights)
+        cache.to("cpu")
+        _assert_projected_current(cache, weights)
+        layer = cache.layers[0]
+        assert layer.projected_memory_state(torch.nn.Parameter(weights[0].detach().clone())) is None
+        weights[0].add_(1.0)  # an optimizer step: the folded copy is stale until the next commit
+        assert layer.projected_memory_state(weights[0]) is None
+        layer.refresh_projected_memory(weights[0])
+        _assert_projected_current(cache, weights)
+        cache.reset()
+        assert all(float(layer.projected_kv_state.abs().sum()) == 0 for layer in cache.layers)
+
+
+def test_projected_memory_state_in_the_reference_op():
+    """`state_is_projected=True` with the folded state gives what the per-call projection gives."""
+    from diffusers_hybrid.ops import block_sparse_attention_with_memory
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, n, 3, 32, generator=g) for n in (40, 100, 100))
+    kv, kmean = torch.randn(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, generator=g) + 0.5
+    w, b = torch.randn(32, 32, generator=g), torch.randn(32, generator=g)
+    common = dict(topk_ratio=0.5, block_size=16)
+    ref = block_sparse_attention_with_memory(q, k, v, q.relu(), kv, kmean, proj_weight=w, proj_bias=b, **common)
+    got = block_sparse_attention_with_memory(q, k, v, q.relu(), kv @ w.t(), kmean, proj_bias=b,
+                                             state_is_projected=True, **common)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="proj_weight"):
+        block_sparse_attention_with_memory(q, k, v, q, kv, kmean, proj_weight=w, state_is_projected=True, **common)
+
+
 def test_dense_ratio_keeps_no_pooled_keys():
     model = _hybrid("hybrid", sparse_topk_ratio=1.0)
     x, t, text = _inputs(frames=9)
@@ -131,12 +192,13 @@ _TRITON_STREAM = textwrap.dedent(
             block.attn1.linear_proj.weight.normal_(std=0.5)
             block.attn1.linear_proj.bias.normal_(std=0.1)
     model = model.to(torch.bfloat16).eval()
-    calls = {"fused": 0, "prefix": 0}
+    calls = {"fused": 0, "prefix": 0, "projected": 0}
     fused = tk.block_sparse_attention_with_memory_triton
 
     def spy(*args, **kwargs):
         calls["fused"] += 1
         calls["prefix"] += kwargs.get("pooled_key_prefix") is not None
+        calls["projected"] += bool(kwargs.get("state_is_projected")) and kwargs.get("proj_weight") is None
         return fused(*args, **kwargs)
 
     tk.block_sparse_attention_with_memory_triton = spy
@@ -159,8 +221,9 @@ _TRITON_STREAM = textwrap.dedent(
         model.set_attention_kernel("triton")
         got = stream()
     err = ((got - ref).norm() / ref.norm()).item()
-    # memory ready from chunk 2 (frames 6-8): 2 chunks x 2 passes x 2 layers fused, all with the cached prefix
-    assert calls == {"fused": 8, "prefix": 8}, calls
+    # memory ready from chunk 2 (frames 6-8): 2 chunks x 2 passes x 2 layers fused, all with the cached prefix and
+    # the layer cache's projected memory state (kept since the first commit)
+    assert calls == {"fused": 8, "prefix": 8, "projected": 8}, calls
     assert got.isfinite().all() and err < 3e-2, err
     print("OK", err)
     """

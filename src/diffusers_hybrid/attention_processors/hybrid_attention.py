@@ -134,12 +134,16 @@ class HybridForcingAttnProcessor:
         return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, *params)))
 
     def _attend(self, attn, ctx, query_roped, query_raw, query_rope, keys, values, kv_state, kmean_state,
-                memory_ready: bool, pooled_key_prefix: torch.Tensor | None = None):
+                memory_ready: bool, pooled_key_prefix: torch.Tensor | None = None,
+                projected_kv_state: torch.Tensor | None = None):
         memory = kv_state is not None and memory_ready
         if memory and self._fused_memory(attn, ctx, (query_roped, query_raw, keys, values)):
+            # the layer cache keeps the state with `linear_proj` folded in (once per chunk); else fold it here
+            projected = projected_kv_state is not None
             return block_sparse_attention_with_memory(
-                query_roped, keys, values, query_raw, kv_state, kmean_state, eps=ctx.linear_eps,
-                proj_weight=attn.linear_proj.weight, proj_bias=attn.linear_proj.bias, topk_ratio=ctx.topk_ratio,
+                query_roped, keys, values, query_raw, projected_kv_state if projected else kv_state, kmean_state,
+                eps=ctx.linear_eps, proj_weight=None if projected else attn.linear_proj.weight,
+                proj_bias=attn.linear_proj.bias, state_is_projected=projected, topk_ratio=ctx.topk_ratio,
                 block_size=ctx.block_size, key_centering=ctx.key_centering, pooled_key_prefix=pooled_key_prefix,
                 kernel=self.kernel,
             )
@@ -163,6 +167,9 @@ class HybridForcingAttnProcessor:
         query_roped = apply_rotary_emb(query, *plan.query_rope)
         key_roped = apply_rotary_emb(key, *plan.query_rope)
         kv_state, kmean_state = layer_cache.kv_state, layer_cache.kmean_state
+        projected_kv_state = None
+        if kv_state is not None and ctx.snapshot is None and self._fused_memory(attn, ctx, (query, key, value)):
+            projected_kv_state = layer_cache.projected_memory_state(attn.linear_proj.weight)
         pooled_prefix = None
         select = self.cache_pooled_keys and ctx.topk_ratio < 1.0  # the block selection runs (in a full window)
         if ctx.snapshot is not None:
@@ -180,11 +187,13 @@ class HybridForcingAttnProcessor:
             keys, values = views
         out = self._attend(
             attn, ctx, query_roped, query, plan.query_rope, keys, values, kv_state, kmean_state, plan.memory_ready,
-            pooled_prefix,
+            pooled_prefix, projected_kv_state,
         )
         if ctx.cache_mode == "write":
             pooled_keys = (ctx.block_size, ctx.key_centering) if select else None
-            layer_cache.commit(plan, key, key_roped, value, self.kernel, pooled_keys=pooled_keys)
+            fold = kv_state is not None and self._fused_memory(attn, ctx, (query, key, value))
+            layer_cache.commit(plan, key, key_roped, value, self.kernel, pooled_keys=pooled_keys,
+                               memory_projection=attn.linear_proj.weight if fold else None)
         return out
 
     def _full_sequence(self, attn, query, key, value, ctx: HybridAttentionContext) -> torch.Tensor:

@@ -138,6 +138,7 @@ def block_sparse_attention_with_memory(
     eps: float = 1e-6,
     proj_weight: torch.Tensor | None = None,
     proj_bias: torch.Tensor | None = None,
+    state_is_projected: bool = False,
     topk_ratio: float = 1.0,
     block_size: int = 64,
     key_centering: str = "heads",
@@ -155,9 +156,12 @@ def block_sparse_attention_with_memory(
     The reference computes exactly that (the projection in the output dtype); the Triton kernel fuses the read-out
     into the attention kernel with the projection folded into the state (`KV' = KV @ W.T`, float32), so its result
     differs from the reference by rounding only. Differentiable w.r.t. the queries, keys and values (Triton: through
-    the unfused kernels).
+    the unfused kernels). `state_is_projected=True`: `kv_state` already is `KV @ W.T` (float32, e.g. the layer
+    cache's `projected_kv_state`), so no projection runs per call; pass no `proj_weight` then (`proj_bias` still).
     """
     _check_kernel(kernel)
+    if state_is_projected and proj_weight is not None:
+        raise ValueError("`state_is_projected=True` takes `kv_state` with the projection folded in; pass no `proj_weight`.")
     if (kernel == "triton" and _use_triton("attention", query, block_size) and _use_triton("memory", query_raw)
             and kv_state is not None):
         from .block_sparse_attention.triton_kernel import block_sparse_attention_with_memory_triton
@@ -167,7 +171,7 @@ def block_sparse_attention_with_memory(
             query, key, value, query_raw, kv_state, kmean_state, eps=eps, proj_weight=proj_weight,
             proj_bias=proj_bias, topk_ratio=topk_ratio, block_size=block_size, key_centering=key_centering,
             scale=scale, dense=num_selected_blocks(num_key_blocks, topk_ratio) == num_key_blocks,
-            pooled_key_prefix=pooled_key_prefix,
+            pooled_key_prefix=pooled_key_prefix, state_is_projected=state_is_projected,
         )
     out = block_sparse_attention(query, key, value, topk_ratio=topk_ratio, block_size=block_size,
                                  key_centering=key_centering, scale=scale, pooled_key_prefix=pooled_key_prefix,
