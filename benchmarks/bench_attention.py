@@ -10,8 +10,8 @@ block mask (optional, `--flex`); forward and forward+backward; effective TFLOP/s
 the FLOPs actually computed / time); the linear memory ops. Correctness against a float32 reference first.
 
     python benchmarks/bench_attention.py [--quick] [--explore] [--flex] [--out DIR]
-    python benchmarks/bench_attention.py --round2 [--quick] [--out DIR]     # benchmarks/run_kernel_round2.sh
-    python benchmarks/bench_attention.py --round3 [--out DIR]               # benchmarks/run_kernel_round3.sh
+    python benchmarks/bench_attention.py --round2 [--quick] [--out DIR]     # benchmarks/run_kernel_round.sh 2
+    python benchmarks/bench_attention.py --round3 [--out DIR]               # benchmarks/run_kernel_round.sh 3
 
 `--round2` (issue 3, round 2), in one process: every forward launch variant (R2_FWD_VARIANTS: fused split merge,
 pipelining depth, CTAs per SM, two blocks per softmax step, warp specialisation, persistent, in-kernel descriptors),
@@ -1591,23 +1591,17 @@ def main():
                command=" ".join(sys.argv))
     RESULTS["env"] = env
     log(json.dumps(env))
-    if args.round3:
+    rounds = [(args.round3, round3, "bench_attention_round3.json"), (args.round2, round2, "bench_attention.json")]
+    for wanted, run_round, file_name in rounds:
+        if not wanted:
+            continue
         try:
-            round3(args)
-        finally:
+            run_round(args)
+        finally:  # what was measured is written even when a later part of the round fails
             os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "bench_attention_round3.json"), "w") as f:
+            with open(os.path.join(args.out, file_name), "w") as f:
                 json.dump(RESULTS, f, indent=1, default=str)
-            log(f"wrote {os.path.join(args.out, 'bench_attention_round3.json')}")
-        return
-    if args.round2:
-        try:
-            round2(args)
-        finally:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
-                json.dump(RESULTS, f, indent=1, default=str)
-            log(f"wrote {os.path.join(args.out, 'bench_attention.json')}")
+            log(f"wrote {os.path.join(args.out, file_name)}")
         return
     t_start = time.time()
     main_name = "wan1.3b_832x480"

@@ -106,7 +106,9 @@ class HybridForcingAttnProcessor:
     With a cache, the block selection takes the pooled key blocks of the cached window (sink + history) from the
     layer cache, which recomputes them once per chunk at the commit, and pools only the chunk's own keys. With the
     `"triton"` kernel at inference (no gradient, inference read-out form `linear_attn_query="roped"`, a plain
-    `nn.Linear` projection), the linear-memory read-out and `linear_proj` are fused into the attention kernel.
+    `nn.Linear` projection), the linear-memory read-out and `linear_proj` are fused into the attention kernel; with a
+    cache, the layer cache keeps the memory state with `linear_proj` folded in (recomputed once per chunk at the
+    commit), so the passes of a chunk run no projection matmul.
 
     Args:
         kernel (`str`, defaults to `"reference"`): `"reference"` (plain PyTorch, runs anywhere) or `"triton"`.
