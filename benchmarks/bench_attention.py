@@ -794,6 +794,29 @@ def _r2_check_attention(name, cfg, q, k, v, lut, ref, ref_grads, g) -> dict:
     return dict(errs, ok=ok)
 
 
+def _check_absorb_variants(variants: dict, want, absorb_args, width: int) -> dict:
+    """Each absorption launch configuration (`LM_CONFIG` overrides) against the naive result `want`; restores the
+    configuration afterwards."""
+    from diffusers_hybrid.ops.linear_memory import triton_kernel as lmk
+
+    saved = dict(lmk.LM_CONFIG)
+    checks = {}
+    try:
+        for name, overrides in variants.items():
+            def run(overrides=overrides):
+                lmk.LM_CONFIG.clear()
+                lmk.LM_CONFIG.update(saved, **overrides)
+                got = lmk._absorb_launch(*absorb_args)
+                errs = (rel(got[0], want[0]), rel(got[1], want[1]))
+                return dict(kv=errs[0], kmean=errs[1], ok=max(errs) < 1e-4)
+            checks[name] = safe(f"check absorb {name}", run) or dict(ok=False)
+            log(f"  absorb {name:<{width}} {json.dumps(checks[name])}")
+    finally:
+        lmk.LM_CONFIG.clear()
+        lmk.LM_CONFIG.update(saved)
+    return checks
+
+
 def round2(args):
     t0 = time.time()
     main_name = "wan1.3b_832x480"
@@ -880,17 +903,7 @@ def round2(args):
     saved_lm = dict(lmk.LM_CONFIG)
     kr, kw, vv = (torch.randn_like(q) for _ in range(3))
     want = linear_memory_absorb_naive(kv, km, 9360, kr, kw, vv)
-    for name, acfg in R2_ABSORB_VARIANTS.items():
-        def run(acfg=acfg):
-            lmk.LM_CONFIG.clear()
-            lmk.LM_CONFIG.update(saved_lm, **acfg)
-            got = lmk._absorb_launch(kv, km, 9360, kr, kw, vv)
-            errs = (rel(got[0], want[0]), rel(got[1], want[1]))
-            return dict(kv=errs[0], kmean=errs[1], ok=max(errs) < 1e-4)
-        absorb_checks[name] = safe(f"check absorb {name}", run) or dict(ok=False)
-        log(f"  absorb {name:<19} {json.dumps(absorb_checks[name])}")
-    lmk.LM_CONFIG.clear()
-    lmk.LM_CONFIG.update(saved_lm)
+    absorb_checks.update(_check_absorb_variants(R2_ABSORB_VARIANTS, want, (kv, km, 9360, kr, kw, vv), width=19))
     r2["correctness"]["absorb"] = absorb_checks
     log(f"  correctness done at {time.time() - t0:.0f} s")
 
@@ -1329,18 +1342,8 @@ def round3(args):
     saved_lm = dict(lmk.LM_CONFIG)
     kr, kw, vv = (torch.randn_like(q) for _ in range(3))
     want = linear_memory_absorb_naive(kv, km, R3_ABSORBED, kr, kw, vv)
-    abs_checks = {}
-    for name in abs_usable:
-        def run(name=name):
-            lmk.LM_CONFIG.clear()
-            lmk.LM_CONFIG.update(saved_lm, **R3_ABSORB_VARIANTS[name])
-            got = lmk._absorb_launch(kv, km, R3_ABSORBED, kr, kw, vv)
-            errs = (rel(got[0], want[0]), rel(got[1], want[1]))
-            return dict(kv=errs[0], kmean=errs[1], ok=max(errs) < 1e-4)
-        abs_checks[name] = safe(f"check absorb {name}", run) or dict(ok=False)
-        log(f"  absorb {name:<24} {json.dumps(abs_checks[name])}")
-    lmk.LM_CONFIG.clear()
-    lmk.LM_CONFIG.update(saved_lm)
+    abs_checks = _check_absorb_variants({name: R3_ABSORB_VARIANTS[name] for name in abs_usable}, want,
+                                        (kv, km, R3_ABSORBED, kr, kw, vv), width=24)
     r3["correctness"] = dict(selection=sel_checks, memory=mem_checks, absorb=abs_checks)
     sync(empty=True)
     log(f"  correctness done at {time.time() - t0:.0f} s")
