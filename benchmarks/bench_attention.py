@@ -794,6 +794,20 @@ def _r2_check_attention(name, cfg, q, k, v, lut, ref, ref_grads, g) -> dict:
     return dict(errs, ok=ok)
 
 
+def _memory_op(fwd_cfg: dict, tensors, proj_weight, proj_bias, prefix, state_is_projected: bool):
+    """A closure running the whole fused op (selection + attention + memory read-out) at the round-2/3 main setting
+    with `fwd_cfg` as the `fwd_sparse_memory` launch configuration."""
+    def run():
+        bsa.CONFIG_OVERRIDES["fwd_sparse_memory"] = dict(fwd_cfg)
+        try:
+            return bsa.block_sparse_attention_with_memory_triton(
+                *tensors, proj_weight=proj_weight, proj_bias=proj_bias, topk_ratio=R2_RATIO, block_size=R2_BS,
+                pooled_key_prefix=prefix, state_is_projected=state_is_projected)
+        finally:
+            bsa.CONFIG_OVERRIDES.pop("fwd_sparse_memory", None)
+    return run
+
+
 def _check_absorb_variants(variants: dict, want, absorb_args, width: int) -> dict:
     """Each absorption launch configuration (`LM_CONFIG` overrides) against the naive result `want`; restores the
     configuration afterwards."""
@@ -1022,14 +1036,8 @@ def round2(args):
         # the whole op, projection per call (matmul launch) vs state projected beforehand (as a cache would keep it)
         for tag, state, projected, wgt in (("per_call_projection", kv, False, weight),
                                            ("pre_projected_state", kvp, True, None)):
-            def run(state=state, projected=projected, wgt=wgt, acfg=acfg):
-                bsa.CONFIG_OVERRIDES["fwd_sparse_memory"] = dict(acfg, **_best_mem_cfg(mem, base_name))
-                try:
-                    return bsa.block_sparse_attention_with_memory_triton(
-                        q, k, v, q_raw, state, km, proj_weight=wgt, proj_bias=bias, topk_ratio=R2_RATIO,
-                        block_size=R2_BS, pooled_key_prefix=prefix, state_is_projected=projected)
-                finally:
-                    bsa.CONFIG_OVERRIDES.pop("fwd_sparse_memory", None)
+            run = _memory_op(dict(acfg, **_best_mem_cfg(mem, base_name)), (q, k, v, q_raw, state, km), wgt, bias,
+                             prefix, projected)
             with torch.no_grad():
                 ms = safe(f"time mem op {tag}", lambda: bench(run, graph=True))
             if ms:
@@ -1434,14 +1442,7 @@ def round3(args):
     for tag, state, projected, wgt, cfg in (
             ("per_call_projection[default]", kv, False, weight, _r3_mem_cfg("hi_host_cast", shape["dim"])[0]),
             (f"kept_state[{best_mem}]", kvp.to(dtype_best), True, None, cfg_best)):
-        def run(state=state, projected=projected, wgt=wgt, cfg=cfg):
-            bsa.CONFIG_OVERRIDES["fwd_sparse_memory"] = dict(cfg)
-            try:
-                return bsa.block_sparse_attention_with_memory_triton(
-                    q, k, v, q_raw, state, km, proj_weight=wgt, proj_bias=bias, topk_ratio=R2_RATIO,
-                    block_size=R2_BS, pooled_key_prefix=prefix, state_is_projected=projected)
-            finally:
-                bsa.CONFIG_OVERRIDES.pop("fwd_sparse_memory", None)
+        run = _memory_op(cfg, (q, k, v, q_raw, state, km), wgt, bias, prefix, projected)
         with torch.no_grad(), _SelectConfig(R3_SELECT_VARIANTS[best_select]):
             ms = safe(f"time mem op {tag}", lambda: bench(run, graph=True))
         if ms:
