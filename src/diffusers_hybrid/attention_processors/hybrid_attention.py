@@ -169,8 +169,10 @@ class HybridForcingAttnProcessor:
         query_roped = apply_rotary_emb(query, *plan.query_rope)
         key_roped = apply_rotary_emb(key, *plan.query_rope)
         kv_state, kmean_state = layer_cache.kv_state, layer_cache.kmean_state
+        # the fused read-out applies: the cache keeps the state with `linear_proj` folded in (see the commit below)
+        fold = kv_state is not None and self._fused_memory(attn, ctx, (query, key, value))
         projected_kv_state = None
-        if kv_state is not None and ctx.snapshot is None and self._fused_memory(attn, ctx, (query, key, value)):
+        if fold and ctx.snapshot is None:
             projected_kv_state = layer_cache.projected_memory_state(attn.linear_proj.weight)
         pooled_prefix = None
         select = self.cache_pooled_keys and ctx.topk_ratio < 1.0  # the block selection runs (in a full window)
@@ -193,7 +195,6 @@ class HybridForcingAttnProcessor:
         )
         if ctx.cache_mode == "write":
             pooled_keys = (ctx.block_size, ctx.key_centering) if select else None
-            fold = kv_state is not None and self._fused_memory(attn, ctx, (query, key, value))
             layer_cache.commit(plan, key, key_roped, value, self.kernel, pooled_keys=pooled_keys,
                                memory_projection=attn.linear_proj.weight if fold else None)
         return out

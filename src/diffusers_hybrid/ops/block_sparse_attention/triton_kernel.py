@@ -548,6 +548,22 @@ def _memory_term(q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_o
 
 
 @triton.jit
+def _add_memory(out, mem, den, q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh,
+                eps, D: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr,
+                MEM_KC: tl.constexpr, MEM_MODE: tl.constexpr):
+    """The attention output tile plus its linear-memory read-out, by where the read-out ran (`MEM_MODE`): 2: `mem`
+    was computed before the main loop; 1: the denominator `den` was; 0: all of it here."""
+    if MEM_MODE == 2:
+        return out + mem
+    elif MEM_MODE == 1:
+        return out + _memory_num(q, Q_base, s_ql, offs_m, m_ok, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS, F32,
+                                 MEM_KC)
+    else:
+        return out + _memory_term(q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl,
+                                  s_qrh, eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC)
+
+
+@triton.jit
 def _merge_parts(PACC, PML, r, n_parts, BLOCK_M: tl.constexpr, D: tl.constexpr, CG: tl.constexpr):
     """Merges the `n_parts` partial softmax states of split item `r`: (unnormalised acc, max, sum)."""
     rows = tl.arange(0, BLOCK_M)
@@ -615,6 +631,8 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
     V_base = V + b * s_vb + h * s_vh
     # Linear-memory read-out (MEM), MEM_MODE 0: all of it in the epilogue; 1: the denominator (q_raw load) before
     # the main loop; 2: the whole read-out before the main loop, its result held in registers meanwhile.
+    den = 0.0  # placeholders for the modes that compute these in the epilogue (`_add_memory`)
+    mem = 0.0
     if MEM and MEM_MODE >= 1:
         den = _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, mem_eps, D, MEM_KC)
         if MEM_MODE == 2:
@@ -665,14 +683,8 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
         # loop): whole items store the output, split parts their partial state, through predicated stores.
         out = acc / l_i[:, None]
         if MEM:
-            if MEM_MODE == 2:
-                out += mem
-            elif MEM_MODE == 1:
-                out += _memory_num(q, Q_base, s_ql, offs_m, m_ok, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS,
-                                   F32, MEM_KC)
-            else:
-                out += _memory_term(q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl,
-                                    s_qrh, mem_eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC)
+            out = _add_memory(out, mem, den, q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb,
+                              s_qrl, s_qrh, mem_eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC, MEM_MODE)
         rows_out = tl.where(parts == 1, Lq, 0)  # predicate as a bound: every row valid or none
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < rows_out)[:, None])
         tl.store(LSE + bh * Lq + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < rows_out)
@@ -685,14 +697,8 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
     elif parts == 1:
         out = acc / l_i[:, None]
         if MEM:  # fused linear-memory read-out (inference): Q is read and O written once
-            if MEM_MODE == 2:
-                out += mem
-            elif MEM_MODE == 1:
-                out += _memory_num(q, Q_base, s_ql, offs_m, m_ok, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS,
-                                   F32, MEM_KC)
-            else:
-                out += _memory_term(q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl,
-                                    s_qrh, mem_eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC)
+            out = _add_memory(out, mem, den, q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb,
+                              s_qrl, s_qrh, mem_eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC, MEM_MODE)
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None])
         tl.store(LSE + bh * Lq + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
     else:
