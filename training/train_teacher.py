@@ -48,7 +48,11 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 check_min_version("0.42.0")
 
 from diffusers_hybrid.shapes.domain import render_batch, scene_specs  # noqa: E402
-from diffusers_hybrid.training_utils import save_rotated_checkpoint, time_budget_lr_scheduler  # noqa: E402
+from diffusers_hybrid.training_utils import (  # noqa: E402
+    repatch_transformer,
+    save_rotated_checkpoint,
+    time_budget_lr_scheduler,
+)
 from diffusers_hybrid.shapes.text import encode_prompts  # noqa: E402
 from diffusers_hybrid.shapes.video_io import ffmpeg_available, try_write_video  # noqa: E402
 
@@ -301,6 +305,28 @@ See `benchmarks/RESULTS.md` for the full held-out evaluation.
         f.write(card)
 
 
+def match_requested_config(transformer, requested, base):
+    """
+    The warm-started transformer of `base`, checked against `--transformer_config`: a different `patch_size` is a
+    warm start at that patch size (`repatch_transformer`); any other difference is an error, never silently ignored.
+    """
+    def norm(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    differ = {k for k, v in requested.items() if norm(transformer.config.get(k, v)) != norm(v)}
+    if differ - {"patch_size"}:
+        detail = ", ".join(f"{k}: {requested[k]} vs {transformer.config[k]}" for k in sorted(differ - {"patch_size"}))
+        raise ValueError(
+            f"--transformer_config asks for a different architecture than {base}/transformer ({detail}); only "
+            "`patch_size` can change on a warm start. Point --pretrained_model_name_or_path at a folder without "
+            "transformer/ to train from scratch."
+        )
+    if "patch_size" in differ:
+        logger.info(f"warm start at patch size {requested['patch_size']} (from {list(transformer.config.patch_size)})")
+        transformer = repatch_transformer(transformer, requested["patch_size"])
+    return transformer
+
+
 def fix_tokenizer_class(folder):
     """Record the tokenizer as `PreTrainedTokenizerFast` (loadable by transformers 4.x and 5.x alike)."""
     for path, key in ((os.path.join(folder, "tokenizer", "tokenizer_config.json"), "tokenizer_class"),):
@@ -357,6 +383,7 @@ def main(args):
         transformer = WanTransformer3DModel.from_pretrained(
             os.path.join(base, "transformer"), torch_dtype=torch.float32
         )
+        transformer = match_requested_config(transformer, args.transformer_config or {}, base)
     else:
         cfg = {**DEFAULT_TRANSFORMER, **(args.transformer_config or {})}
         cfg["text_dim"] = text_encoder.config.d_model

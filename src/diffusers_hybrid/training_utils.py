@@ -15,7 +15,8 @@ What lives here:
   (including after step 0), a clean context pass that commits each chunk;
 - the DMD clip (the last frames of a rollout, optionally with the first frame re-encoded as an image latent) and its
   gradient mask;
-- an exponential moving average of a set of named parameters, and a LoRA merge on state dicts.
+- an exponential moving average of a set of named parameters, and a LoRA merge on state dicts;
+- a warm start of a Wan-layout transformer at a finer patch size (`repatch_transformer`).
 
 Official-code quirks deliberately not reproduced are listed in `docs/deviations.md` and in `training/README.md`.
 """
@@ -582,6 +583,52 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor],
     return out
 
 
+def repatch_transformer(transformer, patch_size: Sequence[int]):
+    """
+    A copy of a Wan-layout transformer (`patch_embedding` Conv3d + `proj_out` Linear, e.g. diffusers'
+    `WanTransformer3DModel` or `HybridForcingTransformer3DModel`) at a finer `patch_size`, as a warm start.
+
+    Every entry of the old patch size must be a multiple of the new one. The new patch embedding sums the old kernel
+    over its sub-patches, so a latent that is constant across the sub-patches of an old patch embeds every new token
+    exactly as the old model embedded that patch. The new output projection averages the old one over the
+    sub-patches, so each new token predicts the mean of what the old token predicted for its region. Every other
+    weight is copied unchanged (RoPE positions follow the new patch grid from the config).
+
+    Args:
+        transformer: the model to convert; left untouched.
+        patch_size (`Sequence[int]`): the new `(p_t, p_h, p_w)`.
+
+    Returns:
+        A new model of the same class in float32 with `config.patch_size == patch_size`.
+    """
+    old = tuple(int(p) for p in transformer.config.patch_size)
+    new = tuple(int(p) for p in patch_size)
+    if len(new) != 3 or min(new) < 1:
+        raise ValueError(f"`patch_size` must be three positive integers, got {list(patch_size)}.")
+    if any(o % n for o, n in zip(old, new)):
+        raise ValueError(f"Each entry of the old patch size {list(old)} must be a multiple of the new one {list(new)}.")
+    ratio = tuple(o // n for o, n in zip(old, new))
+    state = {k: v.detach().float().clone() for k, v in transformer.state_dict().items()}
+
+    weight = state["patch_embedding.weight"]  # (D, C, pt, ph, pw) -> split each kernel axis into (ratio, new)
+    dim, channels = weight.shape[:2]
+    weight = weight.reshape(dim, channels, ratio[0], new[0], ratio[1], new[1], ratio[2], new[2])
+    state["patch_embedding.weight"] = weight.sum(dim=(2, 4, 6))
+
+    # proj_out rows are ordered (pt, ph, pw, C), matching the model's unpatchify
+    out_channels = transformer.config.out_channels
+    w, b = state["proj_out.weight"], state["proj_out.bias"]
+    w = w.reshape(ratio[0], new[0], ratio[1], new[1], ratio[2], new[2], out_channels, w.shape[-1])
+    b = b.reshape(ratio[0], new[0], ratio[1], new[1], ratio[2], new[2], out_channels)
+    state["proj_out.weight"] = w.mean(dim=(0, 2, 4)).reshape(-1, w.shape[-1])
+    state["proj_out.bias"] = b.mean(dim=(0, 2, 4)).reshape(-1)
+
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    model = type(transformer).from_config({**config, "patch_size": list(new)})
+    model.load_state_dict(state, strict=True)
+    return model.float()
+
+
 def count_parameters(parameters: Iterable[torch.nn.Parameter]) -> int:
     return sum(p.numel() for p in parameters)
 
@@ -597,7 +644,7 @@ def is_finite(x: torch.Tensor) -> bool:
 
 
 __all__ = [
-    "shift_sigma", "denoising_timesteps", "sample_dmd_timesteps", "flow_sigmas", "merge_sigma_grids", "add_noise",
+    "repatch_transformer", "shift_sigma", "denoising_timesteps", "sample_dmd_timesteps", "flow_sigmas", "merge_sigma_grids", "add_noise",
     "flow_to_x0", "classifier_free_guidance", "dmd_gradient", "dmd_loss", "critic_flow_loss", "regression_loss",
     "guided_velocity", "euler_ode_solve", "RolloutPlan", "sample_rollout_plan", "RolloutOutput",
     "self_forcing_rollout", "dmd_clip", "sample_chunk_step_indices", "ParameterEMA", "merge_lora_state_dict",

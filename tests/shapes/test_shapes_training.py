@@ -196,3 +196,30 @@ def test_vae_reconstruction_loss_weights_the_objects(repo_root):
     )
     err = script.object_color_error(x + 0.1 * coverage, x, coverage)
     assert abs(err - 0.1 * 127.5) < 1e-3
+
+
+def test_train_teacher_warm_start_at_a_finer_patch_size(repo_root, accelerate_config, tiny_base, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    cfg = os.path.join(repo_root, "training", "configs", "tiny", "teacher.yaml")
+    first, second = str(tmp_path / "coarse"), str(tmp_path / "fine")
+    common = ["--config", cfg, "--num_validation_videos", "0", "--max_train_steps", "1"]
+    _launch(repo_root, accelerate_config, "train_teacher.py",
+            common + ["--pretrained_model_name_or_path", tiny_base, "--output_dir", first])
+    coarse = WanTransformer3DModel.from_pretrained(os.path.join(first, "transformer"))
+    assert list(coarse.config.patch_size) == [1, 2, 2]
+    _launch(repo_root, accelerate_config, "train_teacher.py",
+            common + ["--pretrained_model_name_or_path", first, "--output_dir", second,
+                      "--transformer_config", '{"patch_size": [1, 1, 1]}'])
+    fine = WanTransformer3DModel.from_pretrained(os.path.join(second, "transformer"))
+    assert list(fine.config.patch_size) == [1, 1, 1]
+    assert fine.proj_out.out_features == coarse.proj_out.out_features // 4
+    # any other architecture change on a warm start is refused, naming the key
+    env = dict(os.environ, PYTHONPATH=os.path.join(repo_root, "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(
+        [sys.executable, os.path.join(repo_root, "training", "train_teacher.py")] + common
+        + ["--pretrained_model_name_or_path", first, "--output_dir", str(tmp_path / "bad"),
+           "--transformer_config", '{"num_layers": 7}'],
+        capture_output=True, text=True, env=env, cwd=repo_root,
+    )
+    assert r.returncode != 0 and "num_layers: 7 vs" in r.stderr, r.stderr[-2000:]

@@ -469,3 +469,58 @@ def test_save_rotated_checkpoint_keeps_the_newest(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-15", "checkpoint-20"]
     save_rotated_checkpoint(acc, str(tmp_path), 25, total_limit=None)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-15", "checkpoint-20", "checkpoint-25"]
+
+
+def _tiny_wan(patch_size, **overrides):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    cfg = dict(patch_size=patch_size, num_attention_heads=2, attention_head_dim=12, in_channels=3, out_channels=5,
+               text_dim=8, freq_dim=16, ffn_dim=20, num_layers=1, rope_max_seq_len=64)
+    model = WanTransformer3DModel(**{**cfg, **overrides})
+    with torch.no_grad():  # diffusers zero-initialises nothing here, but make every weight non-trivial anyway
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_repatch_transformer_embeds_and_projects_like_the_coarse_model():
+    coarse = _tiny_wan([1, 2, 2])
+    fine = tu.repatch_transformer(coarse, [1, 1, 1])
+    assert list(fine.config.patch_size) == [1, 1, 1] and type(fine) is type(coarse)
+    # every weight other than the two patch layers is copied unchanged
+    cs, fs = coarse.state_dict(), fine.state_dict()
+    for key in cs:
+        if not key.startswith(("patch_embedding.", "proj_out.")):
+            torch.testing.assert_close(fs[key], cs[key], rtol=0, atol=0)
+
+    # a latent constant inside each 2x2 patch (awkward 3 x 5 patch grid): each fine token embeds as its coarse patch
+    small = torch.randn(2, 3, 2, 3, 5)
+    latent = small.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
+    with torch.no_grad():
+        coarse_tokens = coarse.patch_embedding(latent)  # (B, D, 2, 3, 5)
+        fine_tokens = fine.patch_embedding(latent)  # (B, D, 2, 6, 10)
+    expected = coarse_tokens.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
+    torch.testing.assert_close(fine_tokens, expected, rtol=1e-5, atol=1e-5)
+
+    # the fine output projection is the coarse one averaged over the 4 sub-patches of each token
+    hidden = torch.randn(7, coarse.proj_out.in_features)
+    with torch.no_grad():
+        coarse_out = coarse.proj_out(hidden).view(7, 2, 2, 5)  # rows ordered (ph, pw, C)
+        fine_out = fine.proj_out(hidden)
+    torch.testing.assert_close(fine_out, coarse_out.mean(dim=(1, 2)), rtol=1e-5, atol=1e-5)
+
+    # the converted model runs at the fine patch size
+    x = torch.randn(1, 3, 2, 6, 10)
+    with torch.no_grad():
+        out = fine(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 4, 8),
+                   return_dict=False)[0]
+    assert out.shape == (1, 5, 2, 6, 10) and torch.isfinite(out).all()
+
+
+def test_repatch_transformer_rejects_bad_patch_sizes():
+    coarse = _tiny_wan([1, 2, 2])
+    with pytest.raises(ValueError, match=r"multiple of the new one \[1, 3, 1\]"):
+        tu.repatch_transformer(coarse, [1, 3, 1])
+    with pytest.raises(ValueError, match="three positive integers"):
+        tu.repatch_transformer(coarse, [1, 0, 1])
