@@ -49,6 +49,7 @@ check_min_version("0.42.0")
 
 from diffusers_hybrid.shapes.domain import render_batch, scene_specs  # noqa: E402
 from diffusers_hybrid.training_utils import (  # noqa: E402
+    deepen_transformer,
     repatch_transformer,
     save_rotated_checkpoint,
     time_budget_lr_scheduler,
@@ -308,22 +309,28 @@ See `benchmarks/RESULTS.md` for the full held-out evaluation.
 def match_requested_config(transformer, requested, base):
     """
     The warm-started transformer of `base`, checked against `--transformer_config`: a different `patch_size` is a
-    warm start at that patch size (`repatch_transformer`); any other difference is an error, never silently ignored.
+    warm start at that patch size (`repatch_transformer`), a larger `num_layers` one with more blocks
+    (`deepen_transformer`); any other difference is an error, never silently ignored.
     """
     def norm(v):
         return list(v) if isinstance(v, (list, tuple)) else v
 
     differ = {k for k, v in requested.items() if norm(transformer.config.get(k, v)) != norm(v)}
-    if differ - {"patch_size"}:
-        detail = ", ".join(f"{k}: {requested[k]} vs {transformer.config[k]}" for k in sorted(differ - {"patch_size"}))
+    if differ - {"patch_size", "num_layers"}:
+        detail = ", ".join(
+            f"{k}: {requested[k]} vs {transformer.config[k]}" for k in sorted(differ - {"patch_size", "num_layers"})
+        )
         raise ValueError(
             f"--transformer_config asks for a different architecture than {base}/transformer ({detail}); only "
-            "`patch_size` can change on a warm start. Point --pretrained_model_name_or_path at a folder without "
-            "transformer/ to train from scratch."
+            "`patch_size` (finer) and `num_layers` (more) can change on a warm start. Point "
+            "--pretrained_model_name_or_path at a folder without transformer/ to train from scratch."
         )
     if "patch_size" in differ:
         logger.info(f"warm start at patch size {requested['patch_size']} (from {list(transformer.config.patch_size)})")
         transformer = repatch_transformer(transformer, requested["patch_size"])
+    if "num_layers" in differ:
+        logger.info(f"warm start with {requested['num_layers']} blocks (from {transformer.config.num_layers})")
+        transformer = deepen_transformer(transformer, requested["num_layers"])
     return transformer
 
 

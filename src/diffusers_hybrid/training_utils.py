@@ -16,7 +16,8 @@ What lives here:
 - the DMD clip (the last frames of a rollout, optionally with the first frame re-encoded as an image latent) and its
   gradient mask;
 - an exponential moving average of a set of named parameters, and a LoRA merge on state dicts;
-- a warm start of a Wan-layout transformer at a finer patch size (`repatch_transformer`).
+- warm starts of a Wan-layout transformer at a finer patch size (`repatch_transformer`) or with more blocks
+  (`deepen_transformer`).
 
 Official-code quirks deliberately not reproduced are listed in `docs/deviations.md` and in `training/README.md`.
 """
@@ -629,6 +630,57 @@ def repatch_transformer(transformer, patch_size: Sequence[int]):
     return model.float()
 
 
+# The layers that write a Wan block's output into the residual stream: zeroed, they make the block the identity.
+_BLOCK_OUTPUT_LAYERS = ("attn1.to_out.0.", "attn2.to_out.0.", "ffn.net.2.")
+
+
+def deepen_transformer(transformer, num_layers: int):
+    """
+    A copy of a diffusers `WanTransformer3DModel` with `num_layers` blocks that computes exactly the same function,
+    as a warm start for a deeper model.
+
+    The new blocks are spread evenly between the old ones; each starts as a copy of the block before it, with the
+    layers that write into the residual stream (self-attention, cross-attention and feed-forward output projections)
+    set to zero, so it passes its input through unchanged until training moves those projections.
+
+    Args:
+        transformer: the model to deepen; left untouched.
+        num_layers (`int`): the new number of blocks, at least the current one.
+
+    Returns:
+        A new model of the same class in float32 with `config.num_layers == num_layers`.
+    """
+    old_layers = int(transformer.config.num_layers)
+    if int(num_layers) < old_layers:
+        raise ValueError(f"`num_layers` ({num_layers}) must be at least the current number of blocks ({old_layers}).")
+    extra = int(num_layers) - old_layers
+    # after which old block each new one goes (evenly spread, repeats allowed when extra > old_layers)
+    if extra == 1:
+        after = [old_layers // 2]
+    else:
+        after = [round(i * (old_layers - 1) / (extra - 1)) for i in range(extra)]
+    order = []  # (source block, is_new)
+    for j in range(old_layers):
+        order.append((j, False))
+        order += [(j, True)] * after.count(j)
+
+    state = {k: v.detach().float().clone() for k, v in transformer.state_dict().items()}
+    blocks = {}
+    for key in [k for k in state if k.startswith("blocks.")]:
+        index, rest = key[len("blocks."):].split(".", 1)
+        blocks.setdefault(int(index), {})[rest] = state.pop(key)
+    for new_index, (source, is_new) in enumerate(order):
+        for rest, value in blocks[source].items():
+            if is_new and rest.startswith(_BLOCK_OUTPUT_LAYERS):
+                value = torch.zeros_like(value)
+            state[f"blocks.{new_index}.{rest}"] = value.clone()
+
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    model = type(transformer).from_config({**config, "num_layers": int(num_layers)})
+    model.load_state_dict(state, strict=True)
+    return model.float()
+
+
 def count_parameters(parameters: Iterable[torch.nn.Parameter]) -> int:
     return sum(p.numel() for p in parameters)
 
@@ -644,7 +696,7 @@ def is_finite(x: torch.Tensor) -> bool:
 
 
 __all__ = [
-    "repatch_transformer", "shift_sigma", "denoising_timesteps", "sample_dmd_timesteps", "flow_sigmas", "merge_sigma_grids", "add_noise",
+    "repatch_transformer", "deepen_transformer", "shift_sigma", "denoising_timesteps", "sample_dmd_timesteps", "flow_sigmas", "merge_sigma_grids", "add_noise",
     "flow_to_x0", "classifier_free_guidance", "dmd_gradient", "dmd_loss", "critic_flow_loss", "regression_loss",
     "guided_velocity", "euler_ode_solve", "RolloutPlan", "sample_rollout_plan", "RolloutOutput",
     "self_forcing_rollout", "dmd_clip", "sample_chunk_step_indices", "ParameterEMA", "merge_lora_state_dict",

@@ -198,7 +198,7 @@ def test_vae_reconstruction_loss_weights_the_objects(repo_root):
     assert abs(err - 0.1 * 127.5) < 1e-3
 
 
-def test_train_teacher_warm_start_at_a_finer_patch_size(repo_root, accelerate_config, tiny_base, tmp_path):
+def test_train_teacher_warm_start_finer_and_deeper(repo_root, accelerate_config, tiny_base, tmp_path):
     from diffusers import WanTransformer3DModel
 
     cfg = os.path.join(repo_root, "training", "configs", "tiny", "teacher.yaml")
@@ -210,16 +210,16 @@ def test_train_teacher_warm_start_at_a_finer_patch_size(repo_root, accelerate_co
     assert list(coarse.config.patch_size) == [1, 2, 2]
     _launch(repo_root, accelerate_config, "train_teacher.py",
             common + ["--pretrained_model_name_or_path", first, "--output_dir", second,
-                      "--transformer_config", '{"patch_size": [1, 1, 1]}'])
+                      "--transformer_config", '{"patch_size": [1, 1, 1], "num_layers": 3}'])
     fine = WanTransformer3DModel.from_pretrained(os.path.join(second, "transformer"))
-    assert list(fine.config.patch_size) == [1, 1, 1]
+    assert list(fine.config.patch_size) == [1, 1, 1] and (coarse.config.num_layers, fine.config.num_layers) == (1, 3)
     assert fine.proj_out.out_features == coarse.proj_out.out_features // 4
     # any other architecture change on a warm start is refused, naming the key
     env = dict(os.environ, PYTHONPATH=os.path.join(repo_root, "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run(
         [sys.executable, os.path.join(repo_root, "training", "train_teacher.py")] + common
         + ["--pretrained_model_name_or_path", first, "--output_dir", str(tmp_path / "bad"),
-           "--transformer_config", '{"num_layers": 7}'],
+           "--transformer_config", '{"num_attention_heads": 7}'],
         capture_output=True, text=True, env=env, cwd=repo_root,
     )
-    assert r.returncode != 0 and "num_layers: 7 vs" in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and "num_attention_heads: 7 vs" in r.stderr, r.stderr[-2000:]

@@ -524,3 +524,36 @@ def test_repatch_transformer_rejects_bad_patch_sizes():
         tu.repatch_transformer(coarse, [1, 3, 1])
     with pytest.raises(ValueError, match="three positive integers"):
         tu.repatch_transformer(coarse, [1, 0, 1])
+
+
+@pytest.mark.parametrize("num_layers", [2, 5])
+def test_deepen_transformer_keeps_the_function(num_layers):
+    shallow = _tiny_wan([1, 2, 2], num_layers=2)
+    deep = tu.deepen_transformer(shallow, num_layers)
+    assert deep.config.num_layers == num_layers and len(deep.blocks) == num_layers
+    x, text = torch.randn(2, 3, 3, 6, 10), torch.randn(2, 5, 8)
+    t = torch.tensor([130.0, 870.0])
+    with torch.no_grad():
+        a = shallow(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        b = deep(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    # the old blocks appear in order; each new one copies its predecessor except for zeroed output projections
+    old_ids = [id_ for id_ in range(num_layers) if deep.blocks[id_].attn1.to_out[0].weight.abs().sum() > 0]
+    assert len(old_ids) == 2
+    for new, block in enumerate(deep.blocks):
+        zeroed = block.ffn.net[2].weight.abs().sum() == 0
+        assert zeroed == (new not in old_ids)
+        if zeroed:
+            assert block.attn2.to_out[0].bias.abs().sum() == 0
+            torch.testing.assert_close(block.attn1.to_q.weight, deep.blocks[new - 1].attn1.to_q.weight)
+    # the new blocks learn: their output projections receive gradients
+    deep.train()
+    out = deep(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    out.square().mean().backward()
+    if num_layers > 2:
+        assert deep.blocks[1].ffn.net[2].weight.grad.abs().sum() > 0
+
+
+def test_deepen_transformer_rejects_fewer_layers():
+    with pytest.raises(ValueError, match=r"`num_layers` \(1\) must be at least the current number of blocks \(2\)"):
+        tu.deepen_transformer(_tiny_wan([1, 2, 2], num_layers=2), 1)
