@@ -26,7 +26,8 @@ def test_shipped_files_are_small_safetensors(shipped):
             total += size
             assert size < 16 * 2**20, f
             assert not f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")), f"weights must be safetensors: {f}"
-    assert total < 40 * 2**20  # teacher ~16 MB + student ~17 MB + classifier ~3 MB
+    # teacher ~22 MB + student ~17 MB + classifier ~3 MB; the device machines refuse working trees over 64 MiB
+    assert total < 44 * 2**20
 
 
 def test_shipped_vae_round_trip_shapes(shipped):
@@ -61,7 +62,7 @@ def test_shipped_teacher_pipeline_generates(shipped):
     from diffusers import WanPipeline
 
     pipe = WanPipeline.from_pretrained(os.path.join(shipped, "teacher"), torch_dtype=torch.float32)
-    assert pipe.transformer.config.in_channels == 16 and tuple(pipe.transformer.config.patch_size) == (1, 2, 2)
+    assert pipe.transformer.config.in_channels == 16 and tuple(pipe.transformer.config.patch_size) == (1, 1, 1)
     assert pipe.transformer.config.text_dim == pipe.text_encoder.config.d_model
     frames = pipe(
         scene_specs("heldout", 1)[0].prompt,
