@@ -696,11 +696,12 @@ def is_finite(x: torch.Tensor) -> bool:
 
 
 __all__ = [
-    "repatch_transformer", "deepen_transformer", "shift_sigma", "denoising_timesteps", "sample_dmd_timesteps", "flow_sigmas", "merge_sigma_grids", "add_noise",
+    "shift_sigma", "denoising_timesteps", "sample_dmd_timesteps", "flow_sigmas", "merge_sigma_grids", "add_noise",
     "flow_to_x0", "classifier_free_guidance", "dmd_gradient", "dmd_loss", "critic_flow_loss", "regression_loss",
     "guided_velocity", "euler_ode_solve", "RolloutPlan", "sample_rollout_plan", "RolloutOutput",
     "self_forcing_rollout", "dmd_clip", "sample_chunk_step_indices", "ParameterEMA", "merge_lora_state_dict",
     "count_parameters", "seed_for_rank", "is_finite", "time_budget_lr_scheduler", "save_rotated_checkpoint",
+    "repatch_transformer", "deepen_transformer",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------------

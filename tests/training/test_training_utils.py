@@ -557,3 +557,23 @@ def test_deepen_transformer_keeps_the_function(num_layers):
 def test_deepen_transformer_rejects_fewer_layers():
     with pytest.raises(ValueError, match=r"`num_layers` \(1\) must be at least the current number of blocks \(2\)"):
         tu.deepen_transformer(_tiny_wan([1, 2, 2], num_layers=2), 1)
+
+
+def test_repatch_transformer_on_the_hybrid_model():
+    from diffusers_hybrid import HybridForcingTransformer3DModel
+
+    torch.manual_seed(1)
+    coarse = HybridForcingTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=3, out_channels=5,
+        text_dim=8, freq_dim=16, ffn_dim=20, num_layers=1, rope_max_seq_len=64, attention_mode="window",
+        num_frame_per_block=1, sink_frames=1, local_attn_frames=2, dense_max_frames=3, sparse_block_size=7,
+    ).eval()
+    fine = tu.repatch_transformer(coarse, [1, 1, 1]).eval()
+    assert type(fine) is HybridForcingTransformer3DModel and fine.config.attention_mode == "window"
+    latent = torch.randn(1, 3, 2, 3, 5).repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
+    with torch.no_grad():
+        expected = coarse.patch_embedding(latent).repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
+        torch.testing.assert_close(fine.patch_embedding(latent), expected, rtol=1e-5, atol=1e-5)
+        out = fine(hidden_states=latent, timestep=torch.tensor([300.0]), encoder_hidden_states=torch.randn(1, 4, 8),
+                   return_dict=False)[0]
+    assert out.shape == (1, 5, 2, 6, 10) and torch.isfinite(out).all()
