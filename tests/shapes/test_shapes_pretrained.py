@@ -113,3 +113,25 @@ def test_shipped_student_streams_and_evaluates(shipped):
     assert result["steps"] == len(pipe.config.denoising_step_list)
     windows = result["generated"]["windows"]
     assert len(windows) >= 1 and all(0.0 <= w["adherence"] <= 1.0 for w in windows)
+
+
+def test_denoising_error_benchmark_on_the_shipped_teacher(shipped, repo_root, tmp_path):
+    """`benchmarks/shapes_denoising_error.py`: per-latent-frame x0 error of a teacher, larger at higher noise."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "shapes_denoising_error", os.path.join(repo_root, "benchmarks", "shapes_denoising_error.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    teacher = os.path.join(shipped, "teacher")
+    out = tmp_path / "err.json"
+    results = module.main([teacher, "--num-clips", "2", "--frames", "9", "--sigmas", "0.3", "0.95",
+                           "--batch-size", "2", "--out", str(out)])
+    low, high = results[teacher][0.3], results[teacher][0.95]
+    assert len(low) == len(high) == 3  # 9 frames = 3 latent frames
+    assert all(0 < a < b for a, b in zip(low, high)), (low, high)
+    assert json.load(open(out))["x0_mse_per_latent_frame"][teacher]["0.95"] == high
+    with pytest.raises(SystemExit):
+        module.main([teacher, "--frames", "8"])
