@@ -251,7 +251,9 @@ def default_validation_prompts(n):
     return [s.prompt for s in scene_specs("heldout", n, base_seed=31337)]
 
 
-def save_model_card(args, output_dir, measurements, validation):
+def save_model_card(args, output_dir, measurements, validation, transformer_config):
+    """The output folder's README; `transformer_config` is the trained model's own (not the arguments': a warm start
+    keeps BASE's architecture apart from the conversions of `match_requested_config`)."""
     rows = (
         "\n".join(
             f"| `{v['prompt']}` | {v['scores'].get('adherence', float('nan')):.3f} | {v['scores'].get('overall', float('nan')):.3f} |"
@@ -259,7 +261,11 @@ def save_model_card(args, output_dir, measurements, validation):
         )
         or "| (no validation prompts) | | |"
     )
-    tcfg = {**DEFAULT_TRANSFORMER, **(args.transformer_config or {})}
+    cfg = transformer_config
+    architecture = (
+        f"{cfg['num_layers']} layers, {cfg['num_attention_heads']} heads x {cfg['attention_head_dim']}, "
+        f"ffn {cfg['ffn_dim']},\npatch {list(cfg['patch_size'])}"
+    )
     card = f"""---
 library_name: diffusers
 license: apache-2.0
@@ -271,8 +277,7 @@ tags: [diffusers, diffusers-hybrid, diffusers-training, text-to-video, wan, shap
 
 A complete `WanPipeline` trained from scratch on the procedural *shapes* domain (`diffusers_hybrid.shapes`):
 a bidirectional `WanTransformer3DModel` ({measurements.get("transformer_parameters", 0) / 1e6:.2f} M parameters:
-{tcfg["num_layers"]} layers, {tcfg["num_attention_heads"]} heads x {tcfg["attention_head_dim"]}, ffn {tcfg["ffn_dim"]},
-patch {tcfg["patch_size"]}) trained with flow matching by `training/train_teacher.py` on the latents of the small
+{architecture}) trained with flow matching by `training/train_teacher.py` on the latents of the small
 `AutoencoderKLWan` in `vae/`, conditioned by the small UMT5 encoder in `text_encoder/`
 ({"trained jointly" if args.train_text_encoder else "frozen"}) and the word-level tokenizer in `tokenizer/`.
 
@@ -617,7 +622,7 @@ def main(args):
         }
         with open(os.path.join(args.output_dir, "measurements.json"), "w") as f:
             json.dump(measurements, f, indent=2)
-        save_model_card(args, args.output_dir, measurements, validation)
+        save_model_card(args, args.output_dir, measurements, validation, tr.config)
     accelerator.end_training()
 
 

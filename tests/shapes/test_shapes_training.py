@@ -214,6 +214,8 @@ def test_train_teacher_warm_start_finer_and_deeper(repo_root, accelerate_config,
     fine = WanTransformer3DModel.from_pretrained(os.path.join(second, "transformer"))
     assert list(fine.config.patch_size) == [1, 1, 1] and (coarse.config.num_layers, fine.config.num_layers) == (1, 3)
     assert fine.proj_out.out_features == coarse.proj_out.out_features // 4
+    card = open(os.path.join(second, "README.md")).read()  # describes the trained model, not the arguments
+    assert "3 layers" in card and "patch [1, 1, 1]" in card
     # any other architecture change on a warm start is refused, naming the key
     env = dict(os.environ, PYTHONPATH=os.path.join(repo_root, "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run(

@@ -437,10 +437,10 @@ def checker_sign(height: int, width: int, device=None) -> torch.Tensor:
     return ((iy.view(-1, 1) + ix.view(1, -1)) % 2).float() * 2 - 1
 
 
-def _render_frames(specs, num_frames: int, height: int, width: int, start_frames, device, return_coverage=False):
+def _render_frames(specs, num_frames: int, height: int, width: int, start_frames, device):
     """Unrounded RGB frames [B, T, H, W, 3] in 0..255 of several scenes, vectorised over scenes, objects and frames
-    (objects of one shape are drawn together; each scene draws its large object(s) first). With `return_coverage`,
-    also the objects' anti-aliased coverage [B, T, H, W] in [0, 1] (the union of the objects)."""
+    (objects of one shape are drawn together; each scene draws its large object(s) first), and the objects'
+    anti-aliased coverage [B, T, H, W] in [0, 1] (the union of the objects)."""
     b = len(specs)
     xs = torch.arange(width, device=device, dtype=torch.float32) + 0.5
     ys = torch.arange(height, device=device, dtype=torch.float32) + 0.5
@@ -472,9 +472,7 @@ def _render_frames(specs, num_frames: int, height: int, width: int, start_frames
     for layer in range(2):
         a = cov[:, layer].unsqueeze(-1)
         frames = frames * (1 - a) + color[:, layer].view(b, 1, 1, 1, 3) * a
-    if return_coverage:
-        return frames, 1 - (1 - cov[:, 0]) * (1 - cov[:, 1])
-    return frames
+    return frames, 1 - (1 - cov[:, 0]) * (1 - cov[:, 1])
 
 
 def render_video(
@@ -494,8 +492,8 @@ def render_video(
     out = torch.empty(num_frames, height, width, 3, dtype=torch.uint8, device=device)
     for c0 in range(0, num_frames, chunk_frames):
         c1 = min(num_frames, c0 + chunk_frames)
-        frames = _render_frames([spec], c1 - c0, height, width, [start_frame + c0], device)[0]
-        out[c0:c1] = frames.round().clamp(0, 255).to(torch.uint8)
+        frames, _ = _render_frames([spec], c1 - c0, height, width, [start_frame + c0], device)
+        out[c0:c1] = frames[0].round().clamp(0, 255).to(torch.uint8)
     return out
 
 
@@ -518,7 +516,7 @@ def render_batch(
         raise ValueError(f"output must be 'vae' or 'uint8', got {output!r}")
     device = torch.device(device or "cpu")
     start_frames = list(start_frames) if start_frames is not None else [0] * len(specs)
-    frames, coverage = _render_frames(specs, num_frames, height, width, start_frames, device, return_coverage=True)
+    frames, coverage = _render_frames(specs, num_frames, height, width, start_frames, device)
     frames = frames.round().clamp(0, 255)
     video = frames.to(torch.uint8) if output == "uint8" else frames.permute(0, 4, 1, 2, 3).div(127.5).sub(1.0)
     return (video, coverage.unsqueeze(1)) if return_coverage else video
