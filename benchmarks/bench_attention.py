@@ -12,6 +12,7 @@ the FLOPs actually computed / time); the linear memory ops. Correctness against 
     python benchmarks/bench_attention.py [--quick] [--explore] [--flex] [--out DIR]
     python benchmarks/bench_attention.py --round2 [--quick] [--out DIR]     # benchmarks/run_kernel_round.sh 2
     python benchmarks/bench_attention.py --round3 [--out DIR]               # benchmarks/run_kernel_round.sh 3
+    python benchmarks/bench_attention.py --round4 [--out DIR]               # benchmarks/run_kernel_round.sh 4
 
 `--round2` (issue 3, round 2), in one process: every forward launch variant (R2_FWD_VARIANTS: fused split merge,
 pipelining depth, CTAs per SM, two blocks per softmax step, warp specialisation, persistent, in-kernel descriptors),
@@ -30,6 +31,10 @@ in the kernel into hi or hi+lo, or kept in bf16 by the caller; the contraction i
 and the 1-stage x 4-CTA attention configurations) as +us and % of the attention, with their error against float32;
 the whole op with memory with the per-call projection vs a kept projected state; absorption variants
 (R3_ABSORB_VARIANTS). Same probe / check / time sequence as round 2; writes `bench_attention_round3.json`.
+
+`--round4`: the round-3 sequence over R4_SELECT_VARIANTS (the sort-based top-k, `tl.topk`, with several warp counts
+and query blocks per program, against the round-3 best radix-4 search) and the default read-out / absorption (for
+the per-pass memory figure); writes `bench_attention_round4.json`.
 
 Prints a table last; writes `bench_attention.json` (every figure) to `--out` (default `$OUT` or `.`).
 """
@@ -1202,6 +1207,25 @@ R3_ABSORB_VARIANTS = {
     "ksum_dot_warps4_tok256": dict(absorb_ksum="dot", absorb_warps=4, absorb_tokens=256),
     "ksum_dot_warps4_stages2": dict(absorb_ksum="dot", absorb_warps=4, absorb_stages=2),
 }
+# Round 4: the sort-based top-k (`tl.topk` partial bitonic sort, no dependent search steps) against the round-3 best;
+# the read-out / absorption defaults again for the per-pass memory figure.
+R4_SELECT_VARIANTS = {
+    "default": dict(R3_SELECT_DEFAULT),
+    "radix4_w8": dict(R3_SELECT_DEFAULT, search="radix4", num_warps=8),
+    "sort": dict(R3_SELECT_DEFAULT, search="sort"),
+    "sort_w8": dict(R3_SELECT_DEFAULT, search="sort", num_warps=8),
+    "sort_w2": dict(R3_SELECT_DEFAULT, search="sort", num_warps=2),
+    "sort_g4": dict(R3_SELECT_DEFAULT, search="sort", G=4),
+    "sort_g2_w2": dict(R3_SELECT_DEFAULT, search="sort", G=2, num_warps=2),
+    "sort_g16_w8": dict(R3_SELECT_DEFAULT, search="sort", G=16, num_warps=8),
+    "rows_sort_g4": dict(R3_SELECT_DEFAULT, impl="rows", G=4, search="sort"),
+}
+R4_MEM_VARIANTS = {n: R3_MEM_VARIANTS[n] for n in ("hi_host_cast", "hi_bf16_state", "hi_bf16_state_den_first")}
+R4_ABSORB_VARIANTS = {n: R3_ABSORB_VARIANTS[n] for n in ("default", "ksum_dot_warps4")}
+# Every round-3/4 variant by name (the probe children look them up here; shared names are the same configuration).
+ALL_SELECT_VARIANTS = {**R3_SELECT_VARIANTS, **R4_SELECT_VARIANTS}
+ALL_MEM_VARIANTS = {**R3_MEM_VARIANTS, **R4_MEM_VARIANTS}
+ALL_ABSORB_VARIANTS = {**R3_ABSORB_VARIANTS, **R4_ABSORB_VARIANTS}
 R3_MAIN = "wan1.3b_832x480"
 # Tokens already absorbed when the benchmarked chunk is folded in (two chunks of the main shape).
 R3_ABSORBED = 9360
@@ -1210,7 +1234,7 @@ R3_ABSORBED = 9360
 def _r3_mem_cfg(name: str, dim: int) -> tuple[dict, torch.dtype]:
     """Complete forward configuration and state dtype of a read-out variant (`mem_kc` capped at head_dim: tiny
     dry-run shapes)."""
-    base, over, state = R3_MEM_VARIANTS[name]
+    base, over, state = ALL_MEM_VARIANTS[name]
     cfg = dict(base, **over)
     if "mem_kc" in cfg:
         cfg["mem_kc"] = min(cfg["mem_kc"], dim)
@@ -1257,7 +1281,7 @@ def probe3_main(names: list[str]):
         try:
             kind, variant = name.split(":", 1)
             if kind == "r3sel":
-                with _SelectConfig(R3_SELECT_VARIANTS[variant]):
+                with _SelectConfig(ALL_SELECT_VARIANTS[variant]):
                     got, _ = bsa.select_key_blocks_triton(q, k, R2_RATIO, R2_BS, "heads", pooled_key_prefix=prefix)
                 sync()
                 same = (got == lut).all(-1).float().mean().item()
@@ -1275,7 +1299,7 @@ def probe3_main(names: list[str]):
                 from diffusers_hybrid.ops.linear_memory import triton_kernel as lmk
 
                 saved = dict(lmk.LM_CONFIG)
-                lmk.LM_CONFIG.update(R3_ABSORB_VARIANTS[variant])
+                lmk.LM_CONFIG.update(ALL_ABSORB_VARIANTS[variant])
                 try:
                     kr, kw, vv = (torch.randn_like(q) for _ in range(3))
                     got = lmk._absorb_launch(kv, km, R3_ABSORBED, kr, kw, vv)
@@ -1291,27 +1315,31 @@ def probe3_main(names: list[str]):
                   flush=True)
 
 
-def round3(args):
+def round3(args, round_no: int = 3):
+    """Round 3 (or, `round_no=4`, the same sequence over the round-4 variant tables)."""
     t0 = time.time()
-    r3 = RESULTS.setdefault("round3", {})
+    r3 = RESULTS.setdefault(f"round{round_no}", {})
+    sel_variants, mem_variants, abs_variants = ((R4_SELECT_VARIANTS, R4_MEM_VARIANTS, R4_ABSORB_VARIANTS)
+                                                if round_no == 4 else
+                                                (sel_variants, mem_variants, abs_variants))
     from diffusers_hybrid.ops.linear_memory import triton_kernel as lmk
 
     # 0. every new variant first in child processes
-    names = ([f"r3sel:{n}" for n in R3_SELECT_VARIANTS if n != "default"] + [f"r3mem:{n}" for n in R3_MEM_VARIANTS]
-             + [f"r3abs:{n}" for n in R3_ABSORB_VARIANTS if n != "default"])
-    log(f"== round 3: probing {len(names)} variants in child processes")
+    names = ([f"r3sel:{n}" for n in sel_variants if n != "default"] + [f"r3mem:{n}" for n in mem_variants]
+             + [f"r3abs:{n}" for n in abs_variants if n != "default"])
+    log(f"== round {round_no}: probing {len(names)} variants in child processes")
     probe = run_probes(names, args.out, workers=args.probe_workers)
     r3["probe"] = probe
     for n in names:
         log(f"  probe {n:<34} {json.dumps(probe.get(n, dict(ok=False, error='not run')))[:200]}")
-    sel_usable = [n for n in R3_SELECT_VARIANTS if n == "default" or probe.get(f"r3sel:{n}", {}).get("ok")]
-    mem_usable = [n for n in R3_MEM_VARIANTS if probe.get(f"r3mem:{n}", {}).get("ok")]
-    abs_usable = [n for n in R3_ABSORB_VARIANTS if n == "default" or probe.get(f"r3abs:{n}", {}).get("ok")]
+    sel_usable = [n for n in sel_variants if n == "default" or probe.get(f"r3sel:{n}", {}).get("ok")]
+    mem_usable = [n for n in mem_variants if probe.get(f"r3mem:{n}", {}).get("ok")]
+    abs_usable = [n for n in abs_variants if n == "default" or probe.get(f"r3abs:{n}", {}).get("ok")]
     log(f"  probe done in {time.time() - t0:.0f} s")
 
     # 1. correctness: selection rows vs the naive reference (and exactly vs the default kernel), the fused read-out
     # vs float32 attention + linear_proj(read-out), absorption vs the naive running means
-    log("== round 3: correctness")
+    log(f"== round {round_no}: correctness")
     shape, q, k, v, num_prefix, prefix, q_raw, kv, km, weight, bias, kvp = _r3_setup(seed=1)
     ref_lut = select_key_blocks_naive(q, k, R2_RATIO, R2_BS, "heads")
     with _SelectConfig(R3_SELECT_DEFAULT):
@@ -1319,7 +1347,7 @@ def round3(args):
     sel_checks = {}
     for name in sel_usable:
         def run(name=name):
-            with _SelectConfig(R3_SELECT_VARIANTS[name]):
+            with _SelectConfig(sel_variants[name]):
                 a, _ = bsa.select_key_blocks_triton(q, k, R2_RATIO, R2_BS, "heads", write_map=True)
                 b, _ = bsa.select_key_blocks_triton(q, k, R2_RATIO, R2_BS, "heads", pooled_key_prefix=prefix)
             same_a = (a.long() == ref_lut).all(-1).float().mean().item()
@@ -1350,14 +1378,14 @@ def round3(args):
     saved_lm = dict(lmk.LM_CONFIG)
     kr, kw, vv = (torch.randn_like(q) for _ in range(3))
     want = linear_memory_absorb_naive(kv, km, R3_ABSORBED, kr, kw, vv)
-    abs_checks = _check_absorb_variants({name: R3_ABSORB_VARIANTS[name] for name in abs_usable}, want,
+    abs_checks = _check_absorb_variants({name: abs_variants[name] for name in abs_usable}, want,
                                         (kv, km, R3_ABSORBED, kr, kw, vv), width=24)
     r3["correctness"] = dict(selection=sel_checks, memory=mem_checks, absorb=abs_checks)
     sync(empty=True)
     log(f"  correctness done at {time.time() - t0:.0f} s")
 
     # 2. timings (CUDA graphs, median ms), main shape
-    log("== round 3: timings (triton.testing.do_bench_cudagraph, median ms)")
+    log(f"== round {round_no}: timings (triton.testing.do_bench_cudagraph, median ms)")
     dense_flops = flops_fwd(shape, shape["len_k"])
     act = flops_fwd(shape, topk * R2_BS)
     attn = {}
@@ -1379,7 +1407,7 @@ def round3(args):
     for name in sel_usable:
         if not sel_checks.get(name, {}).get("ok"):
             continue
-        scfg = R3_SELECT_VARIANTS[name]
+        scfg = sel_variants[name]
 
         def run_select():
             return bsa.select_key_blocks_triton(q, k, R2_RATIO, R2_BS, "heads", pooled_key_prefix=prefix)
@@ -1443,7 +1471,7 @@ def round3(args):
             ("per_call_projection[default]", kv, False, weight, _r3_mem_cfg("hi_host_cast", shape["dim"])[0]),
             (f"kept_state[{best_mem}]", kvp.to(dtype_best), True, None, cfg_best)):
         run = _memory_op(cfg, (q, k, v, q_raw, state, km), wgt, bias, prefix, projected)
-        with torch.no_grad(), _SelectConfig(R3_SELECT_VARIANTS[best_select]):
+        with torch.no_grad(), _SelectConfig(sel_variants[best_select]):
             ms = safe(f"time mem op {tag}", lambda: bench(run, graph=True))
         if ms:
             op_mem[tag] = ms
@@ -1456,7 +1484,7 @@ def round3(args):
         if not abs_checks.get(name, {}).get("ok"):
             continue
         lmk.LM_CONFIG.clear()
-        lmk.LM_CONFIG.update(saved_lm, **R3_ABSORB_VARIANTS[name])
+        lmk.LM_CONFIG.update(saved_lm, **abs_variants[name])
         ms = safe(f"time absorb {name}", lambda: bench(lambda: lmk._absorb_launch(kv, km, R3_ABSORBED, kr, kw, vv),
                                                         graph=True))
         if ms:
@@ -1468,17 +1496,17 @@ def round3(args):
     best_absorb = min(absorb, key=absorb.get) if absorb else "default"
 
     r3["recommended"] = dict(
-        SELECT_CONFIG=R3_SELECT_VARIANTS[best_select],
+        SELECT_CONFIG=sel_variants[best_select],
         fwd_sparse_memory=dict(_r3_mem_cfg(best_mem, shape["dim"])[0]),
-        memory_state_dtype=R3_MEM_VARIANTS[best_mem][2],
-        LM_CONFIG_absorb=dict(saved_lm, **R3_ABSORB_VARIANTS[best_absorb]))
+        memory_state_dtype=mem_variants[best_mem][2],
+        LM_CONFIG_absorb=dict(saved_lm, **abs_variants[best_absorb]))
     r3["best"] = dict(select=best_select, memory=best_mem, absorb=best_absorb)
     r3["wall_s"] = time.time() - t0
-    _r3_print_summary(r3)
+    _r3_print_summary(r3, round_no, sel_variants, mem_variants)
 
 
-def _r3_print_summary(r3: dict):
-    log(f"\n==== round 3 summary (CUDA-graph medians; main shape {R3_MAIN}, ratio {R2_RATIO}, pooled prefix) ====")
+def _r3_print_summary(r3: dict, round_no: int, sel_variants: dict, mem_variants: dict):
+    log(f"\n==== round {round_no} summary (CUDA-graph medians; main shape {R3_MAIN}, ratio {R2_RATIO}, pooled prefix) ====")
     log(json.dumps(RESULTS.get("env", {})))
     cudnn_ms, full, attn = r3.get("cudnn_ms"), r3.get("full_op_ms", {}), r3.get("attention_ms", {})
     log("attention alone (LUT given): " + ", ".join(f"{k} {v:.4f} ms" for k, v in attn.items())
@@ -1486,7 +1514,7 @@ def _r3_print_summary(r3: dict):
     checks = r3.get("correctness", {})
     log(f"{'selection variant':<26} {'pool':>8} {'top-k':>8} {'both':>8} {'full op':>9} {'vs cuDNN':>9}  "
         f"rows==ref (/prefix) ==default | probe")
-    for name in R3_SELECT_VARIANTS:
+    for name in sel_variants:
         t = r3.get("selection_us", {}).get(name, {})
         c = checks.get("selection", {}).get(name, {})
         p = r3.get("probe", {}).get(f"r3sel:{name}", {})
@@ -1503,7 +1531,7 @@ def _r3_print_summary(r3: dict):
             f"{'MET' if speedup >= 3.5 else 'missed'}); default {full.get('default', 0):.4f} ms")
     log(f"{'memory read-out variant':<28} {'ms':>8} {'+us':>7} {'+%':>6} {'vs no-mem default':>18}  rel err vs "
         f"float32 (bf16 floor {r3.get('bf16_rounding_floor', float('nan')):.1e}) | probe")
-    for name in R3_MEM_VARIANTS:
+    for name in mem_variants:
         m = r3.get("memory_readout", {}).get(name, {})
         c = checks.get("memory", {}).get(name, {})
         p = r3.get("probe", {}).get(f"r3mem:{name}", {})
@@ -1524,7 +1552,7 @@ def _r3_print_summary(r3: dict):
     log("recommended defaults: " + json.dumps(r3.get("recommended", {})))
     for e in RESULTS["errors"]:
         log("ERROR", e[:300])
-    log(f"round 3 wall {r3.get('wall_s', 0):.0f} s")
+    log(f"round {round_no} wall {r3.get('wall_s', 0):.0f} s")
 
 
 def render_markdown(path: str) -> str:
@@ -1564,7 +1592,10 @@ def main():
     parser.add_argument("--round3", action="store_true",
                         help="issue 3 round 3: selection search / pipelining, memory read-out state forms and "
                              "chunking, absorption; probed in child processes, checked, timed as CUDA graphs")
-    parser.add_argument("--probe", metavar="NAMES", help=argparse.SUPPRESS)  # child process of --round2/3
+    parser.add_argument("--round4", action="store_true",
+                        help="issue 3 round 4: the sort-based top-k (tl.topk) against the round-3 best, with the "
+                             "read-out / absorption defaults; same sequence as --round3")
+    parser.add_argument("--probe", metavar="NAMES", help=argparse.SUPPRESS)  # child process of --round2/3/4
     parser.add_argument("--probe-workers", type=int, default=4, help="--round2: probe processes at once")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
@@ -1595,7 +1626,8 @@ def main():
                command=" ".join(sys.argv))
     RESULTS["env"] = env
     log(json.dumps(env))
-    rounds = [(args.round3, round3, "bench_attention_round3.json"), (args.round2, round2, "bench_attention.json")]
+    rounds = [(args.round4, lambda a: round3(a, round_no=4), "bench_attention_round4.json"),
+              (args.round3, round3, "bench_attention_round3.json"), (args.round2, round2, "bench_attention.json")]
     for wanted, run_round, file_name in rounds:
         if not wanted:
             continue

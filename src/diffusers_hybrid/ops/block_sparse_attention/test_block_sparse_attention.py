@@ -94,6 +94,8 @@ def _reference(q, k, v, lut, block_size, scale=None):
     ("heads", 0.3, {"impl": "group", "pool": "tok"}),
     ("heads", 0.3, {"impl": "group", "G": 8, "search": "radix4", "pool_stages": 2, "select_stages": 2}),
     ("none", 0.1, {"impl": "rows", "G": 2, "search": "radix4"}),
+    ("heads", 0.2, {"impl": "group", "G": 8, "search": "sort"}),
+    ("none", 0.3, {"impl": "rows", "G": 2, "search": "sort"}),
 ])
 def test_selection_is_topk(key_centering, topk_ratio, select_cfg, monkeypatch):
     tk = _kernels()
@@ -476,10 +478,11 @@ def test_fused_memory_with_16bit_projected_state():
 
 
 @pytest.mark.parametrize("impl, num_keys, num_prefix", [("group", 230, 0), ("rows", 230, 9), ("group", 600 * 16, 0)])
-def test_radix4_search_equals_binary_search(impl, num_keys, num_prefix, monkeypatch):
-    """The 16-step radix-4 threshold search selects exactly what the 32-step binary search selects (ties included:
-    duplicated key blocks), with and without a pooled prefix; 600 key blocks pad to 1024 columns, whose packed
-    counts need 64-bit fields."""
+def test_radix4_and_sort_searches_equal_binary_search(impl, num_keys, num_prefix, monkeypatch):
+    """The 16-step radix-4 threshold search and the sort-based one select exactly what the 32-step binary search
+    selects (ties included: duplicated key blocks), with and without a pooled prefix; 600 key blocks pad to 1024
+    columns, whose packed counts need 64-bit fields (the 1024-wide sort network takes minutes in the interpreter:
+    compiled only)."""
     tk = _kernels()
     from diffusers_hybrid.ops.block_sparse_attention.naive import select_key_blocks_naive
 
@@ -488,11 +491,14 @@ def test_radix4_search_equals_binary_search(impl, num_keys, num_prefix, monkeypa
     k[:, 64:128] = k[:, 0:64]  # exact ties between key blocks 4..7 and 0..3
     prefix = tk.pool_key_blocks_triton(k[:, : num_prefix * 16], 16, "heads") if num_prefix else None
     luts = {}
-    for search in ("binary", "radix4"):
+    searches = ("binary", "radix4") + (("sort",) if num_keys < 1000 or not tk._interpret() else ())
+    for search in searches:
         monkeypatch.setattr(tk, "SELECT_CONFIG", {**tk.SELECT_CONFIG, "impl": impl, "G": 4, "search": search})
         with poisoned_outputs():
             luts[search], _ = tk.select_key_blocks_triton(q, k, 0.3, 16, "heads", pooled_key_prefix=prefix)
     assert torch.equal(luts["radix4"], luts["binary"])
+    if "sort" in luts:
+        assert torch.equal(luts["sort"], luts["binary"])
     assert_valid_selection(luts["radix4"], q, k, 0.3, 16, "heads")
     # torch.topk orders exact ties arbitrarily: compare with the reference on the rows without a tie at the cut
     want = select_key_blocks_naive(q, k, 0.3, 16, "heads")

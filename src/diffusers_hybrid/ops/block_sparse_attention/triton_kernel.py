@@ -12,8 +12,8 @@ Forward, three or four launches:
    the window that is the same in every pass) only the remaining key blocks are pooled.
 2. `_select_row_kernel`: per (batch, head, query block), fp32 scores against all pooled key blocks (prefix and
    freshly pooled ones), then the k-th largest score by a 32-step binary search over the scores' order-preserving
-   int32 image, or (`SELECT_CONFIG["search"] = "radix4"`, `_topk_rows`) a 16-step search of two bits per step
-   (ties go to the lower block index); writes the selected indices in ascending order (the LUT) and, for the
+   int32 image, or (`SELECT_CONFIG["search"] = "radix4"`, `_topk_rows`) a 16-step search of two bits per step, or
+   ("sort") a partial bitonic sort of distinct (score, block) keys (ties go to the lower block index); writes the selected indices in ascending order (the LUT) and, for the
    backward, a dense int8 map.
 3. `_attn_fwd_kernel`: FlashAttention-style online softmax (exp2, fp32 accumulators) of one query block over its
    selected key blocks (or every key block when `dense`), K/V tiles gathered through the LUT with bulk-tensor (TMA)
@@ -66,7 +66,8 @@ LOG2E = 1.4426950408889634
 CONFIG_OVERRIDES: dict = {}
 # Selection implementation and launch parameters (benchmarks override): impl "row" (1 query block per program) |
 # "rows" (G per program) | "group" (tl.dot scores) | "torch"; pool "heads" (loop over heads) | "tok";
-# search (rows / group): the top-k threshold search of `_topk_rows`, "binary" (32 steps) | "radix4" (16 steps);
+# search (rows / group): the top-k threshold search of `_topk_rows`, "binary" (32 steps) | "radix4" (16 steps) |
+# "sort" (partial bitonic sort, `tl.topk`);
 # pool_stages / select_stages: software-pipelining depth of the pooling kernel's loop over heads / the selection
 # kernel's loop over D chunks (1: none).
 # Measured on an H100 (benchmarks/RESULTS.md, round 2): pool "heads" with 2 warps, scores of 8 query blocks per
@@ -202,18 +203,30 @@ def _pooled_keys(PK, PKP, bh, NK, NP, offs_k, k_ok, cols, HAS_PRE: tl.constexpr,
     return x
 
 
-# Top-k threshold searches of `_topk_rows` (SELECT_CONFIG["search"]): dependent row reductions per selection.
-SEARCH_STEPS = {"binary": 32, "radix4": 16}
+# Top-k threshold searches of `_topk_rows` (SELECT_CONFIG["search"]): dependent row reductions per selection
+# ("sort": none, a partial bitonic sort network instead).
+SEARCH_STEPS = {"binary": 32, "radix4": 16, "sort": 0}
 
 
 @triton.jit
-def _topk_rows(scores, k_ok, topk, G: tl.constexpr, SEARCH: tl.constexpr, FIELD: tl.constexpr):
+def _topk_rows(scores, k_ok, topk, G: tl.constexpr, SEARCH: tl.constexpr, FIELD: tl.constexpr,
+               K_TOP: tl.constexpr):
     """(G, K_PAD) mask of the `topk` largest scores of every row (invalid columns hold -inf), ties to the lower
     column. The k-th largest value T is searched on an order-preserving integer image of the float32 scores.
     "binary": 32 dependent steps, each one count (a row reduction) of the values >= the midpoint. "radix4": 16 steps
     of two bits each, counting the values >= three candidate thresholds in one reduction (the three counts packed
-    in fields of FIELD bits, `2**FIELD > K_PAD`): half the dependent reductions, the same T."""
+    in fields of FIELD bits, `2**FIELD > K_PAD`): half the dependent reductions, the same T. "sort": every column
+    gets a distinct int64 key (score image above, reversed column below, so ties order by column), `tl.topk` keeps
+    the K_TOP (power of two >= topk) largest keys sorted, and the `topk`-th of them is the threshold."""
     bits = scores.to(tl.int32, bitcast=True)
+    if SEARCH == "sort":
+        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        reversed_col = (tl.arange(0, scores.shape[1]) * -1 + (scores.shape[1] - 1)).to(tl.int64)
+        key = (ordered.to(tl.int64) << 32) | tl.expand_dims(reversed_col, 0)
+        top = tl.topk(key, K_TOP)
+        rank = tl.arange(0, K_TOP)
+        thr = tl.max(tl.where(rank[None, :] == topk - 1, top, -9223372036854775807 - 1), axis=1)
+        return (key >= thr[:, None]) & k_ok[None, :]
     if SEARCH == "radix4":
         # Unsigned image (sign bit flipped for positives, all bits for negatives); T is built from the top bit pair
         # down as the largest value with count(key >= T) >= topk.
@@ -259,7 +272,8 @@ def _topk_rows(scores, k_ok, topk, G: tl.constexpr, SEARCH: tl.constexpr, FIELD:
 @triton.jit
 def _select_kernel(PQ, PK, PKP, LUT, BMAP, M, NK, NP, topk,
                    G: tl.constexpr, K_PAD: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
-                   WRITE_MAP: tl.constexpr, HAS_PRE: tl.constexpr, SEARCH: tl.constexpr, FIELD: tl.constexpr):
+                   WRITE_MAP: tl.constexpr, HAS_PRE: tl.constexpr, SEARCH: tl.constexpr, FIELD: tl.constexpr,
+                   K_TOP: tl.constexpr):
     """Grid (cdiv(M, G), B*H). Top-`topk` key blocks per query block (fp32 scores by tl.dot, the threshold search of
     `_topk_rows`), indices ascending."""
     pid = tl.program_id(0)
@@ -275,7 +289,7 @@ def _select_kernel(PQ, PK, PKP, LUT, BMAP, M, NK, NP, topk,
         pk = _pooled_keys(PK, PKP, bh, NK, NP, offs_k, k_ok, d0 + offs_c, HAS_PRE, D)
         scores = tl.dot(pq, tl.trans(pk), scores, input_precision="ieee")
     scores = tl.where(k_ok[None, :], scores, float("-inf"))
-    selected = _topk_rows(scores, k_ok, topk, G, SEARCH, FIELD)
+    selected = _topk_rows(scores, k_ok, topk, G, SEARCH, FIELD, K_TOP)
     pos = tl.cumsum(selected.to(tl.int32), axis=1) - 1
     row = bh * M + offs_g
     idx = tl.zeros((G, K_PAD), dtype=tl.int32) + offs_k[None, :]
@@ -327,7 +341,8 @@ def _select_row_kernel(PQ, PK, PKP, LUT, BMAP, M, NK, NP, topk,
 @triton.jit
 def _select_rows_kernel(PQ, PK, PKP, LUT, BMAP, M, NK, NP, topk,
                         G: tl.constexpr, K_PAD: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
-                        WRITE_MAP: tl.constexpr, HAS_PRE: tl.constexpr, SEARCH: tl.constexpr, FIELD: tl.constexpr):
+                        WRITE_MAP: tl.constexpr, HAS_PRE: tl.constexpr, SEARCH: tl.constexpr, FIELD: tl.constexpr,
+                   K_TOP: tl.constexpr):
     """Grid (cdiv(M, G), B*H): G query blocks per program (the pooled keys are read once per G rows; the
     selection is latency- and L2-bound). Scores in fp32 (D in chunks of DC, multiply-and-sum), then the topk-th
     largest per row (`_topk_rows`); ties go to the lower block index; indices stored ascending."""
@@ -344,7 +359,7 @@ def _select_rows_kernel(PQ, PK, PKP, LUT, BMAP, M, NK, NP, topk,
         pk = _pooled_keys(PK, PKP, bh, NK, NP, offs_k, k_ok, d0 + offs_c, HAS_PRE, D)
         scores += tl.sum(pq[:, None, :] * pk[None, :, :], axis=2)
     scores = tl.where(k_ok[None, :], scores, float("-inf"))
-    selected = _topk_rows(scores, k_ok, topk, G, SEARCH, FIELD)
+    selected = _topk_rows(scores, k_ok, topk, G, SEARCH, FIELD, K_TOP)
     pos = tl.cumsum(selected.to(tl.int32), axis=1) - 1
     row = bh * M + offs_g
     idx = tl.zeros((G, K_PAD), dtype=tl.int32) + offs_k[None, :]
@@ -1074,7 +1089,8 @@ def _select(query, key, topk: int, block_size: int, center: bool, write_map: boo
     if search not in SEARCH_STEPS:
         raise ValueError(f"SELECT_CONFIG['search'] must be one of {sorted(SEARCH_STEPS)}, got {search!r}")
     # radix4 packs three counts (each <= k_pad) into one reduction: fields of k_pad.bit_length() bits.
-    threshold = dict(SEARCH=search, FIELD=k_pad.bit_length())
+    # sort: tl.topk keeps a power-of-two number of keys, at least topk
+    threshold = dict(SEARCH=search, FIELD=k_pad.bit_length(), K_TOP=min(k_pad, triton.next_power_of_2(topk)))
     select_stages = 1 if _interpret() else SELECT_CONFIG.get("select_stages", 1)
     pkp = pooled_prefix if num_prefix else pooled_k
     if impl == "row":
