@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume_from_checkpoint", type=str, default=None, help='A checkpoint folder or "latest".')
     g.add_argument("--save_dtype", type=str, default=None, choices=[None, "fp32", "bf16", "fp16"],
                    help="dtype of the final pipeline's transformer (default: bf16 under bf16 training, else fp32).")
+    g.add_argument("--max_shard_size", type=str, default=None,
+                   help='Largest weight file of the final pipeline, e.g. "8MB" (default: diffusers\' default).')
     g.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all or none.")
     g.add_argument("--logging_dir", type=str, default="logs")
     g.add_argument("--tracker_project_name", type=str, default="hybrid-forcing")
@@ -1481,7 +1483,8 @@ class Trainer:
         args, acc = self.args, self.accelerator
         final_dir = os.path.abspath(args.final_output_dir or os.path.join(args.output_dir, "final"))
         with self.ema_weights(args.final_use_ema) as used_ema:
-            state = acc.get_state_dict(self.generator)
+            # copied inside: an unsharded model's state dict holds the live parameters, which leaving restores
+            state = {k: v.detach().to("cpu", copy=True) for k, v in acc.get_state_dict(self.generator).items()}
         if not acc.is_main_process:
             return
         if self.generator_lora_scaling is not None:
@@ -1490,7 +1493,7 @@ class Trainer:
             args.save_dtype, torch.bfloat16 if self.weight_dtype == torch.bfloat16 else torch.float32)
         config = {k: v for k, v in self.generator_config_model.config.items() if not k.startswith("_")}
         transformer = HybridForcingTransformer3DModel.from_config(config)
-        transformer.load_state_dict({k: v.to("cpu") for k, v in state.items()}, strict=True)
+        transformer.load_state_dict(state, strict=True)
         cast_keeping_fp32_modules(transformer, dtype)
         tmp = final_dir + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1499,7 +1502,8 @@ class Trainer:
             from diffusers_hybrid.utils import hub_utils
         except ImportError as e:
             logger.warning(f"StreamingHybridPipeline is not available ({e}); writing the transformer only.")
-            transformer.save_pretrained(os.path.join(tmp, "transformer"))
+            shard = {"max_shard_size": args.max_shard_size} if args.max_shard_size else {}
+            transformer.save_pretrained(os.path.join(tmp, "transformer"), **shard)
         else:
             from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
             from transformers import AutoTokenizer, UMT5EncoderModel
@@ -1514,7 +1518,7 @@ class Trainer:
                                                           shift=args.timestep_shift),
                 **self.pipeline_schedule(),
             )
-            pipe.save_pretrained(tmp, model_card=False)
+            pipe.save_pretrained(tmp, model_card=False, max_shard_size=args.max_shard_size)
             repo_id = args.hub_model_id or Path(final_dir).name
             # a local base folder (e.g. the shapes teacher) is not a Hub repo: no base_model metadata then
             base = args.pretrained_model_name_or_path

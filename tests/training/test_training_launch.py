@@ -116,7 +116,7 @@ def test_resume_reproduces_an_uninterrupted_run(chain, tmp_path, helpers):
     assert [e["step"] for e in interrupted] == [1, 2, 3, 4]
     shutil.copytree(out / "checkpoint-4.tmp", tmp_path / "uninterrupted-4")
 
-    helpers.run_training(args + ["--resume_from_checkpoint", "latest"], env)
+    helpers.run_training(args + ["--resume_from_checkpoint", "latest", "--max_shard_size", "20KB"], env)
     log = helpers.read_log(str(out))
     resumed = log[4:]
     assert [e["step"] for e in resumed] == [3, 4]
@@ -132,6 +132,19 @@ def test_resume_reproduces_an_uninterrupted_run(chain, tmp_path, helpers):
     a = load_file(str(tmp_path / "uninterrupted-4" / "model_1.safetensors"))  # the critic
     b = load_file(str(out / "checkpoint-4" / "model_1.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # --max_shard_size: the final transformer in several files; it is the EMA of the last checkpoint (which, after two
+    # generator updates, differs from the raw generator: the chain's 2-step runs cannot tell them apart)
+    from diffusers_hybrid import HybridForcingTransformer3DModel
+
+    final = tmp_path / "final" / "transformer"
+    shards = sorted(f for f in os.listdir(final) if f.endswith(".safetensors"))
+    assert len(shards) > 1 and (final / "diffusion_pytorch_model.safetensors.index.json").exists()
+    loaded = HybridForcingTransformer3DModel.from_pretrained(str(final))
+    ema = load_file(str(out / "checkpoint-4" / "generator_ema" / "diffusion_pytorch_model.safetensors"))
+    raw = load_file(str(out / "checkpoint-4" / "generator" / "diffusion_pytorch_model.safetensors"))
+    assert not torch.equal(ema["proj_out.weight"], raw["proj_out.weight"])
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, ema[k].to(v.dtype), rtol=0, atol=0)
 
 
 def test_two_process_gloo_run_with_lora(chain, tmp_path, helpers):
