@@ -26,8 +26,8 @@ def test_shipped_files_are_small_safetensors(shipped):
             total += size
             assert size < 16 * 2**20, f
             assert not f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")), f"weights must be safetensors: {f}"
-    # teacher ~22 MB + student ~17 MB + classifier ~3 MB; the device machines refuse working trees over 64 MiB
-    assert total < 44 * 2**20
+    # teacher ~21 MiB + student ~21 MiB + classifier ~3 MiB; the device machines refuse working trees over 64 MiB
+    assert total < 48 * 2**20
 
 
 def test_shipped_vae_round_trip_shapes(shipped):
