@@ -13,6 +13,7 @@ the FLOPs actually computed / time); the linear memory ops. Correctness against 
     python benchmarks/bench_attention.py --round2 [--quick] [--out DIR]     # benchmarks/run_kernel_round.sh 2
     python benchmarks/bench_attention.py --round3 [--out DIR]               # benchmarks/run_kernel_round.sh 3
     python benchmarks/bench_attention.py --round4 [--out DIR]               # benchmarks/run_kernel_round.sh 4
+    python benchmarks/bench_attention.py --round5 [--out DIR]               # benchmarks/run_kernel_round.sh 5
 
 `--round2` (issue 3, round 2), in one process: every forward launch variant (R2_FWD_VARIANTS: fused split merge,
 pipelining depth, CTAs per SM, two blocks per softmax step, warp specialisation, persistent, in-kernel descriptors),
@@ -35,6 +36,10 @@ the whole op with memory with the per-call projection vs a kept projected state;
 `--round4`: the round-3 sequence over R4_SELECT_VARIANTS (the sort-based top-k, `tl.topk`, with several warp counts
 and query blocks per program, against the round-3 best radix-4 search) and the default read-out / absorption (for
 the per-pass memory figure); writes `bench_attention_round4.json`.
+
+`--round5`: programmatic dependent launch of the forward chain (`USE_PDL` of the kernel module): bit-equality with
+plain launches (eager and from a CUDA graph), then the full op with and without the fused read-out, PDL off / on
+alternating, next to cuDNN dense; writes `bench_attention_round5.json`.
 
 Prints a table last; writes `bench_attention.json` (every figure) to `--out` (default `$OUT` or `.`).
 """
@@ -1555,6 +1560,85 @@ def _r3_print_summary(r3: dict, round_no: int, sel_variants: dict, mem_variants:
     log(f"round {round_no} wall {r3.get('wall_s', 0):.0f} s")
 
 
+def round5(args):
+    """Round 5 (issue 3): programmatic dependent launch of the forward chain (`bsa.USE_PDL`), main shape, ratio 0.2,
+    cached pooled prefix: bit-equality with plain launches (eager and from a CUDA graph), then CUDA-graph medians of
+    the full op with and without the fused memory read-out, PDL off / on alternating, next to cuDNN dense."""
+    t0 = time.time()
+    r5 = RESULTS.setdefault("round5", {})
+    shape, q, k, v, num_prefix, prefix, q_raw, kv, km, weight, bias, kvp = _r3_setup(seed=1)
+    mem_cfg, state_dtype = _r3_mem_cfg("hi_bf16_state", shape["dim"])
+
+    def full():
+        return bsa.block_sparse_attention_triton(q, k, v, topk_ratio=R2_RATIO, block_size=R2_BS,
+                                                 pooled_key_prefix=prefix)
+
+    ops = dict(full_op=full,
+               full_op_with_memory=_memory_op(mem_cfg, (q, k, v, q_raw, kvp.to(state_dtype), km), None, bias,
+                                              prefix, True))
+
+    def with_pdl(on: bool, fn):
+        saved, bsa.USE_PDL = bsa.USE_PDL, on
+        try:
+            return fn()
+        finally:
+            bsa.USE_PDL = saved
+
+    log("== round 5: programmatic dependent launch, correctness")
+    checks = {}
+    with torch.no_grad():
+        for name, fn in ops.items():
+            def check(fn=fn):
+                plain = with_pdl(False, fn)
+                eager = with_pdl(True, fn)
+
+                def captured():
+                    stream = torch.cuda.Stream()
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        fn()
+                    torch.cuda.current_stream().wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        out = fn()
+                    graph.replay()
+                    sync()
+                    return out
+
+                graphed = with_pdl(True, captured)
+                return dict(eager_equal=bool(torch.equal(plain, eager)), graph_equal=bool(torch.equal(plain, graphed)))
+            checks[name] = safe(f"check pdl {name}", check) or dict(eager_equal=False, graph_equal=False)
+            checks[name]["ok"] = checks[name]["eager_equal"] and checks[name]["graph_equal"]
+            log(f"  {name:<22} {json.dumps(checks[name])}")
+    r5["correctness"] = checks
+    log("== round 5: timings (do_bench_cudagraph medians, ms), PDL off / on alternating")
+    fwd, _ = sdpa_fns(q, k, v, "cudnn")
+    r5["cudnn_ms"] = cudnn_ms = safe("time cudnn", lambda: bench(lambda: fwd(), graph=True))
+    times = {}
+    with torch.no_grad():
+        for rep in range(2):
+            for name, fn in ops.items():
+                if not checks[name]["ok"]:
+                    continue
+                for on in (False, True):
+                    ms = safe(f"time {name} pdl={on}", lambda: with_pdl(on, lambda: bench(fn, graph=True)))
+                    times.setdefault(f"{name}[pdl={'on' if on else 'off'}]", []).append(ms)
+                    log(f"  {name:<22} pdl {'on ' if on else 'off'} run {rep}: {ms or 0:.4f} ms"
+                        + (f" = {cudnn_ms / ms:.2f}x cuDNN" if ms and cudnn_ms else ""))
+    r5["ms"] = times
+    log(f"\n==== round 5 summary (CUDA-graph medians; main shape {R3_MAIN}, ratio {R2_RATIO}, pooled prefix) ====")
+    log(json.dumps(RESULTS.get("env", {})))
+    log(f"cuDNN dense {cudnn_ms or 0:.4f} ms")
+    for key, vals in times.items():
+        best = min(x for x in vals if x) if any(vals) else None
+        log(f"{key:<36} " + " / ".join(f"{x or 0:.4f}" for x in vals) + " ms"
+            + (f"; best {cudnn_ms / best:.2f}x cuDNN" if best and cudnn_ms else ""))
+    for e in RESULTS["errors"]:
+        log("ERROR", e[:300])
+    r5["wall_s"] = time.time() - t0
+    log(f"round 5 wall {r5['wall_s']:.0f} s")
+
+
 def render_markdown(path: str) -> str:
     """Markdown tables from a `bench_attention.json` (for benchmarks/RESULTS*.md)."""
     r = json.load(open(path))
@@ -1595,6 +1679,8 @@ def main():
     parser.add_argument("--round4", action="store_true",
                         help="issue 3 round 4: the sort-based top-k (tl.topk) against the round-3 best, with the "
                              "read-out / absorption defaults; same sequence as --round3")
+    parser.add_argument("--round5", action="store_true",
+                        help="issue 3 round 5: programmatic dependent launch of the forward chain, off vs on")
     parser.add_argument("--probe", metavar="NAMES", help=argparse.SUPPRESS)  # child process of --round2/3/4
     parser.add_argument("--probe-workers", type=int, default=4, help="--round2: probe processes at once")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -1626,7 +1712,8 @@ def main():
                command=" ".join(sys.argv))
     RESULTS["env"] = env
     log(json.dumps(env))
-    rounds = [(args.round4, lambda a: round3(a, round_no=4), "bench_attention_round4.json"),
+    rounds = [(args.round5, round5, "bench_attention_round5.json"),
+              (args.round4, lambda a: round3(a, round_no=4), "bench_attention_round4.json"),
               (args.round3, round3, "bench_attention_round3.json"), (args.round2, round2, "bench_attention.json")]
     for wanted, run_round, file_name in rounds:
         if not wanted:

@@ -252,6 +252,38 @@ def test_gpu_cuda_graph():
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs Hopper or later")
+def test_gpu_pdl_chain_equals_plain_launches(monkeypatch):
+    """With programmatic dependent launch (USE_PDL) the forward chain (pool, select, attention, combine) gives the
+    same bits as plain launches, eagerly and replayed from a CUDA graph on new inputs."""
+    tk = _kernels()
+    q, k, v = _inputs(1, 4680, 14040, 12, 128, torch.bfloat16, "cuda")
+    fn = lambda: tk.block_sparse_attention_triton(q, k, v, topk_ratio=0.2)  # noqa: E731
+    want = fn()
+    monkeypatch.setattr(tk, "USE_PDL", True)
+    assert tk._pdl_launch(q)["PDL"]
+    with poisoned_outputs():
+        assert torch.equal(fn(), want)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    for t in (q, k, v):
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setattr(tk, "USE_PDL", False)
+    assert torch.equal(out, fn())
+
+
+@pytest.mark.gpu
+@requires_cuda
 def test_gpu_fused_memory_epilogue():
     """Real shape: attention + memory read-out + linear_proj fused vs the separate ops (float32 reference)."""
     tk = _kernels()

@@ -79,6 +79,28 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Programmatic dependent launch (Hopper and later) for the forward chain pool -> select -> attention -> combine: each
+# kernel waits for its predecessor's writes at entry and at once lets its successor launch, so the successor's launch
+# and ramp-up overlap the predecessor's tail. Off by default until measured (benchmarks/bench_attention.py --round5).
+USE_PDL: bool = False
+
+
+def _pdl(x: torch.Tensor) -> bool:
+    return USE_PDL and not _interpret() and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def _pdl_launch(x: torch.Tensor) -> dict:
+    """Kernel arguments of a PDL-capable launch: the PDL flag and, when it is on, the launch attribute."""
+    return dict(PDL=True, launch_pdl=True) if _pdl(x) else dict(PDL=False)
+
+
+@triton.jit
+def _pdl_entry(PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 def _config(kind: str, head_dim: int, block_size: int) -> dict:
     """Launch parameters. Tiles in sparse mode are tied to the selection block (`BLOCK_M = block_size`, `BLOCK_N =
     KPI * block_size`: KPI selected key blocks gathered per iteration)."""
@@ -178,7 +200,8 @@ def _pool_heads_block(X, P, blk, dst, L, NB, s_l, s_h,
 def _pool_heads_kernel(Q, K, PQ, PK, Lq, Lk, Mq, Mk, kb0,
                        s_qb, s_ql, s_qh, s_kb, s_kl, s_kh,
                        H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                       CENTER: tl.constexpr):
+                       CENTER: tl.constexpr, PDL: tl.constexpr):
+    _pdl_entry(PDL)
     pid = tl.program_id(0)
     b = tl.program_id(1)
     if pid < Mq:
@@ -273,9 +296,10 @@ def _topk_rows(scores, k_ok, topk, G: tl.constexpr, SEARCH: tl.constexpr, FIELD:
 def _select_kernel(PQ, PK, PKP, LUT, BMAP, M, NK, NP, topk,
                    G: tl.constexpr, K_PAD: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
                    WRITE_MAP: tl.constexpr, HAS_PRE: tl.constexpr, SEARCH: tl.constexpr, FIELD: tl.constexpr,
-                   K_TOP: tl.constexpr):
+                   K_TOP: tl.constexpr, PDL: tl.constexpr):
     """Grid (cdiv(M, G), B*H). Top-`topk` key blocks per query block (fp32 scores by tl.dot, the threshold search of
     `_topk_rows`), indices ascending."""
+    _pdl_entry(PDL)
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     offs_g = pid * G + tl.arange(0, G)
@@ -748,10 +772,11 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SE
                      GROUP: tl.constexpr, SINGLE_LOOP: tl.constexpr, LOOP_STAGES: tl.constexpr,
                      UNROLL: tl.constexpr, WS: tl.constexpr, MEM_MODE: tl.constexpr, FUSED_COMBINE: tl.constexpr,
                      PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr, WS_OUTER: tl.constexpr,
-                     MEM_KC: tl.constexpr):
+                     MEM_KC: tl.constexpr, PDL: tl.constexpr):
     """1-D grid over work units (see `_fwd_unit`): one unit per program, or (PERSISTENT) a grid of resident programs
     striding over the units. DEVICE_DESC: the bulk-tensor descriptors are built in the kernel (Q, K, V viewed as
     (rows, H*D) matrices) instead of on the host."""
+    _pdl_entry(PDL)
     if DEVICE_DESC:
         q_desc = tl.make_tensor_descriptor(Q, shape=[rows_q, H * D], strides=[s_ql, 1], block_shape=[BLOCK_M, D])
         k_desc = tl.make_tensor_descriptor(K, shape=[rows_k, H * D], strides=[s_kl, 1], block_shape=[BLOCK_N, D])
@@ -775,8 +800,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SE
 def _attn_fwd_combine_kernel(O, LSE, PACC, PML, Q, QR, KVH, KVL, KMS, BIAS, Lq, H, M, n_full, n_parts,
                              s_ob, s_ol, s_oh, s_qb, s_ql, s_qh, s_qrb, s_qrl, s_qrh, mem_eps,
                              D: tl.constexpr, BLOCK_M: tl.constexpr, MEM: tl.constexpr, HAS_LO: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, F32: tl.constexpr, MEM_KC: tl.constexpr):
+                             HAS_BIAS: tl.constexpr, F32: tl.constexpr, MEM_KC: tl.constexpr, PDL: tl.constexpr):
     """Grid (number of split items,): merges the partial softmax states of one split work item."""
+    _pdl_entry(PDL)
     r = tl.program_id(0)
     w = n_full + r
     pid_m = w % M
@@ -1059,7 +1085,7 @@ def _pool(query, key, block_size: int, center: bool, first_key_block: int = 0, o
     if SELECT_CONFIG.get("pool", "heads") == "heads":
         _pool_heads_kernel[grid](
             query, key, pooled_q, pooled_k, len_q, len_k, num_q_blocks, num_k_blocks, first_key_block, *strides,
-            H=heads, H_PAD=h_pad, D=dim, BLOCK=block_size, CENTER=center,
+            H=heads, H_PAD=h_pad, D=dim, BLOCK=block_size, CENTER=center, **_pdl_launch(query),
             num_warps=SELECT_CONFIG.get("pool_warps", 4), num_stages=SELECT_CONFIG.get("pool_stages", 1),
         )
         return pooled_q, pooled_k
@@ -1113,7 +1139,7 @@ def _select(query, key, topk: int, block_size: int, center: bool, write_map: boo
         dc = SELECT_CONFIG.get("dc") or min(dim, max(8, 8192 // k_pad))
         _select_kernel[(triton.cdiv(num_q_blocks, group), batch * heads)](
             pooled_q, pooled_k, pkp, lut, bmap, num_q_blocks, num_k_blocks, num_prefix, topk,
-            G=group, K_PAD=k_pad, D=dim, DC=dc, WRITE_MAP=write_map, **prefix, **threshold,
+            G=group, K_PAD=k_pad, D=dim, DC=dc, WRITE_MAP=write_map, **prefix, **threshold, **_pdl_launch(query),
             num_warps=SELECT_CONFIG.get("num_warps", 8 if k_pad >= 256 else 4), num_stages=select_stages,
         )
     else:  # "torch": scores by a float32 matmul, torch.topk (for comparison)
@@ -1328,13 +1354,13 @@ def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, de
         GROUP=group, SINGLE_LOOP=bool(cfg.get("single_loop", False)), LOOP_STAGES=cfg.get("loop_stages"),
         UNROLL=cfg.get("unroll"), WS=bool(cfg.get("ws", False)), MEM_MODE=int(cfg.get("mem_mode", 0)),
         FUSED_COMBINE=fused_combine, PERSISTENT=persistent, FLATTEN=bool(cfg.get("flatten", False)),
-        WS_OUTER=bool(cfg.get("ws_outer", False)), **launch,
+        WS_OUTER=bool(cfg.get("ws_outer", False)), **_pdl_launch(q), **launch,
     )
     if n_split and not fused_combine:
         _attn_fwd_combine_kernel[(work - n_full,)](
             out, lse, pacc, pml, q, *mem_args, len_q, heads, num_q_blocks, n_full, n_parts,
             out.stride(0), out.stride(1), out.stride(2), q.stride(0), q.stride(1), q.stride(2), *qr_strides, mem_eps,
-            D=dim, BLOCK_M=block_m, **mem_flags, F32=_f32_dot(q), num_warps=4,
+            D=dim, BLOCK_M=block_m, **mem_flags, F32=_f32_dot(q), **_pdl_launch(q), num_warps=4,
         )
     return out, lse
 
