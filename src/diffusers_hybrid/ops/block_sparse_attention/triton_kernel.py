@@ -81,7 +81,7 @@ def _interpret() -> bool:
 
 # Programmatic dependent launch (Hopper and later) for the forward chain pool -> select -> attention -> combine: each
 # kernel waits for its predecessor's writes at entry and at once lets its successor launch, so the successor's launch
-# and ramp-up overlap the predecessor's tail. Off by default until measured (benchmarks/bench_attention.py --round5).
+# and ramp-up overlap the predecessor's tail. Off: measured ~10 us slower on an H100 (benchmarks/RESULTS.md, round 5).
 USE_PDL: bool = False
 
 
