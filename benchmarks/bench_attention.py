@@ -1563,7 +1563,7 @@ def _r3_print_summary(r3: dict, round_no: int, sel_variants: dict, mem_variants:
 def round5(args):
     """Round 5 (issue 3): programmatic dependent launch of the forward chain (`bsa.USE_PDL`), main shape, ratio 0.2,
     cached pooled prefix: bit-equality with plain launches (eager and from a CUDA graph), then CUDA-graph medians of
-    the full op with and without the fused memory read-out, PDL off / on alternating, next to cuDNN dense."""
+    the full op with and without the fused memory read-out, PDL off / "entry" / "late" alternating, next to cuDNN dense."""
     t0 = time.time()
     r5 = RESULTS.setdefault("round5", {})
     shape, q, k, v, num_prefix, prefix, q_raw, kv, km, weight, bias, kvp = _r3_setup(seed=1)
@@ -1577,53 +1577,58 @@ def round5(args):
                full_op_with_memory=_memory_op(mem_cfg, (q, k, v, q_raw, kvp.to(state_dtype), km), None, bias,
                                               prefix, True))
 
-    def with_pdl(on: bool, fn):
-        saved, bsa.USE_PDL = bsa.USE_PDL, on
+    def with_pdl(mode, fn):
+        saved, bsa.USE_PDL = bsa.USE_PDL, mode
         try:
             return fn()
         finally:
             bsa.USE_PDL = saved
 
     log("== round 5: programmatic dependent launch, correctness")
+    modes = [m for m in bsa.PDL_MODES if m]
     checks = {}
     with torch.no_grad():
         for name, fn in ops.items():
-            def check(fn=fn):
-                plain = with_pdl(False, fn)
-                eager = with_pdl(True, fn)
+            plain = with_pdl(None, fn)
+            for mode in modes:
+                def check(fn=fn, mode=mode):
+                    eager = with_pdl(mode, fn)
 
-                def captured():
-                    stream = torch.cuda.Stream()
-                    stream.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(stream):
-                        fn()
-                    torch.cuda.current_stream().wait_stream(stream)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        out = fn()
-                    graph.replay()
-                    sync()
-                    return out
+                    def captured():
+                        stream = torch.cuda.Stream()
+                        stream.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(stream):
+                            fn()
+                        torch.cuda.current_stream().wait_stream(stream)
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph):
+                            out = fn()
+                        graph.replay()
+                        sync()
+                        return out
 
-                graphed = with_pdl(True, captured)
-                return dict(eager_equal=bool(torch.equal(plain, eager)), graph_equal=bool(torch.equal(plain, graphed)))
-            checks[name] = safe(f"check pdl {name}", check) or dict(eager_equal=False, graph_equal=False)
-            checks[name]["ok"] = checks[name]["eager_equal"] and checks[name]["graph_equal"]
-            log(f"  {name:<22} {json.dumps(checks[name])}")
+                    graphed = with_pdl(mode, captured)
+                    return dict(eager_equal=bool(torch.equal(plain, eager)),
+                                graph_equal=bool(torch.equal(plain, graphed)))
+                key = f"{name}[pdl={mode}]"
+                checks[key] = safe(f"check {key}", check) or dict(eager_equal=False, graph_equal=False)
+                checks[key]["ok"] = checks[key]["eager_equal"] and checks[key]["graph_equal"]
+                log(f"  {key:<34} {json.dumps(checks[key])}")
     r5["correctness"] = checks
-    log("== round 5: timings (do_bench_cudagraph medians, ms), PDL off / on alternating")
+    log("== round 5: timings (do_bench_cudagraph medians, ms), PDL modes alternating")
     fwd, _ = sdpa_fns(q, k, v, "cudnn")
     r5["cudnn_ms"] = cudnn_ms = safe("time cudnn", lambda: bench(lambda: fwd(), graph=True))
     times = {}
     with torch.no_grad():
         for rep in range(2):
             for name, fn in ops.items():
-                if not checks[name]["ok"]:
-                    continue
-                for on in (False, True):
-                    ms = safe(f"time {name} pdl={on}", lambda: with_pdl(on, lambda: bench(fn, graph=True)))
-                    times.setdefault(f"{name}[pdl={'on' if on else 'off'}]", []).append(ms)
-                    log(f"  {name:<22} pdl {'on ' if on else 'off'} run {rep}: {ms or 0:.4f} ms"
+                for mode in [None] + modes:
+                    key = f"{name}[pdl={mode or 'off'}]"
+                    if mode and not checks[key]["ok"]:
+                        continue
+                    ms = safe(f"time {key}", lambda: with_pdl(mode, lambda: bench(fn, graph=True)))
+                    times.setdefault(key, []).append(ms)
+                    log(f"  {key:<34} run {rep}: {ms or 0:.4f} ms"
                         + (f" = {cudnn_ms / ms:.2f}x cuDNN" if ms and cudnn_ms else ""))
     r5["ms"] = times
     log(f"\n==== round 5 summary (CUDA-graph medians; main shape {R3_MAIN}, ratio {R2_RATIO}, pooled prefix) ====")

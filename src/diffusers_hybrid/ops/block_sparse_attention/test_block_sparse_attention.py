@@ -254,15 +254,16 @@ def test_gpu_cuda_graph():
 @requires_cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch needs Hopper or later")
-def test_gpu_pdl_chain_equals_plain_launches(monkeypatch):
+@pytest.mark.parametrize("mode", ["entry", "late"])
+def test_gpu_pdl_chain_equals_plain_launches(mode, monkeypatch):
     """With programmatic dependent launch (USE_PDL) the forward chain (pool, select, attention, combine) gives the
     same bits as plain launches, eagerly and replayed from a CUDA graph on new inputs."""
     tk = _kernels()
     q, k, v = _inputs(1, 4680, 14040, 12, 128, torch.bfloat16, "cuda")
     fn = lambda: tk.block_sparse_attention_triton(q, k, v, topk_ratio=0.2)  # noqa: E731
     want = fn()
-    monkeypatch.setattr(tk, "USE_PDL", True)
-    assert tk._pdl_launch(q)["PDL"]
+    monkeypatch.setattr(tk, "USE_PDL", mode)
+    assert tk._pdl_launch(q)["PDL"] == tk.PDL_MODES[mode]
     with poisoned_outputs():
         assert torch.equal(fn(), want)
     stream = torch.cuda.Stream()
@@ -278,7 +279,7 @@ def test_gpu_pdl_chain_equals_plain_launches(monkeypatch):
         t.copy_(torch.randn_like(t))
     graph.replay()
     torch.cuda.synchronize()
-    monkeypatch.setattr(tk, "USE_PDL", False)
+    monkeypatch.setattr(tk, "USE_PDL", None)
     assert torch.equal(out, fn())
 
 
@@ -538,6 +539,16 @@ def test_radix4_and_sort_searches_equal_binary_search(impl, num_keys, num_prefix
     top = scores.topk(want.shape[-1] + 1, dim=-1).values
     untied = (top[..., -2] - top[..., -1]) > 1e-5 * scores.abs().amax(-1)  # clear of float32 rounding at the cut
     assert untied.any() and (luts["radix4"].long() == want).all(-1)[untied].all()
+
+
+def test_pdl_mode_is_checked_and_off_in_the_interpreter(monkeypatch):
+    tk = _kernels()
+    x = torch.zeros(1)
+    monkeypatch.setattr(tk, "USE_PDL", "sometimes")
+    with pytest.raises(ValueError, match="USE_PDL"):
+        tk._pdl_launch(x)
+    monkeypatch.setattr(tk, "USE_PDL", "late")
+    assert tk._pdl_launch(x) == {"PDL": 0}  # a CPU tensor (interpreter): plain launches
 
 
 def test_unknown_search_is_rejected(monkeypatch):

@@ -81,23 +81,34 @@ def _interpret() -> bool:
 
 # Programmatic dependent launch (Hopper and later) for the forward chain pool -> select -> attention -> combine: each
 # kernel waits for its predecessor's writes at entry and at once lets its successor launch, so the successor's launch
-# and ramp-up overlap the predecessor's tail. Off: measured ~10 us slower on an H100 (benchmarks/RESULTS.md, round 5).
-USE_PDL: bool = False
-
-
-def _pdl(x: torch.Tensor) -> bool:
-    return USE_PDL and not _interpret() and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+# and ramp-up overlap the predecessor's tail. None: off; "entry": the successor may launch as soon as every program
+# has started; "late": once every program has written its results. Off: "entry" measured ~10 us slower on an H100
+# (benchmarks/RESULTS.md, round 5).
+USE_PDL: str | None = None
+PDL_MODES = {None: 0, "entry": 1, "late": 2}
 
 
 def _pdl_launch(x: torch.Tensor) -> dict:
-    """Kernel arguments of a PDL-capable launch: the PDL flag and, when it is on, the launch attribute."""
-    return dict(PDL=True, launch_pdl=True) if _pdl(x) else dict(PDL=False)
+    """Kernel arguments of a PDL-capable launch: the PDL mode and, when it is on, the launch attribute."""
+    if USE_PDL not in PDL_MODES:
+        raise ValueError(f"USE_PDL must be one of {list(PDL_MODES)}, got {USE_PDL!r}")
+    mode = PDL_MODES[USE_PDL]
+    if mode and not _interpret() and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9:
+        return dict(PDL=mode, launch_pdl=True)
+    return dict(PDL=0)
 
 
 @triton.jit
 def _pdl_entry(PDL: tl.constexpr):
-    if PDL:
+    if PDL > 0:
         tl.extra.cuda.gdc_wait()
+    if PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _pdl_exit(PDL: tl.constexpr):
+    if PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
 
 
@@ -210,6 +221,7 @@ def _pool_heads_kernel(Q, K, PQ, PK, Lq, Lk, Mq, Mk, kb0,
     else:
         _pool_heads_block(K + b * s_kb, PK + b * (H * Mk * D), kb0 + pid - Mq, pid - Mq, Lk, Mk, s_kl, s_kh, H,
                           H_PAD, D, BLOCK, CENTER)
+    _pdl_exit(PDL)
 
 
 @triton.jit
@@ -320,6 +332,7 @@ def _select_kernel(PQ, PK, PKP, LUT, BMAP, M, NK, NP, topk,
     tl.store(LUT + row[:, None] * topk + pos, idx, mask=selected & g_ok[:, None])
     if WRITE_MAP:
         tl.store(BMAP + row[:, None] * NK + offs_k[None, :], selected.to(tl.int8), mask=g_ok[:, None] & k_ok[None, :])
+    _pdl_exit(PDL)
 
 
 @triton.jit
@@ -794,6 +807,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SE
                   s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh, s_qrb, s_qrl, s_qrh,
                   qk_scale, mem_eps, D, BLOCK_M, BLOCK_N, BS, KPI, SPARSE, USE_TMA, F32, MEM, HAS_LO, HAS_BIAS,
                   GROUP, SINGLE_LOOP, LOOP_STAGES, UNROLL, WS, MEM_MODE, FUSED_COMBINE, MEM_KC)
+    _pdl_exit(PDL)
 
 
 @triton.jit
@@ -823,6 +837,7 @@ def _attn_fwd_combine_kernel(O, LSE, PACC, PML, Q, QR, KVH, KVL, KMS, BIAS, Lq, 
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_ok[:, None])
     tl.store(LSE + bh * Lq + offs_m, m_all + tl.math.log2(l_all), mask=m_ok)
+    _pdl_exit(PDL)
 
 
 # ----------------------------------------------------------------------------------------------------------------
