@@ -227,13 +227,9 @@ def test_gpu_real_shapes(shape, dtype, topk_ratio):
         assert _rel_err(got, want) < 2 * tol
 
 
-@pytest.mark.gpu
-@requires_cuda
-def test_gpu_cuda_graph():
-    """The whole op (selection + attention) captured in a CUDA graph and replayed on new inputs."""
-    tk = _kernels()
-    q, k, v = _inputs(1, 1000, 3000, 4, 128, torch.bfloat16, "cuda")
-    fn = lambda: tk.block_sparse_attention_triton(q, k, v, topk_ratio=0.2)  # noqa: E731
+def _replay_on_new_inputs(fn, inputs):
+    """Captures `fn()` in a CUDA graph (after two warm-up calls on a side stream), refills `inputs` with new random
+    values and replays; returns the graph's output."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -243,10 +239,21 @@ def test_gpu_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn()
-    for t in (q, k, v):
+    for t in inputs:
         t.copy_(torch.randn_like(t))
     graph.replay()
     torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_cuda_graph():
+    """The whole op (selection + attention) captured in a CUDA graph and replayed on new inputs."""
+    tk = _kernels()
+    q, k, v = _inputs(1, 1000, 3000, 4, 128, torch.bfloat16, "cuda")
+    fn = lambda: tk.block_sparse_attention_triton(q, k, v, topk_ratio=0.2)  # noqa: E731
+    out = _replay_on_new_inputs(fn, (q, k, v))
     assert torch.equal(out, fn())
 
 
@@ -266,19 +273,7 @@ def test_gpu_pdl_chain_equals_plain_launches(mode, monkeypatch):
     assert tk._pdl_launch(q)["PDL"] == tk.PDL_MODES[mode]
     with poisoned_outputs():
         assert torch.equal(fn(), want)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    for t in (q, k, v):
-        t.copy_(torch.randn_like(t))
-    graph.replay()
-    torch.cuda.synchronize()
+    out = _replay_on_new_inputs(fn, (q, k, v))
     monkeypatch.setattr(tk, "USE_PDL", None)
     assert torch.equal(out, fn())
 
