@@ -1511,7 +1511,8 @@ def round3(args, round_no: int = 3):
 
 
 def _r3_print_summary(r3: dict, round_no: int, sel_variants: dict, mem_variants: dict):
-    log(f"\n==== round {round_no} summary (CUDA-graph medians; main shape {R3_MAIN}, ratio {R2_RATIO}, pooled prefix) ====")
+    log(f"\n==== round {round_no} summary (CUDA-graph medians; main shape {R3_MAIN}, ratio {R2_RATIO}, "
+        "pooled prefix) ====")
     log(json.dumps(RESULTS.get("env", {})))
     cudnn_ms, full, attn = r3.get("cudnn_ms"), r3.get("full_op_ms", {}), r3.get("attention_ms", {})
     log("attention alone (LUT given): " + ", ".join(f"{k} {v:.4f} ms" for k, v in attn.items())
@@ -1563,7 +1564,8 @@ def _r3_print_summary(r3: dict, round_no: int, sel_variants: dict, mem_variants:
 def round5(args):
     """Round 5 (issue 3): programmatic dependent launch of the forward chain (`bsa.USE_PDL`), main shape, ratio 0.2,
     cached pooled prefix: bit-equality with plain launches (eager and from a CUDA graph), then CUDA-graph medians of
-    the full op with and without the fused memory read-out, PDL off / "entry" / "late" alternating, next to cuDNN dense."""
+    the full op with and without the fused memory read-out, PDL off / "entry" / "late" alternating, next to cuDNN
+    dense."""
     t0 = time.time()
     r5 = RESULTS.setdefault("round5", {})
     shape, q, k, v, num_prefix, prefix, q_raw, kv, km, weight, bias, kvp = _r3_setup(seed=1)

@@ -13,8 +13,8 @@ Forward, three or four launches:
 2. `_select_row_kernel`: per (batch, head, query block), fp32 scores against all pooled key blocks (prefix and
    freshly pooled ones), then the k-th largest score by a 32-step binary search over the scores' order-preserving
    int32 image, or (`SELECT_CONFIG["search"] = "radix4"`, `_topk_rows`) a 16-step search of two bits per step, or
-   ("sort") a partial bitonic sort of distinct (score, block) keys (ties go to the lower block index); writes the selected indices in ascending order (the LUT) and, for the
-   backward, a dense int8 map.
+   ("sort") a partial bitonic sort of distinct (score, block) keys (ties go to the lower block index); writes the
+   selected indices in ascending order (the LUT) and, for the backward, a dense int8 map.
 3. `_attn_fwd_kernel`: FlashAttention-style online softmax (exp2, fp32 accumulators) of one query block over its
    selected key blocks (or every key block when `dense`), K/V tiles gathered through the LUT with bulk-tensor (TMA)
    copies, only the last iteration masked (the partial last key block is last: the LUT is ascending); stores the
