@@ -140,6 +140,7 @@ def cmd_evaluate(a):
         save_videos=a.save_videos,
         seed=a.seed,
         baselines=not a.no_baselines,
+        flow_shift=a.flow_shift,
     )
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
@@ -275,6 +276,7 @@ def main(argv=None):
     e.add_argument("--resolution", type=int, default=128)
     e.add_argument("--steps", type=int, default=50)
     e.add_argument("--guidance-scale", type=float, default=5.0)
+    e.add_argument("--flow-shift", type=float, default=None, help="sampling shift of a WanPipeline (default: its own)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--dtype", type=str, default="fp32", choices=["fp32", "bf16", "fp16"])
     e.add_argument("--classifier", type=str, default=None)

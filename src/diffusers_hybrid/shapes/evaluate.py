@@ -144,11 +144,24 @@ def evaluate_pipeline(
     seed: int = 0,
     prompt_seed: int = 2024,
     baselines: bool = True,
+    flow_shift: float | None = None,
 ) -> dict:
+    """Generates one video per held-out prompt with the pipeline folder `pipeline_path` and scores them (and, with
+    `baselines`, the VAE's reconstructions of the real renders). `flow_shift` replaces the sampling scheduler's
+    `shift` of a `WanPipeline` (None: the folder's own); a streaming student samples with its fixed step list, so
+    the option is refused for one."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     t0 = time.time()
     pipe = load_pipeline(pipeline_path, device, torch_dtype)
+    streaming = is_streaming_pipeline(pipeline_path)
+    if flow_shift is not None:
+        if streaming:
+            raise ValueError(f"flow_shift={flow_shift} applies to a WanPipeline's sampler; {pipeline_path} is a "
+                             "streaming student, which samples with its own `denoising_step_list`.")
+        if flow_shift <= 0:
+            raise ValueError(f"flow_shift must be positive, got {flow_shift}.")
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=flow_shift)
     classifier = load_classifier(classifier_path, device=device)
     specs = scene_specs(split, num_prompts, base_seed=prompt_seed)
     prompts = [s.prompt for s in specs]
@@ -160,7 +173,6 @@ def evaluate_pipeline(
         vae = pipe.vae.to(torch.float32)
         sets["vae_reconstruction"] = vae_reconstruct(vae, real)
         pipe.vae.to(torch_dtype)
-    streaming = is_streaming_pipeline(pipeline_path)
     result = {
         "pipeline": pipeline_path,
         "pipeline_class": type(pipe).__name__,
@@ -170,6 +182,7 @@ def evaluate_pipeline(
         "resolution": resolution,
         "steps": len(pipe.config.denoising_step_list) if streaming else steps,
         "guidance_scale": None if streaming else guidance_scale,
+        "flow_shift": None if streaming else float(pipe.scheduler.config.shift),
         "dtype": dtype,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "classifier": classifier is not None,
