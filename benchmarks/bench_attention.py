@@ -14,6 +14,7 @@ the FLOPs actually computed / time); the linear memory ops. Correctness against 
     python benchmarks/bench_attention.py --round3 [--out DIR]               # benchmarks/run_kernel_round.sh 3
     python benchmarks/bench_attention.py --round4 [--out DIR]               # benchmarks/run_kernel_round.sh 4
     python benchmarks/bench_attention.py --round5 [--out DIR]               # benchmarks/run_kernel_round.sh 5
+    python benchmarks/bench_attention.py --round6 [--out DIR]               # benchmarks/run_kernel_round.sh 6
 
 `--round2` (issue 3, round 2), in one process: every forward launch variant (R2_FWD_VARIANTS: fused split merge,
 pipelining depth, CTAs per SM, two blocks per softmax step, warp specialisation, persistent, in-kernel descriptors),
@@ -40,6 +41,10 @@ the per-pass memory figure); writes `bench_attention_round4.json`.
 `--round5`: programmatic dependent launch of the forward chain (`USE_PDL` of the kernel module): bit-equality with
 plain launches (eager and from a CUDA graph), then the full op with and without the fused read-out, PDL off / on
 alternating, next to cuDNN dense; writes `bench_attention_round5.json`.
+
+`--round6`: the round-3 sequence over R6_MEM_VARIANTS: the memory read-out computed before the main loop and parked
+in the output tile (`mem_mode=3`), so that the fused op can keep the no-memory launch configuration, against the
+round-4 best read-out; writes `bench_attention_round6.json`.
 
 Prints a table last; writes `bench_attention.json` (every figure) to `--out` (default `$OUT` or `.`).
 """
@@ -1227,9 +1232,28 @@ R4_SELECT_VARIANTS = {
 }
 R4_MEM_VARIANTS = {n: R3_MEM_VARIANTS[n] for n in ("hi_host_cast", "hi_bf16_state", "hi_bf16_state_den_first")}
 R4_ABSORB_VARIANTS = {n: R3_ABSORB_VARIANTS[n] for n in ("default", "ksum_dot_warps4")}
-# Every round-3/4 variant by name (the probe children look them up here; shared names are the same configuration).
+# Round 6: the read-out parked in the output tile (`mem_mode=3`: computed before the main loop, stored, added back by
+# the epilogue), which leaves the no-memory launch configuration's registers free, against the round-4 best.
+R6_SELECT_VARIANTS = {"default": dict(R3_SELECT_DEFAULT)}
+R6_MEM_VARIANTS = {
+    "hi_bf16_state": R3_MEM_VARIANTS["hi_bf16_state"],
+    "hi_bf16_state_den_first": R3_MEM_VARIANTS["hi_bf16_state_den_first"],
+    "parked_cta4_bf16_state": (R3_FWD_DEFAULT, dict(mem_mode=3), "bf16"),
+    "parked_cta4_bf16_state_kc64": (R3_FWD_DEFAULT, dict(mem_mode=3, mem_kc=64), "bf16"),
+    "parked_cta3_bf16_state": (dict(R3_FWD_DEFAULT, ctas_per_sm=3), dict(mem_mode=3), "bf16"),
+    "parked_2stage_bf16_state": (R3_FWD_MEM_DEFAULT, dict(mem_mode=3), "bf16"),
+    "parked_cta4_f32_state_lo": (R3_FWD_DEFAULT, dict(mem_mode=3, mem_state="f32", memory_lo=True), "f32"),
+    "parked_f32_cta4_bf16_state": (R3_FWD_DEFAULT, dict(mem_mode=4), "bf16"),
+    "parked_f32_cta3_bf16_state": (dict(R3_FWD_DEFAULT, ctas_per_sm=3), dict(mem_mode=4), "bf16"),
+    "parked_f32_2stage_bf16_state": (R3_FWD_MEM_DEFAULT, dict(mem_mode=4), "bf16"),
+}
+R6_ABSORB_VARIANTS = dict(R4_ABSORB_VARIANTS)
+ROUND_TABLES = {3: (R3_SELECT_VARIANTS, R3_MEM_VARIANTS, R3_ABSORB_VARIANTS),
+                4: (R4_SELECT_VARIANTS, R4_MEM_VARIANTS, R4_ABSORB_VARIANTS),
+                6: (R6_SELECT_VARIANTS, R6_MEM_VARIANTS, R6_ABSORB_VARIANTS)}
+# Every round-3/4/6 variant by name (the probe children look them up here; shared names are the same configuration).
 ALL_SELECT_VARIANTS = {**R3_SELECT_VARIANTS, **R4_SELECT_VARIANTS}
-ALL_MEM_VARIANTS = {**R3_MEM_VARIANTS, **R4_MEM_VARIANTS}
+ALL_MEM_VARIANTS = {**R3_MEM_VARIANTS, **R4_MEM_VARIANTS, **R6_MEM_VARIANTS}
 ALL_ABSORB_VARIANTS = {**R3_ABSORB_VARIANTS, **R4_ABSORB_VARIANTS}
 R3_MAIN = "wan1.3b_832x480"
 # Tokens already absorbed when the benchmarked chunk is folded in (two chunks of the main shape).
@@ -1321,12 +1345,10 @@ def probe3_main(names: list[str]):
 
 
 def round3(args, round_no: int = 3):
-    """Round 3 (or, `round_no=4`, the same sequence over the round-4 variant tables)."""
+    """Round 3 (or, `round_no` 4 / 6, the same sequence over that round's variant tables, `ROUND_TABLES`)."""
     t0 = time.time()
     r3 = RESULTS.setdefault(f"round{round_no}", {})
-    sel_variants, mem_variants, abs_variants = ((R4_SELECT_VARIANTS, R4_MEM_VARIANTS, R4_ABSORB_VARIANTS)
-                                                if round_no == 4 else
-                                                (sel_variants, mem_variants, abs_variants))
+    sel_variants, mem_variants, abs_variants = ROUND_TABLES[round_no]
     from diffusers_hybrid.ops.linear_memory import triton_kernel as lmk
 
     # 0. every new variant first in child processes
@@ -1686,6 +1708,9 @@ def main():
     parser.add_argument("--round4", action="store_true",
                         help="issue 3 round 4: the sort-based top-k (tl.topk) against the round-3 best, with the "
                              "read-out / absorption defaults; same sequence as --round3")
+    parser.add_argument("--round6", action="store_true",
+                        help="issue 3 round 6: the memory read-out parked in the output tile (mem_mode 3) on the "
+                             "no-memory launch configuration; same sequence as --round3")
     parser.add_argument("--round5", action="store_true",
                         help="issue 3 round 5: programmatic dependent launch of the forward chain, off vs on")
     parser.add_argument("--probe", metavar="NAMES", help=argparse.SUPPRESS)  # child process of --round2/3/4
@@ -1719,7 +1744,8 @@ def main():
                command=" ".join(sys.argv))
     RESULTS["env"] = env
     log(json.dumps(env))
-    rounds = [(args.round5, round5, "bench_attention_round5.json"),
+    rounds = [(args.round6, lambda a: round3(a, round_no=6), "bench_attention_round6.json"),
+              (args.round5, round5, "bench_attention_round5.json"),
               (args.round4, lambda a: round3(a, round_no=4), "bench_attention_round4.json"),
               (args.round3, round3, "bench_attention_round3.json"), (args.round2, round2, "bench_attention.json")]
     for wanted, run_round, file_name in rounds:

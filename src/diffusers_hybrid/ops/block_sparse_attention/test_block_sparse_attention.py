@@ -280,10 +280,17 @@ def test_gpu_pdl_chain_equals_plain_launches(mode, monkeypatch):
 
 @pytest.mark.gpu
 @requires_cuda
-def test_gpu_fused_memory_epilogue():
-    """Real shape: attention + memory read-out + linear_proj fused vs the separate ops (float32 reference)."""
+@pytest.mark.parametrize("placement", [None, dict(mem_mode=3, num_stages=1, ctas_per_sm=4),
+                                       dict(mem_mode=4, num_stages=1, ctas_per_sm=4)],
+                         ids=["default", "parked_in_output", "parked_float32"])
+def test_gpu_fused_memory_epilogue(placement, monkeypatch):
+    """Real shape: attention + memory read-out + linear_proj fused vs the separate ops (float32 reference), with the
+    read-out where the default configuration runs it and parked before the main loop on the no-memory one."""
     tk = _kernels()
     from diffusers_hybrid.ops.linear_memory.naive import linear_memory_read_naive
+
+    if placement is not None:
+        monkeypatch.setitem(tk.CONFIG_OVERRIDES, "fwd_sparse_memory", placement)
 
     q, k, v = _inputs(1, 4680, 14040, 12, 128, torch.bfloat16, "cuda")
     q_raw = torch.randn_like(q)
@@ -417,6 +424,15 @@ def test_forward_variants_forward_backward(name, monkeypatch, allocator):
         assert not got.isnan().any() and _rel_err(got, want) < 2e-2
 
 
+def test_memory_placement_is_validated(monkeypatch):
+    tk = _kernels()
+    monkeypatch.setitem(tk.CONFIG_OVERRIDES, "fwd_sparse_memory", dict(mem_mode=5))
+    q, k, v = _inputs(1, 20, 40, 1, 16, torch.bfloat16)
+    with pytest.raises(ValueError, match="mem_mode"):
+        tk.block_sparse_attention_with_memory_triton(q, k, v, torch.randn_like(q), torch.randn(1, 1, 16, 16),
+                                                     torch.rand(1, 1, 16), topk_ratio=0.5, block_size=16)
+
+
 def test_split_plan_is_exercised_by_the_variants():
     tk = _kernels()
     n_full, parts = tk._split_plan(12, 5, dict(slots=5), "cpu")
@@ -435,6 +451,15 @@ MEMORY_VARIANTS = {
     "denominator_first_kc16_f32_lo": dict(mem_mode=1, mem_kc=16, mem_state="f32", memory_lo=True),
     "all_first_kc16_split": dict(mem_mode=2, mem_kc=16, slots=5),
     "epilogue_kc16_split_fused": dict(mem_kc=16, slots=5, fused_combine=True),
+    # session 6: the whole read-out before the main loop, parked in the output tile until the epilogue
+    "parked": dict(mem_mode=3),
+    "parked_split": dict(mem_mode=3, slots=5),
+    "parked_split_fused": dict(mem_mode=3, slots=5, fused_combine=True),
+    "parked_persistent_split_kc16": dict(mem_mode=3, persistent=True, slots=5, mem_kc=16),
+    "parked_f32_state_lo": dict(mem_mode=3, mem_state="f32", memory_lo=True),
+    "parked_float32": dict(mem_mode=4),
+    "parked_float32_split_fused": dict(mem_mode=4, slots=5, fused_combine=True),
+    "parked_float32_persistent_split": dict(mem_mode=4, persistent=True, slots=5),
 }
 
 
@@ -445,7 +470,9 @@ def test_fused_memory_variants(name, monkeypatch):
     tk = _kernels()
     from diffusers_hybrid.ops.linear_memory.naive import linear_memory_read_naive
 
-    monkeypatch.setitem(tk.CONFIG_OVERRIDES, "fwd_sparse", MEMORY_VARIANTS[name])
+    monkeypatch.setitem(tk.CONFIG_OVERRIDES, "fwd_sparse_memory", MEMORY_VARIANTS[name])
+    # the fused op launches with the "fwd_sparse_memory" configuration: the variant must be what it runs
+    assert MEMORY_VARIANTS[name].items() <= tk._config("fwd_sparse_memory", 32, 16).items()
     q, k, v = _inputs(2, 40, 230, 2, 32, torch.bfloat16)
     q_raw = torch.randn_like(q)
     kv = torch.randn(2, 2, 32, 32) / 32

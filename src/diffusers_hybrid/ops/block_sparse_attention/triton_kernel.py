@@ -601,11 +601,15 @@ def _memory_term(q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_o
 
 @triton.jit
 def _add_memory(out, mem, den, q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh,
-                eps, D: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr,
+                eps, park_ptrs, D: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr,
                 MEM_KC: tl.constexpr, MEM_MODE: tl.constexpr):
-    """The attention output tile plus its linear-memory read-out, by where the read-out ran (`MEM_MODE`): 2: `mem`
-    was computed before the main loop; 1: the denominator `den` was; 0: all of it here."""
-    if MEM_MODE == 2:
+    """The attention output tile plus its linear-memory read-out, by where the read-out ran (`MEM_MODE`): 3 / 4: it
+    was parked at `park_ptrs`; 2: `mem` was computed before the main loop; 1: the denominator `den` was; 0: all of
+    it here."""
+    if MEM_MODE >= 3:
+        tl.debug_barrier()  # the parked tile was stored by other threads of this program (another layout)
+        return out + tl.load(park_ptrs, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    elif MEM_MODE == 2:
         return out + mem
     elif MEM_MODE == 1:
         return out + _memory_num(q, Q_base, s_ql, offs_m, m_ok, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS, F32,
@@ -646,7 +650,7 @@ def _merge_parts(PACC, PML, r, n_parts, BLOCK_M: tl.constexpr, D: tl.constexpr, 
 
 
 @triton.jit
-def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, QR, KVH, KVL, KMS, BIAS,
+def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, QR, KVH, KVL, KMS, BIAS, PARK,
               Lq, Lk, H, M, topk, n_full, n_parts,
               s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh, s_qrb, s_qrl, s_qrh,
               qk_scale, mem_eps,
@@ -681,15 +685,26 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
         q = q.to(tl.float32)
     K_base = K + b * s_kb + h * s_kh
     V_base = V + b * s_vb + h * s_vh
+    o_offs = b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :]
+    o_ptrs = O + o_offs
     # Linear-memory read-out (MEM), MEM_MODE 0: all of it in the epilogue; 1: the denominator (q_raw load) before
-    # the main loop; 2: the whole read-out before the main loop, its result held in registers meanwhile.
+    # the main loop; 2: the whole read-out before the main loop, its result held in registers meanwhile; 3 / 4: the
+    # whole read-out before the main loop, parked in the output tile (3, rounded to its dtype) or in the float32
+    # PARK buffer of the output's layout (4) for whole items (split items add it when they merge), read back by the
+    # epilogue: no registers held across the loop, so the no-memory configuration fits.
+    park_ptrs = (PARK if MEM_MODE == 4 else O) + o_offs
     den = 0.0  # placeholders for the modes that compute these in the epilogue (`_add_memory`)
     mem = 0.0
-    if MEM and MEM_MODE >= 1:
+    if MEM and MEM_MODE >= 1 and MEM_MODE <= 2:
         den = _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, mem_eps, D, MEM_KC)
         if MEM_MODE == 2:
             mem = _memory_num(q, Q_base, s_ql, offs_m, m_ok, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS, F32,
                               MEM_KC)
+    if MEM and MEM_MODE >= 3:
+        parked = _memory_term(q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh,
+                              mem_eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC)
+        rows_parked = tl.where(parts == 1, Lq, 0)  # predicate as a bound: every row of a whole item or none
+        tl.store(park_ptrs, parked.to(park_ptrs.dtype.element_ty), mask=(offs_m < rows_parked)[:, None])
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
@@ -729,14 +744,13 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, K_base, V_base, k_desc, v_desc, lut_row,
                                   tl.maximum(it_lo, n_iter - 1), it_hi, row0, col0, Lk, topk, s_kl, s_vl, qk_scale,
                                   offs_n, offs_d, BLOCK_N, BS, KPI, SPARSE, USE_TMA, True, F32, None, None, False)
-    o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :]
     if WS and not FUSED_COMBINE:
         # Branch-free epilogue (automatic warp specialisation does not take a data-dependent branch after the
         # loop): whole items store the output, split parts their partial state, through predicated stores.
         out = acc / l_i[:, None]
         if MEM:
             out = _add_memory(out, mem, den, q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb,
-                              s_qrl, s_qrh, mem_eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC, MEM_MODE)
+                              s_qrl, s_qrh, mem_eps, park_ptrs, D, HAS_LO, HAS_BIAS, F32, MEM_KC, MEM_MODE)
         rows_out = tl.where(parts == 1, Lq, 0)  # predicate as a bound: every row valid or none
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < rows_out)[:, None])
         tl.store(LSE + bh * Lq + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < rows_out)
@@ -750,7 +764,7 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
         out = acc / l_i[:, None]
         if MEM:  # fused linear-memory read-out (inference): Q is read and O written once
             out = _add_memory(out, mem, den, q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb,
-                              s_qrl, s_qrh, mem_eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC, MEM_MODE)
+                              s_qrl, s_qrh, mem_eps, park_ptrs, D, HAS_LO, HAS_BIAS, F32, MEM_KC, MEM_MODE)
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None])
         tl.store(LSE + bh * Lq + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
     else:
@@ -775,7 +789,7 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, QR, KVH, KVL, KMS, BIAS,
+def _attn_fwd_kernel(Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, QR, KVH, KVL, KMS, BIAS, PARK,
                      Lq, Lk, H, M, topk, n_full, n_parts, n_units, rows_q, rows_k,
                      s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh, s_qrb, s_qrl, s_qrh,
                      qk_scale, mem_eps,
@@ -796,14 +810,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SE
         v_desc = tl.make_tensor_descriptor(V, shape=[rows_k, H * D], strides=[s_vl, 1], block_shape=[BLOCK_N, D])
     if PERSISTENT:
         for u in tl.range(tl.program_id(0), n_units, tl.num_programs(0), flatten=FLATTEN, warp_specialize=WS_OUTER):
-            _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, QR, KVH, KVL, KMS, BIAS,
+            _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, QR, KVH, KVL, KMS, BIAS, PARK,
                       Lq, Lk, H, M, topk, n_full, n_parts,
                       s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh, s_qrb, s_qrl, s_qrh,
                       qk_scale, mem_eps, D, BLOCK_M, BLOCK_N, BS, KPI, SPARSE, USE_TMA, F32, MEM, HAS_LO, HAS_BIAS,
                       GROUP, SINGLE_LOOP, LOOP_STAGES, UNROLL, WS, MEM_MODE, FUSED_COMBINE, MEM_KC)
     else:
         _fwd_unit(tl.program_id(0), Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, QR, KVH, KVL, KMS,
-                  BIAS, Lq, Lk, H, M, topk, n_full, n_parts,
+                  BIAS, PARK, Lq, Lk, H, M, topk, n_full, n_parts,
                   s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh, s_qrb, s_qrl, s_qrh,
                   qk_scale, mem_eps, D, BLOCK_M, BLOCK_N, BS, KPI, SPARSE, USE_TMA, F32, MEM, HAS_LO, HAS_BIAS,
                   GROUP, SINGLE_LOOP, LOOP_STAGES, UNROLL, WS, MEM_MODE, FUSED_COMBINE, MEM_KC)
@@ -1257,7 +1271,8 @@ def _semaphores(n: int, device) -> torch.Tensor:
 #   loop_stages, unroll, ws: `tl.range(num_stages=, loop_unroll_factor=, warp_specialize=)` of the main loop;
 #   fused_combine: split items merged by their last part (no second launch);
 #   persistent (+ flatten, ws_outer): resident programs striding over the work units;
-#   mem_mode: where the fused linear-memory read-out runs (0 epilogue, 1 denominator first, 2 all of it first);
+#   mem_mode: where the fused linear-memory read-out runs (0 epilogue, 1 denominator first, 2 all of it first and
+#   held in registers, 3 / 4 all of it first and parked until the epilogue in the output tile / a float32 buffer);
 #   memory_lo: the memory state as 16-bit hi + lo halves (about fp32 accuracy) instead of hi only;
 #   mem_state: "bf16" (a float32 state is cast on the host, one more launch) or "f32" (read as float32 and split
 #   in the kernel); a state passed already in the queries' 16-bit dtype is read as is (hi only, no cast);
@@ -1347,6 +1362,13 @@ def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, de
     mem_kc = int(cfg.get("mem_kc") or dim)
     if memory is not None and (mem_kc < 16 or mem_kc > dim or dim % mem_kc):
         raise ValueError(f"`mem_kc` must divide head_dim {dim} and be >= 16, got {mem_kc}")
+    mem_mode = int(cfg.get("mem_mode", 0))
+    if mem_mode not in (0, 1, 2, 3, 4):
+        raise ValueError(f"`mem_mode` must be 0, 1, 2, 3 or 4, got {mem_mode}")
+    park = out
+    if memory is not None and mem_mode == 4:
+        park = torch.empty_like(out, dtype=torch.float32)  # same layout as `out`: the kernel uses out's strides
+        assert park.stride() == out.stride()
     mem_flags = dict(MEM=memory is not None, HAS_LO=has_lo, HAS_BIAS=bias is not None, MEM_KC=mem_kc)
     persistent = bool(cfg.get("persistent", False))
     grid = (n_units,)
@@ -1359,7 +1381,7 @@ def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, de
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, lut if lut is not None else lse,
         q_desc if q_desc is not None else q, k_desc if k_desc is not None else k, v_desc if v_desc is not None else v,
-        pacc, pml, sem, *mem_args,
+        pacc, pml, sem, *mem_args, park,
         len_q, len_k, heads, num_q_blocks, topk, n_full, n_parts, n_units, batch * len_q, batch * len_k,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *qr_strides,
@@ -1367,7 +1389,7 @@ def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, de
         D=dim, BLOCK_M=block_m, BLOCK_N=block_n, BS=block_size, KPI=kpi, SPARSE=not dense, USE_TMA=use_tma,
         DEVICE_DESC=device_desc, F32=_f32_dot(q), **mem_flags,
         GROUP=group, SINGLE_LOOP=bool(cfg.get("single_loop", False)), LOOP_STAGES=cfg.get("loop_stages"),
-        UNROLL=cfg.get("unroll"), WS=bool(cfg.get("ws", False)), MEM_MODE=int(cfg.get("mem_mode", 0)),
+        UNROLL=cfg.get("unroll"), WS=bool(cfg.get("ws", False)), MEM_MODE=mem_mode,
         FUSED_COMBINE=fused_combine, PERSISTENT=persistent, FLATTEN=bool(cfg.get("flatten", False)),
         WS_OUTER=bool(cfg.get("ws_outer", False)), **_pdl_launch(q), **launch,
     )
