@@ -15,6 +15,7 @@ the FLOPs actually computed / time); the linear memory ops. Correctness against 
     python benchmarks/bench_attention.py --round4 [--out DIR]               # benchmarks/run_kernel_round.sh 4
     python benchmarks/bench_attention.py --round5 [--out DIR]               # benchmarks/run_kernel_round.sh 5
     python benchmarks/bench_attention.py --round6 [--out DIR]               # benchmarks/run_kernel_round.sh 6
+    python benchmarks/bench_attention.py --round7 [--out DIR]               # benchmarks/run_kernel_round.sh 7
 
 `--round2` (issue 3, round 2), in one process: every forward launch variant (R2_FWD_VARIANTS: fused split merge,
 pipelining depth, CTAs per SM, two blocks per softmax step, warp specialisation, persistent, in-kernel descriptors),
@@ -45,6 +46,10 @@ alternating, next to cuDNN dense; writes `bench_attention_round5.json`.
 `--round6`: the round-3 sequence over R6_MEM_VARIANTS: the memory read-out computed before the main loop and parked
 in the output tile (`mem_mode=3`), so that the fused op can keep the no-memory launch configuration, against the
 round-4 best read-out; writes `bench_attention_round6.json`.
+
+`--round7`: the top-k selection in the attention kernel's prologue (`SELECT_CONFIG["fused"]`: the chain pool ->
+attention instead of pool -> top-k -> attention), several searches and score chunkings, each checked at the main
+shape, then the full op timed with and without the memory read-out; writes `bench_attention_round7.json`.
 
 Prints a table last; writes `bench_attention.json` (every figure) to `--out` (default `$OUT` or `.`).
 """
@@ -1583,6 +1588,100 @@ def _r3_print_summary(r3: dict, round_no: int, sel_variants: dict, mem_variants:
     log(f"round {round_no} wall {r3.get('wall_s', 0):.0f} s")
 
 
+# Round 7: the top-k in the attention kernel's prologue (SELECT_CONFIG["fused"]): the forward chain becomes pool ->
+# attention (-> combine), against the separate top-k launch.
+R7_SELECT_VARIANTS = {
+    "default": dict(R3_SELECT_DEFAULT),
+    "radix4_w8": dict(R3_SELECT_DEFAULT, search="radix4", num_warps=8),
+    "fused_binary": dict(R3_SELECT_DEFAULT, fused=True),
+    "fused_sort": dict(R3_SELECT_DEFAULT, fused=True, search="sort"),
+    "fused_radix4": dict(R3_SELECT_DEFAULT, fused=True, search="radix4"),
+    "fused_binary_dc8": dict(R3_SELECT_DEFAULT, fused=True, fused_dc=8),
+    "fused_binary_dc32": dict(R3_SELECT_DEFAULT, fused=True, fused_dc=32),
+    "fused_sort_dc32": dict(R3_SELECT_DEFAULT, fused=True, search="sort", fused_dc=32),
+}
+
+
+def round7(args):
+    """Round 7: each selection variant (fused or not) checked at the main shape (its LUT rows against the naive
+    selection, the output against float32 attention over its own LUT), then the full op timed as a CUDA graph, with
+    and without the memory read-out, next to cuDNN dense."""
+    t0 = time.time()
+    r7 = RESULTS.setdefault("round7", {})
+    shape, q, k, v, num_prefix, prefix, q_raw, kv, km, weight, bias, kvp = _r3_setup(seed=1)
+    num_k_blocks = -(-shape["len_k"] // R2_BS)
+    topk = num_selected_blocks(num_k_blocks, R2_RATIO)
+    scale = shape["dim"] ** -0.5
+    ref_lut = select_key_blocks_naive(q, k, R2_RATIO, R2_BS, "heads")
+    checks = {}
+    log("== round 7: correctness (main shape, pooled prefix)")
+    for name, scfg in R7_SELECT_VARIANTS.items():
+        def run(scfg=scfg):
+            with _SelectConfig(scfg), torch.no_grad():
+                out, _, lut, bmap = bsa._bsa_fwd_impl(q, k, v, None, topk, R2_BS, True, scale, False, prefix)
+            sync()
+            ref = block_sparse_attention_naive(q.float(), k.float(), v.float(), lut.long(), R2_BS)
+            want_map = torch.zeros(bmap.shape, dtype=torch.int8, device=bmap.device).scatter_(-1, lut.long(), 1)
+            err = rel(out, ref)
+            rows = (lut.long() == ref_lut).all(-1).float().mean().item()
+            return dict(rows_equal_ref=rows, map_ok=bool(torch.equal(bmap, want_map)), out=err,
+                        ok=rows > 0.99 and math.isfinite(err) and err < 1e-2 and bool(torch.equal(bmap, want_map)))
+        checks[name] = safe(f"check {name}", run) or dict(ok=False)
+        log(f"  {name:<22} {json.dumps(checks[name])}")
+    r7["correctness"] = checks
+    sync(empty=True)
+    log("== round 7: timings (triton.testing.do_bench_cudagraph, median ms)")
+    fwd, _ = sdpa_fns(q, k, v, "cudnn")
+    cudnn_ms = safe("time cudnn", lambda: bench(lambda: fwd(), graph=True))
+    lut = bsa.select_key_blocks_triton(q, k, R2_RATIO, R2_BS, "heads", pooled_key_prefix=prefix)[0]
+    attn_ms = safe("time attention", lambda: bench(lambda: bsa.attention_forward(
+        q, k, v, lut, topk, R2_BS, scale, False, dict(R3_FWD_DEFAULT)), graph=True))
+    r7["cudnn_ms"], r7["attention_ms"] = cudnn_ms, attn_ms
+    full, with_mem = {}, {}
+    for name, scfg in R7_SELECT_VARIANTS.items():
+        if not checks.get(name, {}).get("ok"):
+            continue
+
+        def run_full():
+            bsa.CONFIG_OVERRIDES["fwd_sparse"] = dict(R3_FWD_DEFAULT)
+            try:
+                return bsa.block_sparse_attention_triton(q, k, v, topk_ratio=R2_RATIO, block_size=R2_BS,
+                                                         pooled_key_prefix=prefix)
+            finally:
+                bsa.CONFIG_OVERRIDES.pop("fwd_sparse", None)
+
+        run_mem = _memory_op(dict(R3_FWD_MEM_DEFAULT), (q, k, v, q_raw, kvp.to(torch.bfloat16), km), None, bias,
+                             prefix, True)
+        with _SelectConfig(scfg), torch.no_grad():
+            full[name] = safe(f"time full {name}", lambda: bench(run_full, graph=True))
+            with_mem[name] = safe(f"time full+memory {name}", lambda: bench(run_mem, graph=True))
+        if full[name]:
+            record(R3_MAIN, f"r7_full_op[{name}][cudagraph]", R2_RATIO, "fwd", full[name],
+                   flops_fwd(shape, shape["len_k"]), flops_fwd(shape, topk * R2_BS), "selection incl., prefix")
+        log(f"  {name:<22} full op {full[name] or 0:.4f} ms"
+            + (f" = {cudnn_ms / full[name]:.2f}x cuDNN" if full[name] and cudnn_ms else "")
+            + f"; with the memory read-out {with_mem[name] or 0:.4f} ms")
+    r7["full_op_ms"], r7["full_op_with_memory_ms"] = full, with_mem
+    r7["wall_s"] = time.time() - t0
+    log("\n==== round 7 summary (CUDA-graph medians; main shape, ratio 0.2, pooled prefix) ====")
+    log(json.dumps(RESULTS.get("env", {})))
+    log(f"attention alone (LUT given) {attn_ms or 0:.4f} ms; cuDNN dense {cudnn_ms or 0:.4f} ms")
+    log(f"{'variant':<22} {'full op':>9} {'vs cuDNN':>9} {'+memory':>9}  rows==ref  out err  map")
+    for name in R7_SELECT_VARIANTS:
+        c, ms, mm = checks.get(name, {}), full.get(name), with_mem.get(name)
+        log(f"{name:<22} {ms or 0:9.4f} {(cudnn_ms / ms if ms and cudnn_ms else 0):8.2f}x {mm or 0:9.4f}  "
+            f"{c.get('rows_equal_ref', '-')}  {c.get('out', float('nan')):.2e}  {c.get('map_ok', '-')}"
+            + ("" if c.get("ok") else f"  FAILED {str(c.get('error', ''))[:80]}"))
+    ok_full = {n: t for n, t in full.items() if t}
+    if ok_full and cudnn_ms:
+        best = min(ok_full, key=ok_full.get)
+        log(f"  best: {best} {ok_full[best]:.4f} ms = {cudnn_ms / ok_full[best]:.2f}x cuDNN dense (target >= 3.5x: "
+            f"{'MET' if cudnn_ms / ok_full[best] >= 3.5 else 'missed'})")
+    for e in RESULTS["errors"]:
+        log("ERROR", e[:300])
+    log(f"round 7 wall {r7['wall_s']:.0f} s")
+
+
 def round5(args):
     """Round 5 (issue 3): programmatic dependent launch of the forward chain (`bsa.USE_PDL`), main shape, ratio 0.2,
     cached pooled prefix: bit-equality with plain launches (eager and from a CUDA graph), then CUDA-graph medians of
@@ -1708,6 +1807,9 @@ def main():
     parser.add_argument("--round4", action="store_true",
                         help="issue 3 round 4: the sort-based top-k (tl.topk) against the round-3 best, with the "
                              "read-out / absorption defaults; same sequence as --round3")
+    parser.add_argument("--round7", action="store_true",
+                        help="issue 3 round 7: the top-k selection in the attention kernel's prologue "
+                             "(SELECT_CONFIG['fused']) against the separate top-k launch")
     parser.add_argument("--round6", action="store_true",
                         help="issue 3 round 6: the memory read-out parked in the output tile (mem_mode 3) on the "
                              "no-memory launch configuration; same sequence as --round3")
@@ -1744,7 +1846,8 @@ def main():
                command=" ".join(sys.argv))
     RESULTS["env"] = env
     log(json.dumps(env))
-    rounds = [(args.round6, lambda a: round3(a, round_no=6), "bench_attention_round6.json"),
+    rounds = [(args.round7, round7, "bench_attention_round7.json"),
+              (args.round6, lambda a: round3(a, round_no=6), "bench_attention_round6.json"),
               (args.round5, round5, "bench_attention_round5.json"),
               (args.round4, lambda a: round3(a, round_no=4), "bench_attention_round4.json"),
               (args.round3, round3, "bench_attention_round3.json"), (args.round2, round2, "bench_attention.json")]

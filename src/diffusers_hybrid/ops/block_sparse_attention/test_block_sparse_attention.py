@@ -227,6 +227,35 @@ def test_gpu_real_shapes(shape, dtype, topk_ratio):
         assert _rel_err(got, want) < 2 * tol
 
 
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("search", ["binary", "sort"])
+def test_gpu_selection_fused_into_attention(search, monkeypatch):
+    """Real shape, the selection in the attention kernel's prologue: a valid top-k LUT, the output and gradients of
+    attention over exactly those blocks, and a CUDA-graph replay on new inputs equal to an eager call."""
+    tk = _kernels()
+    monkeypatch.setattr(tk, "SELECT_CONFIG", {**tk.SELECT_CONFIG, "fused": True, "search": search})
+    q, k, v = _inputs(1, 4680, 14040, 12, 128, torch.bfloat16, "cuda", grad=True)
+    topk = num_selected_blocks(-(-14040 // 64), 0.2)
+    with poisoned_outputs():
+        out, _, lut, _ = tk._bsa_fwd_impl(q.detach(), k.detach(), v.detach(), None, topk, 64, True, 128 ** -0.5,
+                                          False, None)
+        got = block_sparse_attention(q, k, v, topk_ratio=0.2, block_size=64, kernel="triton")
+        grad_out = torch.randn_like(got)
+        grads = torch.autograd.grad(got, (q, k, v), grad_out)
+    assert_valid_selection(lut, q.detach(), k.detach(), 0.2, 64, "heads")
+    assert torch.equal(got.detach(), out)
+    ref, leaves = _reference(q, k, v, lut, 64)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.float())
+    assert _rel_err(got, ref) < 1e-2
+    for g, r in zip(grads, ref_grads):
+        assert _rel_err(g, r) < 2e-2
+    q, k, v = (t.detach() for t in (q, k, v))
+    fn = lambda: tk.block_sparse_attention_triton(q, k, v, topk_ratio=0.2)  # noqa: E731
+    replayed = _replay_on_new_inputs(fn, (q, k, v))
+    assert torch.equal(replayed, fn())
+
+
 def _replay_on_new_inputs(fn, inputs):
     """Captures `fn()` in a CUDA graph (after two warm-up calls on a side stream), refills `inputs` with new random
     values and replays; returns the graph's output."""
@@ -657,3 +686,57 @@ def test_pooled_key_prefix_is_validated():
         for kernel in ("reference", "triton"):
             with pytest.raises(ValueError, match="pooled_key_prefix"):
                 block_sparse_attention(q, k, v, topk_ratio=0.5, block_size=16, pooled_key_prefix=bad, kernel=kernel)
+
+
+# Session 6: the top-k selection in the attention kernel's prologue (SELECT_CONFIG["fused"]).
+FUSED_SELECTION_CASES = {
+    "binary": ({}, {}),
+    "sort_prefix": ({"search": "sort"}, {}),
+    "radix4_split_fused_combine": ({"search": "radix4"}, {"slots": 5, "fused_combine": True}),
+    "binary_persistent_split": ({}, {"persistent": True, "slots": 5}),
+    "binary_narrow_chunks": ({"fused_dc": 8}, {"slots": 5}),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED_SELECTION_CASES))
+def test_selection_fused_into_attention(name, monkeypatch):
+    """The attention kernel's own selection (one query block per program): a valid top-k LUT and block map, the
+    attention over exactly those blocks forward and backward, and the fused memory op equal to the unfused one."""
+    tk = _kernels()
+    select_cfg, fwd_cfg = FUSED_SELECTION_CASES[name]
+    monkeypatch.setattr(tk, "SELECT_CONFIG", {**tk.SELECT_CONFIG, **select_cfg, "fused": True})
+    monkeypatch.setitem(tk.CONFIG_OVERRIDES, "fwd_sparse", fwd_cfg)
+    monkeypatch.setitem(tk.CONFIG_OVERRIDES, "fwd_sparse_memory", fwd_cfg)
+    q, k, v = _inputs(2, 70, 230, 3, 32, torch.bfloat16, grad=True)
+    prefix = tk.pool_key_blocks_triton(k.detach()[:, :96], 16, "heads") if "prefix" in name else None
+    topk = num_selected_blocks(-(-230 // 16), 0.3)
+    with poisoned_outputs():
+        out, _, lut, bmap = tk._bsa_fwd_impl(q.detach(), k.detach(), v.detach(), None, topk, 16, True, 32 ** -0.5,
+                                             False, prefix)
+        got = tk.block_sparse_attention_triton(q, k, v, topk_ratio=0.3, block_size=16, pooled_key_prefix=prefix)
+        grad_out = torch.randn_like(got)
+        grads = torch.autograd.grad(got, (q, k, v), grad_out)
+    assert_valid_selection(lut, q.detach(), k.detach(), 0.3, 16, "heads")
+    assert torch.equal(bmap, torch.zeros(bmap.shape, dtype=torch.int8).scatter_(-1, lut.long(), 1))
+    assert torch.equal(got.detach(), out)
+    ref, leaves = _reference(q, k, v, lut, 16)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.float())
+    assert _rel_err(got, ref.detach()) < 1e-2
+    for g, r in zip(grads, ref_grads):
+        assert _rel_err(g, r) < 2e-2
+
+    q_raw = torch.randn_like(q.detach())
+    kv, kmean, weight, bias = torch.randn(2, 3, 32, 32) / 32, torch.rand(2, 3, 32), torch.randn(32, 32) / 6, \
+        torch.randn(32)
+    args = (q.detach(), k.detach(), v.detach(), q_raw, kv, kmean)
+    kwargs = dict(proj_weight=weight, proj_bias=bias, topk_ratio=0.3, block_size=16, pooled_key_prefix=prefix)
+    with poisoned_outputs(), torch.no_grad():
+        fused = tk.block_sparse_attention_with_memory_triton(*args, **kwargs)
+        monkeypatch.setitem(tk.SELECT_CONFIG, "fused", False)
+        unfused_lut, _ = tk.select_key_blocks_triton(q.detach(), k.detach(), 0.3, 16, "heads",
+                                                     pooled_key_prefix=prefix)
+        unfused = tk.block_sparse_attention_with_memory_triton(*args, **kwargs)
+    if torch.equal(unfused_lut, lut):  # the same blocks (no near-tie ranked differently): the same kernel arithmetic
+        assert torch.equal(fused, unfused)
+    else:
+        assert _rel_err(fused, unfused) < 2e-2

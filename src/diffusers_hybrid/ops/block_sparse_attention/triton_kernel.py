@@ -73,6 +73,9 @@ CONFIG_OVERRIDES: dict = {}
 # Measured on an H100 (benchmarks/RESULTS.md, round 2): pool "heads" with 2 warps, scores of 8 query blocks per
 # program with tl.dot (35.4 us with the cached pooled prefix vs 49.3 us for one query block per program).
 SELECT_CONFIG: dict = {"impl": "group", "G": 8, "pool": "heads", "pool_warps": 2, "num_warps": 4}
+# SELECT_CONFIG["fused"] = True: no top-k launch; the attention kernel selects its query block's key blocks in its
+# prologue (`_fused_selection`, `_select_one_row`), from the pooled blocks of the pooling launch ("fused_dc": the
+# score loop's column chunk).
 
 
 def _interpret() -> bool:
@@ -405,6 +408,29 @@ def _select_rows_kernel(PQ, PK, PKP, LUT, BMAP, M, NK, NP, topk,
         tl.store(BMAP + row[:, None] * NK + offs_k[None, :], selected.to(tl.int8), mask=g_ok[:, None] & k_ok[None, :])
 
 
+@triton.jit
+def _select_one_row(PQ, PK, PKP, LUT, BMAP, row, bh, NK, NP, topk,
+                    K_PAD: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, WRITE_MAP: tl.constexpr,
+                    HAS_PRE: tl.constexpr, SEARCH: tl.constexpr, FIELD: tl.constexpr, K_TOP: tl.constexpr):
+    """The selection of one query block (`row` = bh * M + m of the pooled queries PQ), as `_select_rows_kernel`
+    computes it (fp32 multiply-and-sum scores, `_topk_rows`): written to its LUT row (and block-map row)."""
+    offs_k = tl.arange(0, K_PAD)
+    offs_c = tl.arange(0, DC)
+    k_ok = offs_k < NK
+    scores = tl.zeros((1, K_PAD), dtype=tl.float32)
+    for d0 in tl.static_range(0, D, DC):
+        pq = tl.load(PQ + row * D + d0 + offs_c)
+        pk = _pooled_keys(PK, PKP, bh, NK, NP, offs_k, k_ok, d0 + offs_c, HAS_PRE, D)
+        scores += tl.sum(pk * pq[None, :], axis=1)[None, :]
+    scores = tl.where(k_ok[None, :], scores, float("-inf"))
+    selected = _topk_rows(scores, k_ok, topk, 1, SEARCH, FIELD, K_TOP)
+    pos = tl.cumsum(selected.to(tl.int32), axis=1) - 1
+    idx = tl.zeros((1, K_PAD), dtype=tl.int32) + offs_k[None, :]
+    tl.store(LUT + row * topk + pos, idx, mask=selected)
+    if WRITE_MAP:
+        tl.store(BMAP + row * NK + offs_k[None, :], selected.to(tl.int8), mask=k_ok[None, :])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Attention forward
 # ----------------------------------------------------------------------------------------------------------------
@@ -651,6 +677,7 @@ def _merge_parts(PACC, PML, r, n_parts, BLOCK_M: tl.constexpr, D: tl.constexpr, 
 
 @triton.jit
 def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, QR, KVH, KVL, KMS, BIAS, PARK,
+              PQ, PK, PKP, BMAP, NK, NP,
               Lq, Lk, H, M, topk, n_full, n_parts,
               s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh, s_qrb, s_qrl, s_qrh,
               qk_scale, mem_eps,
@@ -658,7 +685,9 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
               KPI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr, F32: tl.constexpr,
               MEM: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr,
               GROUP: tl.constexpr, SINGLE_LOOP: tl.constexpr, LOOP_STAGES: tl.constexpr, UNROLL: tl.constexpr,
-              WS: tl.constexpr, MEM_MODE: tl.constexpr, FUSED_COMBINE: tl.constexpr, MEM_KC: tl.constexpr):
+              WS: tl.constexpr, MEM_MODE: tl.constexpr, FUSED_COMBINE: tl.constexpr, MEM_KC: tl.constexpr,
+              SELECT: tl.constexpr, K_PAD: tl.constexpr, SEL_DC: tl.constexpr, WRITE_MAP: tl.constexpr,
+              HAS_PRE: tl.constexpr, SEARCH: tl.constexpr, FIELD: tl.constexpr, K_TOP: tl.constexpr):
     """Work unit `u`: units `< n_full` are whole items (query block `w % M` of batch-head `w // M`); the others are
     the `n_parts` key-range parts of the remaining items, which write unnormalised partials (PACC, PML) merged by
     `_attn_fwd_combine_kernel` or, with FUSED_COMBINE, by the last part to finish (an arrival counter per item)."""
@@ -711,6 +740,10 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
     if SPARSE:
         lut_row = LUT + (bh * M + pid_m) * topk
         n_iter = tl.cdiv(topk, KPI)
+        if SELECT:  # this query block's selection first (its row of the LUT), from the pooled blocks
+            _select_one_row(PQ, PK, PKP, LUT, BMAP, bh * M + pid_m, bh, NK, NP, topk, K_PAD, D, SEL_DC, WRITE_MAP,
+                            HAS_PRE, SEARCH, FIELD, K_TOP)
+            tl.debug_barrier()  # the row was stored by other threads of this program than those reading it
     else:
         lut_row = LUT
         n_iter = tl.cdiv(Lk, BLOCK_N)
@@ -790,7 +823,7 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
 
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, QR, KVH, KVL, KMS, BIAS, PARK,
-                     Lq, Lk, H, M, topk, n_full, n_parts, n_units, rows_q, rows_k,
+                     PQ, PK, PKP, BMAP, NK, NP, Lq, Lk, H, M, topk, n_full, n_parts, n_units, rows_q, rows_k,
                      s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh, s_qrb, s_qrl, s_qrh,
                      qk_scale, mem_eps,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
@@ -799,7 +832,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SE
                      GROUP: tl.constexpr, SINGLE_LOOP: tl.constexpr, LOOP_STAGES: tl.constexpr,
                      UNROLL: tl.constexpr, WS: tl.constexpr, MEM_MODE: tl.constexpr, FUSED_COMBINE: tl.constexpr,
                      PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr, WS_OUTER: tl.constexpr,
-                     MEM_KC: tl.constexpr, PDL: tl.constexpr):
+                     MEM_KC: tl.constexpr, PDL: tl.constexpr, SELECT: tl.constexpr, K_PAD: tl.constexpr,
+                     SEL_DC: tl.constexpr, WRITE_MAP: tl.constexpr, HAS_PRE: tl.constexpr, SEARCH: tl.constexpr,
+                     FIELD: tl.constexpr, K_TOP: tl.constexpr):
     """1-D grid over work units (see `_fwd_unit`): one unit per program, or (PERSISTENT) a grid of resident programs
     striding over the units. DEVICE_DESC: the bulk-tensor descriptors are built in the kernel (Q, K, V viewed as
     (rows, H*D) matrices) instead of on the host."""
@@ -811,16 +846,18 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SE
     if PERSISTENT:
         for u in tl.range(tl.program_id(0), n_units, tl.num_programs(0), flatten=FLATTEN, warp_specialize=WS_OUTER):
             _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, QR, KVH, KVL, KMS, BIAS, PARK,
-                      Lq, Lk, H, M, topk, n_full, n_parts,
+                      PQ, PK, PKP, BMAP, NK, NP, Lq, Lk, H, M, topk, n_full, n_parts,
                       s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh, s_qrb, s_qrl, s_qrh,
                       qk_scale, mem_eps, D, BLOCK_M, BLOCK_N, BS, KPI, SPARSE, USE_TMA, F32, MEM, HAS_LO, HAS_BIAS,
-                      GROUP, SINGLE_LOOP, LOOP_STAGES, UNROLL, WS, MEM_MODE, FUSED_COMBINE, MEM_KC)
+                      GROUP, SINGLE_LOOP, LOOP_STAGES, UNROLL, WS, MEM_MODE, FUSED_COMBINE, MEM_KC, SELECT, K_PAD,
+                      SEL_DC, WRITE_MAP, HAS_PRE, SEARCH, FIELD, K_TOP)
     else:
         _fwd_unit(tl.program_id(0), Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, QR, KVH, KVL, KMS,
-                  BIAS, PARK, Lq, Lk, H, M, topk, n_full, n_parts,
+                  BIAS, PARK, PQ, PK, PKP, BMAP, NK, NP, Lq, Lk, H, M, topk, n_full, n_parts,
                   s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_ob, s_ol, s_oh, s_qrb, s_qrl, s_qrh,
                   qk_scale, mem_eps, D, BLOCK_M, BLOCK_N, BS, KPI, SPARSE, USE_TMA, F32, MEM, HAS_LO, HAS_BIAS,
-                  GROUP, SINGLE_LOOP, LOOP_STAGES, UNROLL, WS, MEM_MODE, FUSED_COMBINE, MEM_KC)
+                  GROUP, SINGLE_LOOP, LOOP_STAGES, UNROLL, WS, MEM_MODE, FUSED_COMBINE, MEM_KC, SELECT, K_PAD,
+                  SEL_DC, WRITE_MAP, HAS_PRE, SEARCH, FIELD, K_TOP)
     _pdl_exit(PDL)
 
 
@@ -1137,15 +1174,9 @@ def _select(query, key, topk: int, block_size: int, center: bool, write_map: boo
     pooled_q, pooled_k = _pool(query, key, block_size, center, first_key_block=num_prefix)
     lut = new_empty((batch, heads, num_q_blocks, topk), device=dev, dtype=torch.int32)
     bmap = new_empty((batch, heads, num_q_blocks, num_k_blocks), device=dev, dtype=torch.int8) if write_map else lut
-    k_pad = max(16, triton.next_power_of_2(num_k_blocks))
     impl = SELECT_CONFIG.get("impl", "row")
     prefix = dict(HAS_PRE=num_prefix > 0)
-    search = SELECT_CONFIG.get("search", "binary")
-    if search not in SEARCH_STEPS:
-        raise ValueError(f"SELECT_CONFIG['search'] must be one of {sorted(SEARCH_STEPS)}, got {search!r}")
-    # radix4 packs three counts (each <= k_pad) into one reduction: fields of k_pad.bit_length() bits.
-    # sort: tl.topk keeps a power-of-two number of keys, at least topk
-    threshold = dict(SEARCH=search, FIELD=k_pad.bit_length(), K_TOP=min(k_pad, triton.next_power_of_2(topk)))
+    k_pad, threshold = _threshold_args(num_k_blocks, topk)
     select_stages = 1 if _interpret() else SELECT_CONFIG.get("select_stages", 1)
     pkp = pooled_prefix if num_prefix else pooled_k
     if impl == "row":
@@ -1283,11 +1314,39 @@ FWD_KEYS = ("KPI", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "
             "flatten", "ws_outer", "mem_mode", "memory_lo", "mem_state", "mem_kc")
 
 
+def _threshold_args(num_k_blocks: int, topk: int) -> tuple[int, dict]:
+    """(K_PAD, the `_topk_rows` constexprs) of SELECT_CONFIG["search"]."""
+    k_pad = max(16, triton.next_power_of_2(num_k_blocks))
+    search = SELECT_CONFIG.get("search", "binary")
+    if search not in SEARCH_STEPS:
+        raise ValueError(f"SELECT_CONFIG['search'] must be one of {sorted(SEARCH_STEPS)}, got {search!r}")
+    # radix4 packs three counts (each <= k_pad) into one reduction: fields of k_pad.bit_length() bits.
+    # sort: tl.topk keeps a power-of-two number of keys, at least topk
+    return k_pad, dict(SEARCH=search, FIELD=k_pad.bit_length(), K_TOP=min(k_pad, triton.next_power_of_2(topk)))
+
+
+def _fused_selection(query, key, topk: int, block_size: int, center: bool, write_map: bool, pooled_prefix=None):
+    """With SELECT_CONFIG["fused"]: the pooling launch alone, the top-k left to the attention kernel's prologue
+    (one query block per program, `_select_one_row`). Returns `(lut, bmap or None, selection)`: the LUT (and block
+    map) the attention kernel fills, and the `selection` argument of `attention_forward`."""
+    batch, len_q, heads, _ = query.shape
+    num_q_blocks = triton.cdiv(len_q, block_size)
+    num_k_blocks = triton.cdiv(key.shape[1], block_size)
+    num_prefix = 0 if pooled_prefix is None else pooled_prefix.shape[2]
+    pooled_q, pooled_k = _pool(query, key, block_size, center, first_key_block=num_prefix)
+    lut = new_empty((batch, heads, num_q_blocks, topk), device=query.device, dtype=torch.int32)
+    bmap = (new_empty((batch, heads, num_q_blocks, num_k_blocks), device=query.device, dtype=torch.int8)
+            if write_map else None)
+    return lut, bmap, (pooled_q, pooled_k, pooled_prefix, bmap, num_k_blocks, num_prefix)
+
+
 def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, dense: bool, cfg: dict | None = None,
-                      memory: tuple | None = None):
+                      memory: tuple | None = None, selection: tuple | None = None):
     """Launches the forward kernel. Returns `(out, lse)` (lse base 2, (B, H, Lq) fp32). `memory`: optional
     `(query_raw, kv (B, H, D, D) fp32, kmean (B, H, D) fp32, bias (D,) fp32 or None, eps)` read-out added to the
-    output. `cfg`: launch configuration (see FWD_KEYS), the measured default when None."""
+    output. `selection` (`_fused_selection`): the kernel selects each query block's key blocks itself and writes
+    them to `lut` (and the block map) before attending. `cfg`: launch configuration (see FWD_KEYS), the measured
+    default when None."""
     batch, len_q, heads, dim = q.shape
     len_k = k.shape[1]
     kind = "fwd_dense" if dense else ("fwd_sparse_memory" if memory is not None else "fwd_sparse")
@@ -1370,6 +1429,18 @@ def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, de
         park = torch.empty_like(out, dtype=torch.float32)  # same layout as `out`: the kernel uses out's strides
         assert park.stride() == out.stride()
     mem_flags = dict(MEM=memory is not None, HAS_LO=has_lo, HAS_BIAS=bias is not None, MEM_KC=mem_kc)
+    if selection is not None and not dense:
+        pooled_q, pooled_k, pooled_prefix, bmap, num_k_blocks, num_prefix = selection
+        k_pad, threshold = _threshold_args(num_k_blocks, topk)
+        sel_dc = SELECT_CONFIG.get("fused_dc") or min(dim, max(8, 4096 // k_pad))
+        sel_args = (pooled_q, pooled_k, pooled_prefix if num_prefix else pooled_k, bmap if bmap is not None else lut,
+                    num_k_blocks, num_prefix)
+        sel_flags = dict(SELECT=True, K_PAD=k_pad, SEL_DC=sel_dc, WRITE_MAP=bmap is not None, HAS_PRE=num_prefix > 0,
+                         **threshold)
+    else:
+        sel_args = (lse, lse, lse, lse, 0, 0)
+        sel_flags = dict(SELECT=False, K_PAD=16, SEL_DC=16, WRITE_MAP=False, HAS_PRE=False, SEARCH="binary", FIELD=5,
+                         K_TOP=16)
     persistent = bool(cfg.get("persistent", False))
     grid = (n_units,)
     if persistent:
@@ -1381,7 +1452,7 @@ def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, de
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, lut if lut is not None else lse,
         q_desc if q_desc is not None else q, k_desc if k_desc is not None else k, v_desc if v_desc is not None else v,
-        pacc, pml, sem, *mem_args, park,
+        pacc, pml, sem, *mem_args, park, *sel_args,
         len_q, len_k, heads, num_q_blocks, topk, n_full, n_parts, n_units, batch * len_q, batch * len_k,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), *qr_strides,
@@ -1391,7 +1462,7 @@ def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, de
         GROUP=group, SINGLE_LOOP=bool(cfg.get("single_loop", False)), LOOP_STAGES=cfg.get("loop_stages"),
         UNROLL=cfg.get("unroll"), WS=bool(cfg.get("ws", False)), MEM_MODE=mem_mode,
         FUSED_COMBINE=fused_combine, PERSISTENT=persistent, FLATTEN=bool(cfg.get("flatten", False)),
-        WS_OUTER=bool(cfg.get("ws_outer", False)), **_pdl_launch(q), **launch,
+        WS_OUTER=bool(cfg.get("ws_outer", False)), **sel_flags, **_pdl_launch(q), **launch,
     )
     if n_split and not fused_combine:
         _attn_fwd_combine_kernel[(work - n_full,)](
@@ -1472,6 +1543,10 @@ def _bsa_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index
     num_k_blocks = triton.cdiv(k.shape[1], block_size)
     if dense:
         lut, bmap = q.new_empty((0,), dtype=torch.int32), q.new_empty((0,), dtype=torch.int8)
+    elif block_index is None and SELECT_CONFIG.get("fused"):
+        lut, bmap, selection = _fused_selection(q, k, topk, block_size, center, True, pooled_prefix)
+        out, lse = attention_forward(q, k, v, lut, topk, block_size, scale, dense, selection=selection)
+        return out, lse, lut, bmap
     elif block_index is None:
         lut, bmap = _select(q, k, topk, block_size, center, write_map=True, pooled_prefix=pooled_prefix)
     else:
@@ -1533,9 +1608,12 @@ def _bsa_memory_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quer
                        kv_proj: torch.Tensor, kmean: torch.Tensor, bias: Optional[torch.Tensor], topk: int,
                        block_size: int, center: bool, scale: float, dense: bool, eps: float,
                        pooled_prefix: Optional[torch.Tensor]) -> torch.Tensor:
+    memory = (query_raw, kv_proj, kmean, bias, eps)
+    if not dense and SELECT_CONFIG.get("fused"):
+        lut, _, selection = _fused_selection(q, k, topk, block_size, center, False, pooled_prefix)
+        return attention_forward(q, k, v, lut, topk, block_size, scale, dense, memory=memory, selection=selection)[0]
     lut = None if dense else _select(q, k, topk, block_size, center, write_map=False, pooled_prefix=pooled_prefix)[0]
-    out, _ = attention_forward(q, k, v, lut, topk, block_size, scale, dense,
-                               memory=(query_raw, kv_proj, kmean, bias, eps))
+    out, _ = attention_forward(q, k, v, lut, topk, block_size, scale, dense, memory=memory)
     return out
 
 
