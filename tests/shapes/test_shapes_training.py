@@ -67,6 +67,8 @@ def test_train_teacher_two_steps_checkpoints_and_resume(repo_root, accelerate_co
             out,
             "--num_validation_videos",
             "0",
+            "--motion_weight",
+            "2",
         ],
     )
     # checkpoint rotation (limit 1: only the last), EMA of both trained models, final pipeline, card, validation
@@ -225,3 +227,34 @@ def test_train_teacher_warm_start_finer_and_deeper(repo_root, accelerate_config,
         capture_output=True, text=True, env=env, cwd=repo_root,
     )
     assert r.returncode != 0 and "num_attention_heads: 7 vs" in r.stderr, r.stderr[-2000:]
+
+
+def test_teacher_motion_weighted_loss(repo_root):
+    """`--motion_weight`: 0 is the plain MSE; otherwise an error where the latents move costs more than the same
+    error where they are static, and a uniform error costs the same as without weights."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_teacher", os.path.join(repo_root, "training", "train_teacher.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 5, 8, 8, generator=g) * 0.1
+    x0 = x0[:, :, :1].expand(-1, -1, 5, -1, -1).clone()  # a static background...
+    for t in range(5):  # ...and a 2x2 object moving one position per latent frame
+        x0[:, :, t, 2:4, t : t + 2] += 1.0
+    weights = script.motion_weights(x0, 4.0)
+    assert weights.shape == (2, 1, 5, 8, 8)
+    moving = weights[:, :, :, 2:4].mean()
+    static = weights[:, :, :, 6:].mean()
+    assert moving > 3 * static and torch.allclose(weights[:, :, :, 6:], torch.ones(()))
+    assert torch.allclose(script.motion_weights(torch.ones(1, 2, 3, 4, 4), 4.0), torch.ones(()))  # nothing moves
+    pred = torch.randn(x0.shape, generator=g)
+    target = torch.randn(x0.shape, generator=g)
+    torch.testing.assert_close(script.flow_matching_loss(pred, target, x0, 0.0),
+                               torch.nn.functional.mse_loss(pred, target))
+    torch.testing.assert_close(script.flow_matching_loss(target + 0.3, target, x0, 4.0), torch.tensor(0.09))
+    mask = torch.zeros_like(x0)
+    mask[:, :, :, 2:4] = 1.0
+    on_motion = script.flow_matching_loss(target + 0.3 * mask, target, x0, 4.0)
+    on_static = script.flow_matching_loss(target + 0.3 * torch.roll(mask, 4, dims=3), target, x0, 4.0)
+    assert on_motion > 2 * on_static
