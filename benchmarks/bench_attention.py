@@ -828,6 +828,19 @@ def _memory_op(fwd_cfg: dict, tensors, proj_weight, proj_bias, prefix, state_is_
     return run
 
 
+def _full_op(q, k, v, prefix):
+    """A closure running the whole op without memory (selection + attention) at the round-2/3 main setting, the
+    attention with the round-3 default launch configuration."""
+    def run():
+        bsa.CONFIG_OVERRIDES["fwd_sparse"] = dict(R3_FWD_DEFAULT)
+        try:
+            return bsa.block_sparse_attention_triton(q, k, v, topk_ratio=R2_RATIO, block_size=R2_BS,
+                                                     pooled_key_prefix=prefix)
+        finally:
+            bsa.CONFIG_OVERRIDES.pop("fwd_sparse", None)
+    return run
+
+
 def _check_absorb_variants(variants: dict, want, absorb_args, width: int) -> dict:
     """Each absorption launch configuration (`LM_CONFIG` overrides) against the naive result `want`; restores the
     configuration afterwards."""
@@ -1444,13 +1457,7 @@ def round3(args, round_no: int = 3):
         def run_select():
             return bsa.select_key_blocks_triton(q, k, R2_RATIO, R2_BS, "heads", pooled_key_prefix=prefix)
 
-        def run_full():
-            bsa.CONFIG_OVERRIDES["fwd_sparse"] = dict(R3_FWD_DEFAULT)
-            try:
-                return bsa.block_sparse_attention_triton(q, k, v, topk_ratio=R2_RATIO, block_size=R2_BS,
-                                                         pooled_key_prefix=prefix)
-            finally:
-                bsa.CONFIG_OVERRIDES.pop("fwd_sparse", None)
+        run_full = _full_op(q, k, v, prefix)
 
         row = {}
         with _SelectConfig(scfg), torch.no_grad():
@@ -1642,13 +1649,7 @@ def round7(args):
         if not checks.get(name, {}).get("ok"):
             continue
 
-        def run_full():
-            bsa.CONFIG_OVERRIDES["fwd_sparse"] = dict(R3_FWD_DEFAULT)
-            try:
-                return bsa.block_sparse_attention_triton(q, k, v, topk_ratio=R2_RATIO, block_size=R2_BS,
-                                                         pooled_key_prefix=prefix)
-            finally:
-                bsa.CONFIG_OVERRIDES.pop("fwd_sparse", None)
+        run_full = _full_op(q, k, v, prefix)
 
         run_mem = _memory_op(dict(R3_FWD_MEM_DEFAULT), (q, k, v, q_raw, kvp.to(torch.bfloat16), km), None, bias,
                              prefix, True)
