@@ -689,12 +689,11 @@ def test_pooled_key_prefix_is_validated():
 
 
 # Session 6: the top-k selection in the attention kernel's prologue (SELECT_CONFIG["fused"]).
-FUSED_SELECTION_CASES = {
-    "binary": ({}, {}),
-    "sort_prefix": ({"search": "sort"}, {}),
-    "radix4_split_fused_combine": ({"search": "radix4"}, {"slots": 5, "fused_combine": True}),
-    "binary_persistent_split": ({}, {"persistent": True, "slots": 5}),
-    "binary_narrow_chunks": ({"fused_dc": 8}, {"slots": 5}),
+FUSED_SELECTION_CASES = {  # (SELECT_CONFIG, forward launch configuration); "prefix" in the name: cached prefix
+    "binary_split": ({}, {"slots": 5}),
+    "sort_prefix_narrow_chunks": ({"search": "sort", "fused_dc": 8}, {}),
+    "radix4_persistent_split_fused_combine": ({"search": "radix4"}, {"persistent": True, "slots": 5,
+                                                                      "fused_combine": True}),
 }
 
 
