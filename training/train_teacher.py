@@ -272,7 +272,7 @@ def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, x0: torch.Tenso
         return F.mse_loss(pred.float(), target.float())
     w = motion_weights(x0.float(), motion_weight)
     err = (pred.float() - target.float()).pow(2)
-    return (err * w).mean() / w.expand_as(err).mean()
+    return (err * w).mean() / w.mean()  # w is constant over channels: its mean is that of the broadcast weights
 
 
 def default_validation_prompts(n):
@@ -323,8 +323,8 @@ write_video(video, "video.mp4")
 
 Training: {measurements.get("steps")} steps of batch {args.train_batch_size} ({measurements.get("train_seconds", 0):.0f} s on
 {measurements.get("device")}), learning rate {args.learning_rate}, {args.mixed_precision or "fp32"}, EMA {args.use_ema}
-(decay {args.ema_decay}), caption dropout {args.caption_dropout}, flow shift {args.flow_shift}, motion weight {args.motion_weight}, clips of
-{args.num_frames} frames at {args.resolution}x{args.resolution}. Weights stored in {args.save_dtype}.
+(decay {args.ema_decay}), caption dropout {args.caption_dropout}, flow shift {args.flow_shift}, motion weight
+{args.motion_weight}, clips of {args.num_frames} frames at {args.resolution}x{args.resolution}. Weights stored in {args.save_dtype}.
 
 Final validation (held-out prompts: colour-shape pairs never seen in training; scores of the shapes evaluation
 suite, `python -m diffusers_hybrid.shapes score`):

@@ -135,3 +135,25 @@ def test_denoising_error_benchmark_on_the_shipped_teacher(shipped, repo_root, tm
     assert json.load(open(out))["x0_mse_per_latent_frame"][teacher]["0.95"] == high
     with pytest.raises(SystemExit):
         module.main([teacher, "--frames", "8"])
+
+
+def test_sampling_shift_override():
+    """`evaluate --flow-shift`: the same scheduler class and config with the shift replaced, under the key each
+    flow-matching scheduler names it (`shift`, or `flow_shift` for UniPC as in Wan2.1's own pipelines)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    from diffusers_hybrid.shapes.evaluate import with_sampling_shift
+
+    euler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    got = with_sampling_shift(euler, 5.0)
+    assert type(got) is FlowMatchEulerDiscreteScheduler and got.config.shift == 5.0 and euler.config.shift == 3.0
+    assert got.config.num_train_timesteps == euler.config.num_train_timesteps
+    got.set_timesteps(4)
+    euler.set_timesteps(4)
+    assert (got.sigmas[1:-1] > euler.sigmas[1:-1]).all()  # a larger shift spends more steps at high noise
+    unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    assert with_sampling_shift(unipc, 8.0).config.flow_shift == 8.0
+    with pytest.raises(ValueError, match="positive"):
+        with_sampling_shift(euler, 0.0)
+    with pytest.raises(ValueError, match="no sampling shift"):
+        with_sampling_shift(DDIMScheduler(), 2.0)

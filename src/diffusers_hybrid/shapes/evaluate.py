@@ -127,6 +127,22 @@ def summarize_windows(reports: list[dict]) -> list[dict]:
     return out
 
 
+def _shift_key(scheduler) -> str:
+    """The config key of a flow-matching scheduler's sampling shift: `shift` (FlowMatchEulerDiscreteScheduler) or
+    `flow_shift` (UniPC / DPM-Solver with flow sigmas, Wan2.1's own default)."""
+    for key in ("shift", "flow_shift"):
+        if key in scheduler.config:
+            return key
+    raise ValueError(f"{type(scheduler).__name__} has no sampling shift (`shift` or `flow_shift`) to replace.")
+
+
+def with_sampling_shift(scheduler, shift: float):
+    """A copy of `scheduler` (same class and config) sampling with `shift`."""
+    if shift <= 0:
+        raise ValueError(f"flow_shift must be positive, got {shift}.")
+    return type(scheduler).from_config(scheduler.config, **{_shift_key(scheduler): shift})
+
+
 def evaluate_pipeline(
     pipeline_path: str,
     split: str = "heldout",
@@ -159,9 +175,7 @@ def evaluate_pipeline(
         if streaming:
             raise ValueError(f"flow_shift={flow_shift} applies to a WanPipeline's sampler; {pipeline_path} is a "
                              "streaming student, which samples with its own `denoising_step_list`.")
-        if flow_shift <= 0:
-            raise ValueError(f"flow_shift must be positive, got {flow_shift}.")
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=flow_shift)
+        pipe.scheduler = with_sampling_shift(pipe.scheduler, flow_shift)
     classifier = load_classifier(classifier_path, device=device)
     specs = scene_specs(split, num_prompts, base_seed=prompt_seed)
     prompts = [s.prompt for s in specs]
@@ -182,7 +196,7 @@ def evaluate_pipeline(
         "resolution": resolution,
         "steps": len(pipe.config.denoising_step_list) if streaming else steps,
         "guidance_scale": None if streaming else guidance_scale,
-        "flow_shift": None if streaming else float(pipe.scheduler.config.shift),
+        "flow_shift": None if streaming else float(pipe.scheduler.config[_shift_key(pipe.scheduler)]),
         "dtype": dtype,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "classifier": classifier is not None,

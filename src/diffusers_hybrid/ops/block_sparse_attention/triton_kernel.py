@@ -74,7 +74,7 @@ CONFIG_OVERRIDES: dict = {}
 # program with tl.dot (35.4 us with the cached pooled prefix vs 49.3 us for one query block per program).
 SELECT_CONFIG: dict = {"impl": "group", "G": 8, "pool": "heads", "pool_warps": 2, "num_warps": 4}
 # SELECT_CONFIG["fused"] = True: no top-k launch; the attention kernel selects its query block's key blocks in its
-# prologue (`_fused_selection`, `_select_one_row`), from the pooled blocks of the pooling launch ("fused_dc": the
+# prologue (`_select_one_row`), from the pooled blocks of the pooling launch ("fused_dc": the
 # score loop's column chunk).
 
 
@@ -1165,15 +1165,28 @@ def _pool(query, key, block_size: int, center: bool, first_key_block: int = 0, o
     return pooled_q, pooled_k
 
 
-def _select(query, key, topk: int, block_size: int, center: bool, write_map: bool, pooled_prefix=None):
-    batch, len_q, heads, dim = query.shape
+def _pool_for_selection(query, key, topk: int, block_size: int, center: bool, write_map: bool, pooled_prefix=None):
+    """The pooling launch of a selection and the buffers the top-k fills: `(lut, bmap or None, selection)` with
+    `selection = (pooled_q, pooled_k, pooled_prefix, bmap, num_k_blocks, num_prefix)` (also the `selection`
+    argument of `attention_forward`, which then selects in the attention kernel's prologue)."""
+    batch, len_q, heads, _ = query.shape
     num_q_blocks = triton.cdiv(len_q, block_size)
     num_k_blocks = triton.cdiv(key.shape[1], block_size)
     num_prefix = 0 if pooled_prefix is None else pooled_prefix.shape[2]
-    dev = query.device
     pooled_q, pooled_k = _pool(query, key, block_size, center, first_key_block=num_prefix)
-    lut = new_empty((batch, heads, num_q_blocks, topk), device=dev, dtype=torch.int32)
-    bmap = new_empty((batch, heads, num_q_blocks, num_k_blocks), device=dev, dtype=torch.int8) if write_map else lut
+    lut = new_empty((batch, heads, num_q_blocks, topk), device=query.device, dtype=torch.int32)
+    bmap = (new_empty((batch, heads, num_q_blocks, num_k_blocks), device=query.device, dtype=torch.int8)
+            if write_map else None)
+    return lut, bmap, (pooled_q, pooled_k, pooled_prefix, bmap, num_k_blocks, num_prefix)
+
+
+def _select(query, key, topk: int, block_size: int, center: bool, write_map: bool, pooled_prefix=None):
+    batch, _, heads, dim = query.shape
+    num_q_blocks = triton.cdiv(query.shape[1], block_size)
+    lut, bmap, (pooled_q, pooled_k, _, _, num_k_blocks, num_prefix) = _pool_for_selection(
+        query, key, topk, block_size, center, write_map, pooled_prefix)
+    if bmap is None:
+        bmap = lut  # an unused pointer argument
     impl = SELECT_CONFIG.get("impl", "row")
     prefix = dict(HAS_PRE=num_prefix > 0)
     k_pad, threshold = _threshold_args(num_k_blocks, topk)
@@ -1325,26 +1338,11 @@ def _threshold_args(num_k_blocks: int, topk: int) -> tuple[int, dict]:
     return k_pad, dict(SEARCH=search, FIELD=k_pad.bit_length(), K_TOP=min(k_pad, triton.next_power_of_2(topk)))
 
 
-def _fused_selection(query, key, topk: int, block_size: int, center: bool, write_map: bool, pooled_prefix=None):
-    """With SELECT_CONFIG["fused"]: the pooling launch alone, the top-k left to the attention kernel's prologue
-    (one query block per program, `_select_one_row`). Returns `(lut, bmap or None, selection)`: the LUT (and block
-    map) the attention kernel fills, and the `selection` argument of `attention_forward`."""
-    batch, len_q, heads, _ = query.shape
-    num_q_blocks = triton.cdiv(len_q, block_size)
-    num_k_blocks = triton.cdiv(key.shape[1], block_size)
-    num_prefix = 0 if pooled_prefix is None else pooled_prefix.shape[2]
-    pooled_q, pooled_k = _pool(query, key, block_size, center, first_key_block=num_prefix)
-    lut = new_empty((batch, heads, num_q_blocks, topk), device=query.device, dtype=torch.int32)
-    bmap = (new_empty((batch, heads, num_q_blocks, num_k_blocks), device=query.device, dtype=torch.int8)
-            if write_map else None)
-    return lut, bmap, (pooled_q, pooled_k, pooled_prefix, bmap, num_k_blocks, num_prefix)
-
-
 def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, dense: bool, cfg: dict | None = None,
                       memory: tuple | None = None, selection: tuple | None = None):
     """Launches the forward kernel. Returns `(out, lse)` (lse base 2, (B, H, Lq) fp32). `memory`: optional
     `(query_raw, kv (B, H, D, D) fp32, kmean (B, H, D) fp32, bias (D,) fp32 or None, eps)` read-out added to the
-    output. `selection` (`_fused_selection`): the kernel selects each query block's key blocks itself and writes
+    output. `selection` (`_pool_for_selection`): the kernel selects each query block's key blocks itself and writes
     them to `lut` (and the block map) before attending. `cfg`: launch configuration (see FWD_KEYS), the measured
     default when None."""
     batch, len_q, heads, dim = q.shape
@@ -1544,7 +1542,7 @@ def _bsa_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index
     if dense:
         lut, bmap = q.new_empty((0,), dtype=torch.int32), q.new_empty((0,), dtype=torch.int8)
     elif block_index is None and SELECT_CONFIG.get("fused"):
-        lut, bmap, selection = _fused_selection(q, k, topk, block_size, center, True, pooled_prefix)
+        lut, bmap, selection = _pool_for_selection(q, k, topk, block_size, center, True, pooled_prefix)
         out, lse = attention_forward(q, k, v, lut, topk, block_size, scale, dense, selection=selection)
         return out, lse, lut, bmap
     elif block_index is None:
@@ -1610,7 +1608,7 @@ def _bsa_memory_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quer
                        pooled_prefix: Optional[torch.Tensor]) -> torch.Tensor:
     memory = (query_raw, kv_proj, kmean, bias, eps)
     if not dense and SELECT_CONFIG.get("fused"):
-        lut, _, selection = _fused_selection(q, k, topk, block_size, center, False, pooled_prefix)
+        lut, _, selection = _pool_for_selection(q, k, topk, block_size, center, False, pooled_prefix)
         return attention_forward(q, k, v, lut, topk, block_size, scale, dense, memory=memory, selection=selection)[0]
     lut = None if dense else _select(q, k, topk, block_size, center, write_map=False, pooled_prefix=pooled_prefix)[0]
     out, _ = attention_forward(q, k, v, lut, topk, block_size, scale, dense, memory=memory)
