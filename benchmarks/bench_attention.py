@@ -70,11 +70,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from diffusers_hybrid.ops import block_sparse_attention, linear_memory_absorb, linear_memory_read  # noqa: E402
+from diffusers_hybrid.ops import (  # noqa: E402
+    apply_rotary_emb,
+    block_sparse_attention,
+    linear_memory_absorb,
+    linear_memory_read,
+)
 from diffusers_hybrid.ops.block_sparse_attention import triton_kernel as bsa  # noqa: E402
 from diffusers_hybrid.ops.block_sparse_attention.naive import (  # noqa: E402
     block_sparse_attention_naive,
+    mean_pool_blocks,
     num_selected_blocks,
+    pool_key_blocks_naive,
     select_key_blocks_naive,
 )
 from diffusers_hybrid.ops.linear_memory.naive import linear_memory_absorb_naive, linear_memory_read_naive  # noqa: E402
@@ -1683,6 +1690,189 @@ def round7(args):
     log(f"round 7 wall {r7['wall_s']:.0f} s")
 
 
+ROPE_WARPS = (4, 8)
+
+
+def round8(args):
+    """Round 8 (issue 3): the block selection's pooling moved into the RoPE step (`rope_chunk_into_window_triton`:
+    RoPE of the chunk's queries and keys, keys and values written into the cache's window, pooled query and key
+    blocks from the rotated rows in registers), so that the forward chain is top-k -> attention. Main shape, ratio
+    0.2, cached pooled prefix. Checks the RoPE step against its reference and the selection from its pools against
+    the naive one; then CUDA-graph medians of every piece and chain next to cuDNN dense. The selection's cost in the
+    chained op is charged as (RoPE step with pooling - RoPE step without) + top-k."""
+    from diffusers_hybrid.ops.rotary import naive as rope_naive
+    from diffusers_hybrid.ops.rotary import triton_kernel as rope_tk
+
+    t0 = time.time()
+    r8 = RESULTS.setdefault("round8", {})
+    shape = SHAPES[R3_MAIN]
+    len_q, len_k, heads, dim = shape["len_q"], shape["len_k"], shape["heads"], shape["dim"]
+    g = torch.Generator(device=DEVICE).manual_seed(8)
+    q_raw, k_raw, v_new = (torch.randn(1, len_q, heads, dim, device=DEVICE, dtype=torch.bfloat16, generator=g)
+                           for _ in range(3))
+    window_key = torch.randn(1, len_k, heads, dim, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    window_value = torch.randn_like(window_key)
+    angles = torch.rand(1, len_q, 1, dim // 2, device=DEVICE, generator=g) * 12.0 - 6.0
+    cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+    num_prefix = _r2_prefix_blocks(shape)
+    prefix = bsa.pool_key_blocks_triton(window_key[:, : num_prefix * R2_BS], R2_BS, "heads")
+    num_k_blocks = -(-len_k // R2_BS)
+    topk = num_selected_blocks(num_k_blocks, R2_RATIO)
+    scale = dim ** -0.5
+    rope_args = (q_raw, k_raw, v_new, cos, sin, window_key, window_value)
+
+    def rope(pool: bool):
+        return rope_tk.rope_chunk_into_window_triton(*rope_args, R2_BS if pool else None, "heads",
+                                                     num_prefix if pool else 0)
+
+    log("== round 8: correctness (main shape)")
+    checks = {}
+
+    def check():
+        ref_key, ref_value = window_key.clone(), window_value.clone()
+        q_ref, pq_ref, pk_ref = rope_naive.rope_chunk_into_window_naive(
+            q_raw, k_raw, v_new, cos, sin, ref_key, ref_value, R2_BS, "heads", num_prefix)
+        out = {}
+        for warps in ROPE_WARPS:
+            rope_tk.ROPE_CONFIG["num_warps"] = warps
+            window_key.copy_(ref_key)  # same cached rows; the chunk rows are rewritten
+            q_got, pq_got, pk_got = rope(True)
+            sync()
+            out[f"warps{warps}"] = dict(
+                query_max_abs=(q_got.float() - q_ref.float()).abs().max().item(),
+                key_max_abs=(window_key.float() - ref_key.float()).abs().max().item(),
+                value_equal=bool(torch.equal(window_value, ref_value)),
+                # pools of the values the kernel stored (bf16 RoPE may differ from the reference by one rounding)
+                pooled_query=rel(pq_got, mean_pool_blocks(q_got, R2_BS)),
+                pooled_key=rel(pk_got, pool_key_blocks_naive(window_key[:, num_prefix * R2_BS :], R2_BS)),
+                pooled_key_vs_reference=rel(pk_got, pk_ref))
+        rope_tk.ROPE_CONFIG["num_warps"] = 4
+        q_got, pq_got, pk_got = rope(True)
+        keys, values = window_key, window_value
+        lut_ref = select_key_blocks_naive(q_got, keys, R2_RATIO, R2_BS, "heads")
+        lut, _ = bsa.select_key_blocks_triton(q_got, keys, R2_RATIO, R2_BS, "heads")
+        lut_pooled, _ = bsa._select(q_got, keys, topk, R2_BS, True, False, prefix, (pq_got, pk_got))
+        got = bsa.block_sparse_attention_triton(q_got, keys, values, topk_ratio=R2_RATIO, block_size=R2_BS,
+                                                pooled_key_prefix=prefix, pooled_blocks=(pq_got, pk_got))
+        want = block_sparse_attention_naive(q_got.float(), keys.float(), values.float(), lut_pooled.long(), R2_BS)
+        out["selection_rows_equal_naive"] = (lut_pooled.long() == lut_ref).all(-1).float().mean().item()
+        out["selection_rows_equal_pooling_launch"] = (lut_pooled == lut).all(-1).float().mean().item()
+        out["output_vs_float32"] = rel(got, want)
+        ok = all(v["query_max_abs"] <= 2 ** -7 * q_ref.float().abs().max().item() and v["value_equal"]
+                 and v["pooled_key"] < 1e-5 and v["pooled_query"] < 1e-5 for k_, v in out.items()
+                 if k_.startswith("warps"))
+        out["ok"] = bool(ok and out["selection_rows_equal_naive"] > 0.99 and out["output_vs_float32"] < 1e-2)
+        return out
+
+    checks = safe("round 8 check", check) or dict(ok=False)
+    log("  " + json.dumps(checks))
+    r8["correctness"] = checks
+    sync(empty=True)
+
+    log("== round 8: timings (triton.testing.do_bench_cudagraph, median ms)")
+    q_roped, pooled_q, pooled_k = rope(True)
+    pooled = (pooled_q, pooled_k)
+    lut = bsa.select_key_blocks_triton(q_roped, window_key, R2_RATIO, R2_BS, "heads", pooled_key_prefix=prefix)[0]
+    fwd_cudnn, _ = sdpa_fns(q_roped, window_key, window_value, "cudnn")
+
+    def rope_torch():  # the model's RoPE step before this round: PyTorch RoPE, then the K/V copies into the window
+        query_roped = apply_rotary_emb(q_raw, cos, sin)
+        window_key[:, len_k - len_q :] = apply_rotary_emb(k_raw, cos, sin)
+        window_value[:, len_k - len_q :] = v_new
+        return query_roped
+
+    def attention():
+        return bsa.attention_forward(q_roped, window_key, window_value, lut, topk, R2_BS, scale, False,
+                                     dict(R3_FWD_DEFAULT))
+
+    def topk_only():
+        return bsa._select(q_roped, window_key, topk, R2_BS, True, False, prefix, pooled)
+
+    def op_pooled():  # top-k -> attention
+        return bsa.block_sparse_attention_triton(q_roped, window_key, window_value, topk_ratio=R2_RATIO,
+                                                 block_size=R2_BS, pooled_key_prefix=prefix, pooled_blocks=pooled)
+
+    op_pooling = _full_op(q_roped, window_key, window_value, prefix)  # pool -> top-k -> attention
+    _, kv, km, weight, bias = _r2_memory_inputs(q_roped)
+    kvp = bsa.project_memory_state(kv, weight)
+
+    def memory_op(pooled_blocks):  # the model's path with the fused memory read-out (projected state kept)
+        def run():
+            return bsa.block_sparse_attention_with_memory_triton(
+                q_roped, window_key, window_value, q_raw, kvp, km, proj_bias=bias, state_is_projected=True,
+                topk_ratio=R2_RATIO, block_size=R2_BS, pooled_key_prefix=prefix, pooled_blocks=pooled_blocks)
+        return run
+
+    def chain(first, second):
+        def run():
+            first()
+            return second()
+        return run
+
+    pieces = {
+        "cudnn": fwd_cudnn,
+        "attention_alone": attention,
+        "topk_alone": topk_only,
+        "op_pool_topk_attention": op_pooling,
+        "op_topk_attention": op_pooled,
+        "rope_torch": rope_torch,
+        "chain_rope_torch+op_pool_topk_attention": chain(rope_torch, op_pooling),
+        "chain_rope_torch+cudnn": chain(rope_torch, fwd_cudnn),
+    }
+    for warps in ROPE_WARPS:
+        pieces[f"rope_w{warps}"] = (warps, lambda: rope(False))
+        pieces[f"rope_pool_w{warps}"] = (warps, lambda: rope(True))
+        pieces[f"chain_rope_w{warps}+op_pool_topk_attention"] = (warps, chain(lambda: rope(False), op_pooling))
+        pieces[f"chain_rope_pool_w{warps}+op_topk_attention"] = (warps, chain(lambda: rope(True), op_pooled))
+        pieces[f"chain_rope_w{warps}+cudnn"] = (warps, chain(lambda: rope(False), fwd_cudnn))
+        pieces[f"chain_rope_w{warps}+memory_op_pool_topk_attention"] = (warps, chain(lambda: rope(False),
+                                                                                   memory_op(None)))
+        pieces[f"chain_rope_pool_w{warps}+memory_op_topk_attention"] = (warps, chain(lambda: rope(True),
+                                                                                   memory_op(pooled)))
+    times = {}
+    with torch.no_grad():
+        for name, fn in pieces.items():
+            warps = 4
+            if isinstance(fn, tuple):
+                warps, fn = fn
+            rope_tk.ROPE_CONFIG["num_warps"] = warps
+            times[name] = safe(f"time {name}", lambda: bench(fn, graph=True))
+            log(f"  {name:<46} {times[name] or 0:.4f} ms")
+    rope_tk.ROPE_CONFIG["num_warps"] = 4
+    r8["ms"] = times
+    r8["wall_s"] = time.time() - t0
+    cudnn_ms = times.get("cudnn")
+    log("\n==== round 8 summary (CUDA-graph medians; main shape, ratio 0.2, pooled prefix) ====")
+    log(json.dumps(RESULTS.get("env", {})))
+    log(f"correctness ok: {checks.get('ok')}; cuDNN dense {cudnn_ms or 0:.4f} ms; attention alone "
+        f"{times.get('attention_alone') or 0:.4f} ms; top-k alone {times.get('topk_alone') or 0:.4f} ms")
+    log(f"ops: pool->top-k->attention {times.get('op_pool_topk_attention') or 0:.4f} ms, top-k->attention "
+        f"{times.get('op_topk_attention') or 0:.4f} ms; RoPE step in PyTorch {times.get('rope_torch') or 0:.4f} ms")
+    summary = {}
+    for warps in ROPE_WARPS:
+        rope_ms, pool_ms = times.get(f"rope_w{warps}"), times.get(f"rope_pool_w{warps}")
+        new = times.get(f"chain_rope_pool_w{warps}+op_topk_attention")
+        old = times.get(f"chain_rope_w{warps}+op_pool_topk_attention")
+        dense = times.get(f"chain_rope_w{warps}+cudnn")
+        if not (rope_ms and pool_ms and new and old and dense and cudnn_ms):
+            continue
+        forward = new - rope_ms  # the op's share of the chain: the chain less the RoPE step it needs anyway
+        summary[warps] = dict(rope=rope_ms, rope_pool=pool_ms, pooling_extra=pool_ms - rope_ms, chain_new=new,
+                              chain_old=old, forward_selection_included=forward, vs_cudnn=cudnn_ms / forward,
+                              chain_vs_rope_cudnn=dense / new)
+        log(f"warps {warps}: RoPE {rope_ms:.4f} ms, with pooling {pool_ms:.4f} (+{(pool_ms - rope_ms) * 1e3:.1f} us); "
+            f"chain RoPE+pool -> top-k -> attention {new:.4f} ms (old chain {old:.4f}); forward = chain - RoPE = "
+            f"{forward:.4f} ms = {cudnn_ms / forward:.2f}x cuDNN (target >= 3.5x: "
+            f"{'MET' if cudnn_ms / forward >= 3.5 else 'missed'}); end to end vs RoPE + cuDNN {dense:.4f} ms: "
+            f"{dense / new:.2f}x; with the memory read-out: "
+            f"{times.get(f'chain_rope_pool_w{warps}+memory_op_topk_attention') or 0:.4f} ms (old chain "
+            f"{times.get(f'chain_rope_w{warps}+memory_op_pool_topk_attention') or 0:.4f})")
+    r8["summary"] = summary
+    for e in RESULTS["errors"]:
+        log("ERROR", e[:300])
+    log(f"round 8 wall {r8['wall_s']:.0f} s")
+
+
 def round5(args):
     """Round 5 (issue 3): programmatic dependent launch of the forward chain (`bsa.USE_PDL`), main shape, ratio 0.2,
     cached pooled prefix: bit-equality with plain launches (eager and from a CUDA graph), then CUDA-graph medians of
@@ -1814,6 +2004,8 @@ def main():
     parser.add_argument("--round6", action="store_true",
                         help="issue 3 round 6: the memory read-out parked in the output tile (mem_mode 3) on the "
                              "no-memory launch configuration; same sequence as --round3")
+    parser.add_argument("--round8", action="store_true",
+                        help="issue 3 round 8: the selection's pooling in the RoPE step (rope_chunk_into_window)")
     parser.add_argument("--round5", action="store_true",
                         help="issue 3 round 5: programmatic dependent launch of the forward chain, off vs on")
     parser.add_argument("--probe", metavar="NAMES", help=argparse.SUPPRESS)  # child process of --round2/3/4
@@ -1847,7 +2039,8 @@ def main():
                command=" ".join(sys.argv))
     RESULTS["env"] = env
     log(json.dumps(env))
-    rounds = [(args.round7, round7, "bench_attention_round7.json"),
+    rounds = [(args.round8, round8, "bench_attention_round8.json"),
+              (args.round7, round7, "bench_attention_round7.json"),
               (args.round6, lambda a: round3(a, round_no=6), "bench_attention_round6.json"),
               (args.round5, round5, "bench_attention_round5.json"),
               (args.round4, lambda a: round3(a, round_no=4), "bench_attention_round4.json"),

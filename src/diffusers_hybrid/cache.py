@@ -228,16 +228,13 @@ class HybridLayerCache:
             torch.cat([self.value[:, sink], self.value[:, hist]], dim=1),
         )
 
-    def contiguous_keys(self, plan: ChunkPlan, key: torch.Tensor, value: torch.Tensor):
-        """Writes the current chunk's RoPE'd keys and values into the scratch slot and returns `[cached | current]`
-        as views without copying the context, or `None` when the visible slots are not contiguous (early chunks)."""
+    def contiguous_window(self, plan: ChunkPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`[cached | current]` keys and values as views, the current chunk's rows last (the scratch slot, to be
+        written by the caller), or `None` when the visible slots are not contiguous (early chunks)."""
         start = self._contiguous_start(plan)
         if start is None:
             return None
-        current = self._frames(self._current_slot, self.layout.chunk_frames)
-        self.key[:, current] = key
-        self.value[:, current] = value
-        region = slice(start * self.tokens_per_frame, current.stop)
+        region = slice(start * self.tokens_per_frame, self._frames(self._current_slot, self.layout.chunk_frames).stop)
         return self.key[:, region], self.value[:, region]
 
     # --- pooled key blocks (block selection) ------------------------------------------------------------------

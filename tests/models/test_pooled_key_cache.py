@@ -178,6 +178,7 @@ _TRITON_STREAM = textwrap.dedent(
     from diffusers import WanTransformer3DModel
     from diffusers_hybrid import HybridForcingTransformer3DModel
     from diffusers_hybrid.ops.block_sparse_attention import triton_kernel as tk
+    from diffusers_hybrid.ops.rotary import triton_kernel as rk
     from diffusers_hybrid.ops.utils import poisoned_outputs
 
     torch.manual_seed(0)
@@ -192,16 +193,25 @@ _TRITON_STREAM = textwrap.dedent(
             block.attn1.linear_proj.weight.normal_(std=0.5)
             block.attn1.linear_proj.bias.normal_(std=0.1)
     model = model.to(torch.bfloat16).eval()
-    calls = {"fused": 0, "prefix": 0, "projected": 0}
+    calls = {"fused": 0, "prefix": 0, "projected": 0, "pooled": 0, "rope": 0, "rope_pooled": 0}
     fused = tk.block_sparse_attention_with_memory_triton
+    rope = rk.rope_chunk_into_window_triton
 
     def spy(*args, **kwargs):
         calls["fused"] += 1
         calls["prefix"] += kwargs.get("pooled_key_prefix") is not None
+        calls["pooled"] += kwargs.get("pooled_blocks") is not None
         calls["projected"] += bool(kwargs.get("state_is_projected")) and kwargs.get("proj_weight") is None
         return fused(*args, **kwargs)
 
+    def rope_spy(*args):
+        out = rope(*args)
+        calls["rope"] += 1
+        calls["rope_pooled"] += out[2] is not None
+        return out
+
     tk.block_sparse_attention_with_memory_triton = spy
+    rk.rope_chunk_into_window_triton = rope_spy
     x = torch.randn(2, 4, 12, 6, 10, dtype=torch.bfloat16)
     t = torch.rand(2, 12) * 1000
     text = torch.randn(2, 7, 16, dtype=torch.bfloat16)
@@ -221,9 +231,10 @@ _TRITON_STREAM = textwrap.dedent(
         model.set_attention_kernel("triton")
         got = stream()
     err = ((got - ref).norm() / ref.norm()).item()
-    # memory ready from chunk 2 (frames 6-8): 2 chunks x 2 passes x 2 layers fused, all with the cached prefix and
-    # the layer cache's projected memory state (kept since the first commit)
-    assert calls == {"fused": 8, "prefix": 8, "projected": 8}, calls
+    # memory ready from chunk 2 (frames 6-8): 2 chunks x 2 passes x 2 layers fused, all with the cached prefix, the
+    # layer cache's projected memory state (kept since the first commit) and the RoPE step's pooled blocks; the RoPE
+    # step writes into the window in chunks 0, 2 and 3 (chunk 1 sees a sink and a partial history: not contiguous)
+    assert calls == {"fused": 8, "prefix": 8, "projected": 8, "pooled": 8, "rope": 12, "rope_pooled": 12}, calls
     assert got.isfinite().all() and err < 3e-2, err
     print("OK", err)
     """

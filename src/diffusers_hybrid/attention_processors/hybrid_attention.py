@@ -23,6 +23,7 @@ from ..ops import (
     block_sparse_attention_with_memory,
     linear_memory_absorb,
     linear_memory_read,
+    rope_chunk_into_window,
 )
 
 
@@ -137,7 +138,7 @@ class HybridForcingAttnProcessor:
 
     def _attend(self, attn, ctx, query_roped, query_raw, query_rope, keys, values, kv_state, kmean_state,
                 memory_ready: bool, pooled_key_prefix: torch.Tensor | None = None,
-                projected_kv_state: torch.Tensor | None = None):
+                projected_kv_state: torch.Tensor | None = None, pooled_blocks=None):
         memory = kv_state is not None and memory_ready
         if memory and self._fused_memory(attn, ctx, (query_roped, query_raw, keys, values)):
             # the layer cache keeps the state with `linear_proj` folded in (once per chunk); else fold it here
@@ -147,11 +148,12 @@ class HybridForcingAttnProcessor:
                 eps=ctx.linear_eps, proj_weight=None if projected else attn.linear_proj.weight,
                 proj_bias=attn.linear_proj.bias, state_is_projected=projected, topk_ratio=ctx.topk_ratio,
                 block_size=ctx.block_size, key_centering=ctx.key_centering, pooled_key_prefix=pooled_key_prefix,
-                kernel=self.kernel,
+                pooled_blocks=pooled_blocks, kernel=self.kernel,
             )
         out = block_sparse_attention(
             query_roped, keys, values, topk_ratio=ctx.topk_ratio, block_size=ctx.block_size,
-            key_centering=ctx.key_centering, pooled_key_prefix=pooled_key_prefix, kernel=self.kernel,
+            key_centering=ctx.key_centering, pooled_key_prefix=pooled_key_prefix, pooled_blocks=pooled_blocks,
+            kernel=self.kernel,
         )
         if memory:
             if ctx.linear_query == "roped":
@@ -166,32 +168,40 @@ class HybridForcingAttnProcessor:
 
     def _cached(self, attn, query, key, value, ctx: HybridAttentionContext) -> torch.Tensor:
         plan, layer_cache = ctx.plan, ctx.layer_cache
-        query_roped = apply_rotary_emb(query, *plan.query_rope)
-        key_roped = apply_rotary_emb(key, *plan.query_rope)
         kv_state, kmean_state = layer_cache.kv_state, layer_cache.kmean_state
         # the fused read-out applies: the cache keeps the state with `linear_proj` folded in (see the commit below)
         fold = kv_state is not None and self._fused_memory(attn, ctx, (query, key, value))
         projected_kv_state = None
         if fold and ctx.snapshot is None:
             projected_kv_state = layer_cache.projected_memory_state(attn.linear_proj.weight)
-        pooled_prefix = None
+        pooled_prefix = pooled_blocks = None
         select = self.cache_pooled_keys and ctx.topk_ratio < 1.0  # the block selection runs (in a full window)
-        if ctx.snapshot is not None:
-            cached_key, cached_value, kv_state, kmean_state = ctx.snapshot
-            keys, values = torch.cat([cached_key, key_roped], 1), torch.cat([cached_value, value], 1)
+        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        window = None if ctx.snapshot is not None or wants_grad else layer_cache.contiguous_window(plan)
+        if window is not None:
+            # one step (one launch with Triton): RoPE, the chunk's K/V into the cache's window, the selection's pools
+            if select:
+                pooled_prefix = layer_cache.pooled_key_prefix(plan, ctx.block_size, ctx.key_centering)
+            pool = ctx.topk_ratio < 1.0
+            query_roped, pooled_query, pooled_key = rope_chunk_into_window(
+                query, key, value, *plan.query_rope, *window, pool_block_size=ctx.block_size if pool else None,
+                key_centering=ctx.key_centering, kernel=self.kernel,
+                first_pooled_key_block=0 if pooled_prefix is None else pooled_prefix.shape[2],
+            )
+            pooled_blocks = (pooled_query, pooled_key) if pool else None
+            keys, values = window
+            key_roped = keys[:, keys.shape[1] - key.shape[1] :]
         else:
-            views = None
-            if not (key_roped.requires_grad or value.requires_grad):
-                views = layer_cache.contiguous_keys(plan, key_roped, value)
-                if views is not None and select:
-                    pooled_prefix = layer_cache.pooled_key_prefix(plan, ctx.block_size, ctx.key_centering)
-            if views is None:
+            query_roped = apply_rotary_emb(query, *plan.query_rope)
+            key_roped = apply_rotary_emb(key, *plan.query_rope)
+            if ctx.snapshot is not None:
+                cached_key, cached_value, kv_state, kmean_state = ctx.snapshot
+            else:
                 cached_key, cached_value = layer_cache.context(plan)
-                views = torch.cat([cached_key, key_roped], 1), torch.cat([cached_value, value], 1)
-            keys, values = views
+            keys, values = torch.cat([cached_key, key_roped], 1), torch.cat([cached_value, value], 1)
         out = self._attend(
             attn, ctx, query_roped, query, plan.query_rope, keys, values, kv_state, kmean_state, plan.memory_ready,
-            pooled_prefix, projected_kv_state,
+            pooled_prefix, projected_kv_state, pooled_blocks,
         )
         if ctx.cache_mode == "write":
             pooled_keys = (ctx.block_size, ctx.key_centering) if select else None

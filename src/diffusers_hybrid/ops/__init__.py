@@ -18,7 +18,7 @@ from .block_sparse_attention.naive import (
     select_key_blocks_naive,
 )
 from .linear_memory.naive import linear_memory_absorb_naive, linear_memory_read_naive
-from .rotary import apply_rotary_emb
+from .rotary import apply_rotary_emb, rope_chunk_into_window_naive
 
 KERNELS = ("reference", "triton")
 
@@ -39,7 +39,7 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_TRITON_HEAD_DIMS = {"attention": (16, 32, 64, 128, 256), "memory": (16, 32, 64, 128)}
+_TRITON_HEAD_DIMS = {"attention": (16, 32, 64, 128, 256), "memory": (16, 32, 64, 128), "rope": (16, 32, 64, 128, 256)}
 _warned: set[str] = set()
 
 
@@ -71,6 +71,7 @@ def block_sparse_attention(
     key_centering: str = "heads",
     scale: float | None = None,
     pooled_key_prefix: torch.Tensor | None = None,
+    pooled_blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
     kernel: str = "reference",
 ) -> torch.Tensor:
     """
@@ -84,6 +85,9 @@ def block_sparse_attention(
         pooled_key_prefix (`torch.Tensor` of shape `(B, H, P, D)`, *optional*): the selection's pooled key blocks
             for the first `P * block_size` keys, as [`pool_key_blocks`] computes them (a cache keeps them for the
             part of the window that is the same in every pass of a chunk); only the other keys are pooled.
+        pooled_blocks (`tuple`, *optional*): `(pooled_query, pooled_key)`, the selection's mean-pooled query blocks
+            `(B, H, ceil(Lq / block_size), D)` and pooled key blocks after the prefix, `(B, H, K - P, D)`, as
+            [`rope_chunk_into_window`] returns them; the selection then pools nothing.
         kernel (`str`): `"reference"` or `"triton"`.
 
     Returns:
@@ -97,11 +101,12 @@ def block_sparse_attention(
 
         return block_sparse_attention_triton(
             query, key, value, topk_ratio=topk_ratio, block_size=block_size, key_centering=key_centering,
-            scale=scale, dense=dense, pooled_key_prefix=pooled_key_prefix,
+            scale=scale, dense=dense, pooled_key_prefix=pooled_key_prefix, pooled_blocks=pooled_blocks,
         )
     block_index = None
     if not dense:
-        block_index = select_key_blocks_naive(query, key, topk_ratio, block_size, key_centering, pooled_key_prefix)
+        block_index = select_key_blocks_naive(query, key, topk_ratio, block_size, key_centering, pooled_key_prefix,
+                                              pooled_blocks)
     return block_sparse_attention_naive(query, key, value, block_index, block_size, scale)
 
 
@@ -144,6 +149,7 @@ def block_sparse_attention_with_memory(
     key_centering: str = "heads",
     scale: float | None = None,
     pooled_key_prefix: torch.Tensor | None = None,
+    pooled_blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
     kernel: str = "reference",
 ) -> torch.Tensor:
     """
@@ -171,17 +177,51 @@ def block_sparse_attention_with_memory(
             query, key, value, query_raw, kv_state, kmean_state, eps=eps, proj_weight=proj_weight,
             proj_bias=proj_bias, topk_ratio=topk_ratio, block_size=block_size, key_centering=key_centering,
             scale=scale, dense=num_selected_blocks(num_key_blocks, topk_ratio) == num_key_blocks,
-            pooled_key_prefix=pooled_key_prefix, state_is_projected=state_is_projected,
+            pooled_key_prefix=pooled_key_prefix, state_is_projected=state_is_projected, pooled_blocks=pooled_blocks,
         )
     out = block_sparse_attention(query, key, value, topk_ratio=topk_ratio, block_size=block_size,
                                  key_centering=key_centering, scale=scale, pooled_key_prefix=pooled_key_prefix,
-                                 kernel=kernel)
+                                 pooled_blocks=pooled_blocks, kernel=kernel)
     memory = linear_memory_read(query, query_raw, kv_state, kmean_state, eps=eps, kernel=kernel).to(out.dtype)
     if proj_weight is not None:
         memory = torch.nn.functional.linear(memory, proj_weight, proj_bias)
     elif proj_bias is not None:
         memory = memory + proj_bias
     return out + memory
+
+
+def rope_chunk_into_window(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    window_key: torch.Tensor,
+    window_value: torch.Tensor,
+    *,
+    pool_block_size: int | None = None,
+    key_centering: str = "heads",
+    first_pooled_key_block: int = 0,
+    kernel: str = "reference",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """
+    The RoPE step of a cached chunk (no gradient): returns the RoPE'd `query`, writes the RoPE'd `key` and `value`
+    into the last rows of `window_key` / `window_value` (the cache's scratch slot after the cached context) and, with
+    `pool_block_size`, returns the block selection's pooled blocks as `pooled_blocks` of [`block_sparse_attention`]
+    takes them (key blocks of the window from `first_pooled_key_block` on). The Triton kernel does it all in one
+    launch. See `rotary/naive.py` for shapes.
+
+    Returns:
+        `(query_roped, pooled_query, pooled_key)`; the last two `None` without `pool_block_size`.
+    """
+    _check_kernel(kernel)
+    args = (query, key, value, cos, sin, window_key, window_value, pool_block_size, key_centering,
+            first_pooled_key_block)
+    if kernel == "triton" and _use_triton("rope", query, pool_block_size):
+        from .rotary.triton_kernel import rope_chunk_into_window_triton
+
+        return rope_chunk_into_window_triton(*args)
+    return rope_chunk_into_window_naive(*args)
 
 
 def linear_memory_absorb(
@@ -233,6 +273,7 @@ __all__ = [
     "linear_memory_read",
     "num_selected_blocks",
     "pool_key_blocks",
+    "rope_chunk_into_window",
     "select_key_blocks_naive",
     "triton_available",
 ]

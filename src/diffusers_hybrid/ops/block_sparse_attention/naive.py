@@ -72,6 +72,21 @@ def check_pooled_key_prefix(pooled_key_prefix: torch.Tensor, key: torch.Tensor, 
     return num_prefix
 
 
+def check_pooled_blocks(pooled_blocks, query: torch.Tensor, key: torch.Tensor, block_size: int, num_prefix: int):
+    """Validates precomputed `(pooled_query, pooled_key)` (see [`select_key_blocks_naive`]); returns them."""
+    if not (isinstance(pooled_blocks, (tuple, list)) and len(pooled_blocks) == 2):
+        raise ValueError("`pooled_blocks` must be a pair (pooled_query, pooled_key)")
+    pooled_query, pooled_key = pooled_blocks
+    batch, len_q, heads, dim = query.shape
+    expected_q = (batch, heads, -(-len_q // block_size), dim)
+    expected_k = (batch, heads, -(-key.shape[1] // block_size) - num_prefix, dim)
+    if tuple(pooled_query.shape) != expected_q or tuple(pooled_key.shape) != expected_k:
+        raise ValueError(f"`pooled_blocks` must have shapes {expected_q} and {expected_k} (the key blocks after the "
+                         f"{num_prefix} of `pooled_key_prefix`), got {tuple(pooled_query.shape)} and "
+                         f"{tuple(pooled_key.shape)}")
+    return pooled_query, pooled_key
+
+
 def select_key_blocks_naive(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -79,6 +94,7 @@ def select_key_blocks_naive(
     block_size: int = 64,
     key_centering: str = "heads",
     pooled_key_prefix: torch.Tensor | None = None,
+    pooled_blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """
     Chooses, per (batch, head, query block), the key blocks to attend to.
@@ -93,21 +109,23 @@ def select_key_blocks_naive(
         pooled_key_prefix (`torch.Tensor` of shape `(B, H, P, D)`, *optional*): the pooled key blocks of the first
             `P * block_size` keys, as [`pool_key_blocks_naive`] computes them (e.g. kept by the cache for the part of
             the window that does not change between passes); only the remaining keys are pooled.
+        pooled_blocks (`tuple`, *optional*): `(pooled_query, pooled_key)` computed elsewhere (e.g. by the RoPE step,
+            `rope_chunk_into_window`): the mean-pooled query blocks `(B, H, M, D)` and the pooled key blocks after
+            the prefix's `P`, `(B, H, K - P, D)`, float32; nothing is pooled here then.
 
     Returns:
         `torch.LongTensor` of shape `(B, H, ceil(Lq / block_size), topk)`: selected key-block indices, sorted
         ascending.
     """
-    pooled_q = mean_pool_blocks(query, block_size)
-    if pooled_key_prefix is None:
-        pooled_k = pool_key_blocks_naive(key, block_size, key_centering)
+    num_prefix = 0 if pooled_key_prefix is None else check_pooled_key_prefix(pooled_key_prefix, key, block_size)
+    if pooled_blocks is not None:
+        pooled_q, pooled_rest = (t.float() for t in check_pooled_blocks(pooled_blocks, query, key, block_size,
+                                                                         num_prefix))
     else:
-        num_prefix = check_pooled_key_prefix(pooled_key_prefix, key, block_size)
-        rest = key[:, num_prefix * block_size :]
-        parts = [pooled_key_prefix.float()]
-        if rest.shape[1]:
-            parts.append(pool_key_blocks_naive(rest, block_size, key_centering))
-        pooled_k = torch.cat(parts, dim=2)
+        pooled_q = mean_pool_blocks(query, block_size)
+        pooled_rest = pool_key_blocks_naive(key[:, num_prefix * block_size :], block_size, key_centering)
+    parts = [pooled_key_prefix.float()] if num_prefix else []
+    pooled_k = torch.cat(parts + [pooled_rest], dim=2) if parts else pooled_rest
     scores = pooled_q @ pooled_k.transpose(-1, -2)  # (B, H, M, K)
     topk = num_selected_blocks(pooled_k.shape[2], topk_ratio)
     return scores.topk(topk, dim=-1).indices.sort(dim=-1).values

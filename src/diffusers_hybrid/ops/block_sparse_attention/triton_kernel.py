@@ -52,7 +52,7 @@ import triton.language as tl  # noqa: E402
 
 from ..utils import new_empty, new_empty_like  # noqa: E402
 
-from .naive import check_pooled_key_prefix, num_selected_blocks  # noqa: E402
+from .naive import check_pooled_blocks, check_pooled_key_prefix, num_selected_blocks  # noqa: E402
 
 try:  # Hopper bulk-tensor copies (TMA); optional.
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -1102,6 +1102,15 @@ def _prefix_arg(pooled_key_prefix: torch.Tensor | None, key: torch.Tensor, block
     return pooled_key_prefix.detach().float().contiguous()
 
 
+def _pooled_args(pooled_blocks, query: torch.Tensor, key: torch.Tensor, block_size: int, prefix):
+    """Validated, contiguous fp32 `(pooled_query, pooled_key)` (or `(None, None)`)."""
+    if pooled_blocks is None:
+        return None, None
+    num_prefix = 0 if prefix is None else prefix.shape[2]
+    return tuple(t.detach().float().contiguous()
+                 for t in check_pooled_blocks(pooled_blocks, query, key, block_size, num_prefix))
+
+
 def select_key_blocks_triton(query: torch.Tensor, key: torch.Tensor, topk_ratio: float = 0.2,
                              block_size: int = 64, key_centering: str = "heads", write_map: bool = False,
                              pooled_key_prefix: torch.Tensor | None = None):
@@ -1165,26 +1174,31 @@ def _pool(query, key, block_size: int, center: bool, first_key_block: int = 0, o
     return pooled_q, pooled_k
 
 
-def _pool_for_selection(query, key, topk: int, block_size: int, center: bool, write_map: bool, pooled_prefix=None):
-    """The pooling launch of a selection and the buffers the top-k fills: `(lut, bmap or None, selection)` with
-    `selection = (pooled_q, pooled_k, pooled_prefix, bmap, num_k_blocks, num_prefix)` (also the `selection`
-    argument of `attention_forward`, which then selects in the attention kernel's prologue)."""
+def _pool_for_selection(query, key, topk: int, block_size: int, center: bool, write_map: bool, pooled_prefix=None,
+                        pooled=None):
+    """The pooling launch of a selection (none when `pooled = (pooled_q, pooled_k)` comes precomputed, e.g. from the
+    RoPE step) and the buffers the top-k fills: `(lut, bmap or None, selection)` with `selection = (pooled_q,
+    pooled_k, pooled_prefix, bmap, num_k_blocks, num_prefix)` (also the `selection` argument of
+    `attention_forward`, which then selects in the attention kernel's prologue)."""
     batch, len_q, heads, _ = query.shape
     num_q_blocks = triton.cdiv(len_q, block_size)
     num_k_blocks = triton.cdiv(key.shape[1], block_size)
     num_prefix = 0 if pooled_prefix is None else pooled_prefix.shape[2]
-    pooled_q, pooled_k = _pool(query, key, block_size, center, first_key_block=num_prefix)
+    if pooled is not None:
+        pooled_q, pooled_k = pooled
+    else:
+        pooled_q, pooled_k = _pool(query, key, block_size, center, first_key_block=num_prefix)
     lut = new_empty((batch, heads, num_q_blocks, topk), device=query.device, dtype=torch.int32)
     bmap = (new_empty((batch, heads, num_q_blocks, num_k_blocks), device=query.device, dtype=torch.int8)
             if write_map else None)
     return lut, bmap, (pooled_q, pooled_k, pooled_prefix, bmap, num_k_blocks, num_prefix)
 
 
-def _select(query, key, topk: int, block_size: int, center: bool, write_map: bool, pooled_prefix=None):
+def _select(query, key, topk: int, block_size: int, center: bool, write_map: bool, pooled_prefix=None, pooled=None):
     batch, _, heads, dim = query.shape
     num_q_blocks = triton.cdiv(query.shape[1], block_size)
     lut, bmap, (pooled_q, pooled_k, _, _, num_k_blocks, num_prefix) = _pool_for_selection(
-        query, key, topk, block_size, center, write_map, pooled_prefix)
+        query, key, topk, block_size, center, write_map, pooled_prefix, pooled)
     if bmap is None:
         bmap = lut  # an unused pointer argument
     impl = SELECT_CONFIG.get("impl", "row")
@@ -1536,17 +1550,20 @@ def _block_map_from_lut(lut: torch.Tensor, num_k_blocks: int) -> torch.Tensor:
 
 
 def _bsa_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: Optional[torch.Tensor], topk: int,
-                block_size: int, center: bool, scale: float, dense: bool, pooled_prefix: Optional[torch.Tensor]
+                block_size: int, center: bool, scale: float, dense: bool, pooled_prefix: Optional[torch.Tensor],
+                pooled_q: Optional[torch.Tensor] = None, pooled_k: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     num_k_blocks = triton.cdiv(k.shape[1], block_size)
+    pooled = None if pooled_q is None else (pooled_q, pooled_k)
     if dense:
         lut, bmap = q.new_empty((0,), dtype=torch.int32), q.new_empty((0,), dtype=torch.int8)
     elif block_index is None and SELECT_CONFIG.get("fused"):
-        lut, bmap, selection = _pool_for_selection(q, k, topk, block_size, center, True, pooled_prefix)
+        lut, bmap, selection = _pool_for_selection(q, k, topk, block_size, center, True, pooled_prefix, pooled)
         out, lse = attention_forward(q, k, v, lut, topk, block_size, scale, dense, selection=selection)
         return out, lse, lut, bmap
     elif block_index is None:
-        lut, bmap = _select(q, k, topk, block_size, center, write_map=True, pooled_prefix=pooled_prefix)
+        lut, bmap = _select(q, k, topk, block_size, center, write_map=True, pooled_prefix=pooled_prefix,
+                            pooled=pooled)
     else:
         lut = block_index.to(torch.int32).sort(dim=-1).values.contiguous()  # kernels expect ascending
         bmap = _block_map_from_lut(lut, num_k_blocks)
@@ -1558,7 +1575,7 @@ _bsa_fwd_op = torch.library.custom_op("diffusers_hybrid::block_sparse_attn_fwd",
 
 
 @_bsa_fwd_op.register_fake
-def _(q, k, v, block_index, topk, block_size, center, scale, dense, pooled_prefix):
+def _(q, k, v, block_index, topk, block_size, center, scale, dense, pooled_prefix, pooled_q=None, pooled_k=None):
     batch, len_q, heads, _ = q.shape
     num_q_blocks = -(-len_q // block_size)
     num_k_blocks = -(-k.shape[1] // block_size)
@@ -1584,7 +1601,7 @@ def _(dout, q, k, v, out, lse, lut, bmap, block_size, scale, dense):
 
 
 def _bsa_setup_context(ctx, inputs, output):
-    q, k, v, _block_index, _topk, block_size, _center, scale, dense, _pooled_prefix = inputs
+    q, k, v, _block_index, _topk, block_size, _center, scale, dense, _pooled_prefix, _pooled_q, _pooled_k = inputs
     out, lse, lut, bmap = output
     ctx.save_for_backward(q, k, v, out, lse, lut, bmap)
     ctx.block_size, ctx.scale, ctx.dense = block_size, scale, dense
@@ -1594,9 +1611,9 @@ def _bsa_setup_context(ctx, inputs, output):
 def _bsa_backward(ctx, dout, _dlse, _dlut, _dbmap):
     q, k, v, out, lse, lut, bmap = ctx.saved_tensors
     if dout is None:
-        return None, None, None, None, None, None, None, None, None, None
+        return (None,) * 12
     dq, dk, dv = _bsa_bwd_op(dout, q, k, v, out, lse, lut, bmap, ctx.block_size, ctx.scale, ctx.dense)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * 9
 
 
 _bsa_fwd_op.register_autograd(_bsa_backward, setup_context=_bsa_setup_context)
@@ -1605,12 +1622,15 @@ _bsa_fwd_op.register_autograd(_bsa_backward, setup_context=_bsa_setup_context)
 def _bsa_memory_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_raw: torch.Tensor,
                        kv_proj: torch.Tensor, kmean: torch.Tensor, bias: Optional[torch.Tensor], topk: int,
                        block_size: int, center: bool, scale: float, dense: bool, eps: float,
-                       pooled_prefix: Optional[torch.Tensor]) -> torch.Tensor:
+                       pooled_prefix: Optional[torch.Tensor], pooled_q: Optional[torch.Tensor] = None,
+                       pooled_k: Optional[torch.Tensor] = None) -> torch.Tensor:
     memory = (query_raw, kv_proj, kmean, bias, eps)
+    pooled = None if pooled_q is None else (pooled_q, pooled_k)
     if not dense and SELECT_CONFIG.get("fused"):
-        lut, _, selection = _pool_for_selection(q, k, topk, block_size, center, False, pooled_prefix)
+        lut, _, selection = _pool_for_selection(q, k, topk, block_size, center, False, pooled_prefix, pooled)
         return attention_forward(q, k, v, lut, topk, block_size, scale, dense, memory=memory, selection=selection)[0]
-    lut = None if dense else _select(q, k, topk, block_size, center, write_map=False, pooled_prefix=pooled_prefix)[0]
+    lut = None if dense else _select(q, k, topk, block_size, center, write_map=False, pooled_prefix=pooled_prefix,
+                                     pooled=pooled)[0]
     out, _ = attention_forward(q, k, v, lut, topk, block_size, scale, dense, memory=memory)
     return out
 
@@ -1620,7 +1640,8 @@ _bsa_memory_fwd_op = torch.library.custom_op("diffusers_hybrid::block_sparse_att
 
 
 @_bsa_memory_fwd_op.register_fake
-def _(q, k, v, query_raw, kv_proj, kmean, bias, topk, block_size, center, scale, dense, eps, pooled_prefix):
+def _(q, k, v, query_raw, kv_proj, kmean, bias, topk, block_size, center, scale, dense, eps, pooled_prefix,
+      pooled_q=None, pooled_k=None):
     return torch.empty_like(q)
 
 
@@ -1652,6 +1673,7 @@ def block_sparse_attention_with_memory_triton(
     dense: bool = False,
     pooled_key_prefix: torch.Tensor | None = None,
     state_is_projected: bool = False,
+    pooled_blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """
     `block_sparse_attention(query, key, value) + linear_proj(linear_memory_read(query, query_raw, kv, kmean))` with
@@ -1666,6 +1688,8 @@ def block_sparse_attention_with_memory_triton(
         pooled_key_prefix (`(B, H, P, D)`, *optional*): pooled key blocks of the first `P * block_size` keys (see
             [`select_key_blocks_triton`]).
         state_is_projected (`bool`): `kv_state` is already `KV'` (`proj_weight` then only checked to be None).
+        pooled_blocks (`tuple`, *optional*): precomputed `(pooled_query, pooled_key)` (see
+            [`block_sparse_attention_triton`]).
 
     Returns:
         `(B, Lq, H, D)` in the dtype of `query`.
@@ -1679,7 +1703,7 @@ def block_sparse_attention_with_memory_triton(
 
         out = block_sparse_attention_triton(query, key, value, topk_ratio=topk_ratio, block_size=block_size,
                                             key_centering=key_centering, scale=scale, dense=dense,
-                                            pooled_key_prefix=pooled_key_prefix)
+                                            pooled_key_prefix=pooled_key_prefix, pooled_blocks=pooled_blocks)
         memory = linear_memory_read_triton(query, query_raw, kv_state.float(), kmean_state, eps=eps)
         if proj_weight is not None:
             memory = torch.nn.functional.linear(memory.to(proj_weight.dtype), proj_weight, proj_bias)
@@ -1697,9 +1721,10 @@ def block_sparse_attention_with_memory_triton(
     kv = kv_state.detach() if state_is_projected else project_memory_state(kv_state, proj_weight)
     bias = None if proj_bias is None else proj_bias.detach().float()
     prefix = None if dense else _prefix_arg(pooled_key_prefix, key, block_size)
+    pooled_q, pooled_k = (None, None) if dense else _pooled_args(pooled_blocks, query, key, block_size, prefix)
     op = _bsa_memory_fwd_impl if _direct_call() else _bsa_memory_fwd_op
     return op(query, key, value, query_raw, kv.contiguous(), kmean_state.detach().float().contiguous(), bias, topk,
-              block_size, key_centering == "heads", float(scale), bool(dense), float(eps), prefix)
+              block_size, key_centering == "heads", float(scale), bool(dense), float(eps), prefix, pooled_q, pooled_k)
 
 
 def block_sparse_attention_triton(
@@ -1714,6 +1739,7 @@ def block_sparse_attention_triton(
     dense: bool = False,
     block_index: torch.Tensor | None = None,
     pooled_key_prefix: torch.Tensor | None = None,
+    pooled_blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """
     Block-sparse softmax attention (selection included) through the Triton kernels; same contract as
@@ -1729,6 +1755,9 @@ def block_sparse_attention_triton(
         block_index (`(B, H, ceil(Lq/bs), topk)` integer tensor, *optional*): precomputed selection (skips ours).
         pooled_key_prefix (`(B, H, P, D)` float32, *optional*): the pooled (centred) key blocks of the first
             `P * block_size` keys ([`pool_key_blocks_triton`]); the selection pools only the remaining keys.
+        pooled_blocks (`tuple`, *optional*): `(pooled_query, pooled_key)`, float32: the mean-pooled query blocks
+            `(B, H, M, D)` and the pooled key blocks after the prefix, `(B, H, K - P, D)`, computed elsewhere (the
+            RoPE step, `rope_chunk_into_window_triton`): the selection then pools nothing.
 
     Returns:
         `(B, Lq, H, D)` tensor in the dtype of `query`; differentiable w.r.t. query, key and value.
@@ -1745,11 +1774,13 @@ def block_sparse_attention_triton(
         dense = dense or topk == num_k_blocks
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    prefix = None if dense or block_index is not None else _prefix_arg(pooled_key_prefix, key, block_size)
+    selects = not dense and block_index is None
+    prefix = _prefix_arg(pooled_key_prefix, key, block_size) if selects else None
+    pooled_q, pooled_k = _pooled_args(pooled_blocks, query, key, block_size, prefix) if selects else (None, None)
     # Eager inference skips the dispatcher (its overhead is not negligible next to the kernels).
     op = _bsa_fwd_impl if _direct_call(query, key, value) else _bsa_fwd_op
     out, _lse, _lut, _bmap = op(query, key, value, block_index, topk, block_size, key_centering == "heads",
-                                float(scale), bool(dense), prefix)
+                                float(scale), bool(dense), prefix, pooled_q, pooled_k)
     return out
 
 

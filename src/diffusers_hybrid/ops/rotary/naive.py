@@ -1,0 +1,91 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""Plain-PyTorch reference of the rotary ops (the kernels' ground truth): Wan's interleaved-pair RoPE, and the
+cached-inference step that RoPEs a chunk, writes its keys and values into the window and pools the selection's
+blocks."""
+
+import torch
+
+from ..block_sparse_attention.naive import mean_pool_blocks, pool_key_blocks_naive
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """
+    Rotates consecutive channel pairs `(x[2i], x[2i+1])` of `x` by the angles encoded in `cos`/`sin`.
+
+    Args:
+        x (`torch.Tensor` of shape `(batch, seq_len, heads, head_dim)`): queries or keys.
+        cos, sin (`torch.Tensor` broadcastable to `(1, seq_len, 1, head_dim)`): Wan's `repeat_interleave`d tables,
+            i.e. `cos[..., 2i] == cos[..., 2i+1]`.
+
+    Returns:
+        `torch.Tensor`: the rotated tensor, same shape and dtype as `x` (computed in float32).
+    """
+    x_f = x.float()
+    x1, x2 = x_f.unflatten(-1, (-1, 2)).unbind(-1)
+    c = cos[..., 0::2].float()
+    s = sin[..., 1::2].float()
+    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def check_window_args(query, key, value, window_key, window_value, pool_block_size, first_pooled_key_block) -> int:
+    """Validates the arguments of the chunk-into-window op; returns the chunk's first row in the window."""
+    if query.shape != key.shape or key.shape != value.shape:
+        raise ValueError(f"query, key and value must have one shape, got {tuple(query.shape)}, {tuple(key.shape)}, "
+                         f"{tuple(value.shape)}")
+    if window_key.shape != window_value.shape or window_key.shape[0] != key.shape[0] or \
+            window_key.shape[2:] != key.shape[2:]:
+        raise ValueError(f"window_key / window_value must be (B, W, H, D) with B, H, D of the key "
+                         f"{tuple(key.shape)}, got {tuple(window_key.shape)} and {tuple(window_value.shape)}")
+    start = window_key.shape[1] - key.shape[1]
+    if start < 0:
+        raise ValueError(f"the window ({window_key.shape[1]} rows) is shorter than the chunk ({key.shape[1]})")
+    if pool_block_size is not None:
+        if pool_block_size < 1:
+            raise ValueError(f"`pool_block_size` must be positive, got {pool_block_size}")
+        if not 0 <= first_pooled_key_block * pool_block_size <= start:
+            raise ValueError(f"`first_pooled_key_block` {first_pooled_key_block} must start at or before the "
+                             f"chunk's first window row {start} (blocks of {pool_block_size})")
+    return start
+
+
+@torch.no_grad()
+def rope_chunk_into_window_naive(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    window_key: torch.Tensor,
+    window_value: torch.Tensor,
+    pool_block_size: int | None = None,
+    key_centering: str = "heads",
+    first_pooled_key_block: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """
+    One chunk's RoPE at cached inference: returns the RoPE'd `query`, writes the RoPE'd `key` and `value` into the
+    last `L` rows of `window_key` / `window_value` (the cache's scratch slot; the rows before hold the cached
+    context), and optionally pools the block selection's blocks.
+
+    Args:
+        query, key, value (`torch.Tensor` of shape `(B, L, H, D)`): the chunk's un-RoPE'd queries and keys, values.
+        cos, sin (`torch.Tensor` of shape `(1, L, 1, D)`): the chunk's RoPE tables (see [`apply_rotary_emb`]).
+        window_key, window_value (`torch.Tensor` of shape `(B, W, H, D)`, `W >= L`): written in rows `W - L ..`.
+        pool_block_size (`int`, *optional*): also return the mean-pooled query blocks and the pooled key blocks
+            ([`pool_key_blocks_naive`] with `key_centering`) of `window_key` from block `first_pooled_key_block` on
+            (which must start at or before the chunk; the blocks before come from elsewhere, e.g. the cache).
+
+    Returns:
+        `(query_roped, pooled_query, pooled_key)`: `(B, L, H, D)` in the dtype of `query`; `(B, H, ceil(L / bs), D)`
+        and `(B, H, ceil(W / bs) - first_pooled_key_block, D)` float32, or `None` without `pool_block_size`.
+    """
+    start = check_window_args(query, key, value, window_key, window_value, pool_block_size, first_pooled_key_block)
+    query_roped = apply_rotary_emb(query, cos, sin)
+    window_key[:, start:] = apply_rotary_emb(key, cos, sin)
+    window_value[:, start:] = value
+    if pool_block_size is None:
+        return query_roped, None, None
+    pooled_query = mean_pool_blocks(query_roped, pool_block_size)
+    pooled_key = pool_key_blocks_naive(window_key[:, first_pooled_key_block * pool_block_size :], pool_block_size,
+                                       key_centering)
+    return query_roped, pooled_query, pooled_key

@@ -1,0 +1,138 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""The cached-inference RoPE step (RoPE, K/V into the window, the selection's pooled blocks) against its reference.
+
+On CPU the kernel runs through Triton's interpreter at small awkward shapes (chunk and window lengths that are not
+multiples of the block, a chunk that starts inside a block, several heads, batch 2), fresh random inputs per run,
+outputs poisoned. The interpreter rounds float32 to bfloat16 by truncation (the GPU rounds to nearest), so bf16
+results are compared within one bf16 step; float32 runs must match to float32 rounding.
+"""
+
+import pytest
+import torch
+
+from diffusers_hybrid.ops import block_sparse_attention, rope_chunk_into_window, triton_available
+from diffusers_hybrid.ops.block_sparse_attention.naive import mean_pool_blocks, pool_key_blocks_naive
+from diffusers_hybrid.ops.rotary.naive import apply_rotary_emb, rope_chunk_into_window_naive
+from diffusers_hybrid.ops.utils import poisoned_outputs
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton cannot run here")
+
+
+def _tables(length, dim, device="cpu"):
+    """Wan-style tables: one random angle per channel pair, repeated for both channels."""
+    angles = torch.rand(1, length, 1, dim // 2, device=device) * 12.0 - 6.0
+    return angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+
+
+def _case(batch, length, window, heads, dim, dtype, device="cpu"):
+    q, k, v = (torch.randn(batch, length, heads, dim, dtype=dtype, device=device) for _ in range(3))
+    k = k + 0.5 * torch.randn(1, 1, heads, dim, dtype=dtype, device=device)  # makes the head centring matter
+    window_key = torch.randn(batch, window, heads, dim, dtype=dtype, device=device)
+    window_value = torch.randn(batch, window, heads, dim, dtype=dtype, device=device)
+    return (q, k, v, *_tables(length, dim, device)), window_key, window_value
+
+
+def _run(kernel, inputs, window_key, window_value, **kwargs):
+    window_key, window_value = window_key.clone(), window_value.clone()
+    with poisoned_outputs():
+        out = rope_chunk_into_window(*inputs, window_key, window_value, kernel=kernel, **kwargs)
+    return (*out, window_key, window_value)
+
+
+def _close(got, want, dtype):
+    # one bf16 / fp16 step of the largest magnitude (interpreter truncation), float32 rounding otherwise
+    step = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 1e-6}[dtype]
+    assert got.shape == want.shape and got.isfinite().all()
+    assert (got.float() - want.float()).abs().max() <= step * want.float().abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pool, first_block, centering", [(None, 0, "heads"), (16, 0, "heads"), (16, 1, "none")])
+def test_rope_chunk_into_window_matches_reference(dtype, pool, first_block, centering):
+    # chunk of 37 rows at window rows 24..60: key block 1 holds 8 cached and 8 chunk rows, the last block 13 rows
+    inputs, window_key, window_value = _case(2, 37, 61, 3, 32, dtype)
+    kwargs = dict(pool_block_size=pool, key_centering=centering, first_pooled_key_block=first_block)
+    q_ref, pq_ref, pk_ref, wk_ref, wv_ref = _run("reference", inputs, window_key, window_value, **kwargs)
+    q_got, pq_got, pk_got, wk_got, wv_got = _run("triton", inputs, window_key, window_value, **kwargs)
+    _close(q_got, q_ref, dtype)
+    _close(wk_got, wk_ref, dtype)
+    assert torch.equal(wk_got[:, :24], window_key[:, :24])  # the cached context is left alone
+    assert torch.equal(wv_got, wv_ref)
+    if pool is None:
+        assert pq_got is None and pk_got is None
+        return
+    # the pools are of the values the kernel stored (so they match what the selection would pool from the cache)
+    torch.testing.assert_close(pq_got, mean_pool_blocks(q_got, pool), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pk_got, pool_key_blocks_naive(wk_got[:, first_block * pool :], pool, centering),
+                               rtol=1e-5, atol=1e-6)
+    assert pq_got.shape == pq_ref.shape == (2, 3, 3, 32) and pk_got.shape == pk_ref.shape == (2, 3, 4 - first_block, 32)
+    _close(pk_got, pk_ref, dtype)
+
+
+def test_rope_chunk_into_window_reference_is_rope_and_copy():
+    inputs, window_key, window_value = _case(1, 20, 50, 2, 16, torch.float32)
+    q, k, v, cos, sin = inputs
+    query_roped, pooled_query, pooled_key = rope_chunk_into_window_naive(q, k, v, cos, sin, window_key, window_value,
+                                                                         pool_block_size=16)
+    torch.testing.assert_close(query_roped, apply_rotary_emb(q, cos, sin))
+    torch.testing.assert_close(window_key[:, 30:], apply_rotary_emb(k, cos, sin))
+    assert torch.equal(window_value[:, 30:], v)
+    # RoPE rotates pairs: norms of every pair are kept, so the key norm is too
+    torch.testing.assert_close(window_key[:, 30:].norm(dim=-1), k.norm(dim=-1))
+    assert pooled_query.shape == (1, 2, 2, 16) and pooled_key.shape == (1, 2, 4, 16)
+
+
+def test_rope_chunk_into_window_rejects_bad_arguments():
+    inputs, window_key, window_value = _case(1, 20, 50, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="first_pooled_key_block"):
+        rope_chunk_into_window(*inputs, window_key, window_value, pool_block_size=16, first_pooled_key_block=2)
+    with pytest.raises(ValueError, match="shorter than the chunk"):
+        rope_chunk_into_window(*inputs, window_key[:, :10], window_value[:, :10])
+    with pytest.raises(ValueError, match="cos / sin"):
+        q, k, v, cos, sin = inputs
+        rope_chunk_into_window(q, k, v, cos[:, :5], sin[:, :5], window_key, window_value, kernel="triton")
+
+
+def test_selection_from_rope_pools_matches_pooling_in_the_selection():
+    """`pooled_blocks` from the RoPE step (with a pooled prefix for the first cached blocks) give the same attention
+    as the selection pooling the keys itself, for the Triton and the reference kernels."""
+    inputs, window_key, window_value = _case(2, 37, 61, 3, 32, torch.bfloat16)
+    prefix_blocks = 1
+    outs = {}
+    for kernel in ("reference", "triton"):
+        query_roped, pooled_query, pooled_key, keys, values = _run(
+            kernel, inputs, window_key, window_value, pool_block_size=16, first_pooled_key_block=prefix_blocks)
+        prefix = pool_key_blocks_naive(keys[:, : prefix_blocks * 16], 16)
+        with poisoned_outputs():
+            got = block_sparse_attention(query_roped, keys, values, topk_ratio=0.5, block_size=16, kernel=kernel,
+                                         pooled_key_prefix=prefix, pooled_blocks=(pooled_query, pooled_key))
+            want = block_sparse_attention(query_roped, keys, values, topk_ratio=0.5, block_size=16, kernel=kernel)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        outs[kernel] = got
+    assert outs["triton"].isfinite().all()
+
+
+def test_pooled_blocks_of_a_wrong_shape_are_refused():
+    q, k, v = (torch.randn(1, 40, 2, 16) for _ in range(3))
+    pooled = (torch.randn(1, 2, 3, 16), torch.randn(1, 2, 2, 16))  # the keys make 3 blocks of 16
+    with pytest.raises(ValueError, match="pooled_blocks"):
+        block_sparse_attention(q, k, v, topk_ratio=0.5, block_size=16, pooled_blocks=pooled)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_rope_chunk_into_window_real_shape_gpu():
+    """Wan2.1-1.3B at 832x480: a 3-frame chunk (4,680 tokens) at the end of a 9-frame window (14,040 keys), 12 heads
+    x 128, bf16; the pooled prefix covers the 146 whole blocks of the 9,360 cached keys."""
+    inputs, window_key, window_value = _case(1, 4680, 14040, 12, 128, torch.bfloat16, device="cuda")
+    kwargs = dict(pool_block_size=64, first_pooled_key_block=146)
+    q_ref, pq_ref, pk_ref, wk_ref, wv_ref = _run("reference", inputs, window_key, window_value, **kwargs)
+    q_got, pq_got, pk_got, wk_got, wv_got = _run("triton", inputs, window_key, window_value, **kwargs)
+    _close(q_got, q_ref, torch.bfloat16)
+    _close(wk_got, wk_ref, torch.bfloat16)
+    assert torch.equal(wv_got, wv_ref) and torch.equal(wk_got[:, :9360], window_key[:, :9360])
+    torch.testing.assert_close(pq_got, mean_pool_blocks(q_got, 64), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pk_got, pool_key_blocks_naive(wk_got[:, 146 * 64 :], 64), rtol=1e-5, atol=1e-5)

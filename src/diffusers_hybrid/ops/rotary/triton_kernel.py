@@ -1,0 +1,162 @@
+# Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
+"""Triton kernel of the cached-inference RoPE step (`rope_chunk_into_window_naive` is its reference).
+
+One launch RoPEs a chunk's queries and keys (Wan's interleaved pairs, float32 math), writes the RoPE'd keys and the
+values into the cache's window, and, while the rotated rows are in registers, mean-pools the block selection's
+query blocks and (head-centred) key blocks. The block selection then needs no pooling launch of its own: what it
+costs is the difference between this kernel with and without pooling.
+
+Grid `(query blocks + key blocks, batch)`, one program per `block_size` rows looping over the heads (the "heads" key
+centring needs every head's pooled vector of a block). Query blocks are on the chunk's grid, key blocks on the
+window's: the chunk starts `start` rows into the window, so the first key block may hold cached rows (read back from
+the window, never written by this launch) before the chunk's.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # CPU only: run the kernels through Triton's interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from ..utils import new_empty, new_empty_like  # noqa: E402
+from .naive import check_window_args  # noqa: E402
+
+# Launch parameters (benchmarks override): warps per program.
+ROPE_CONFIG: dict = {"num_warps": 4}
+
+
+@triton.jit
+def _rope_tables(COS, SIN, rows, ok, s_cl, s_cd, s_sl, s_sd, HALF: tl.constexpr):
+    """cos of the even and sin of the odd channels of `rows`, (BLOCK, HALF) fp32 (Wan's tables repeat each angle
+    for both channels of a pair)."""
+    offs_p = tl.arange(0, HALF)
+    c = tl.load(COS + rows[:, None] * s_cl + (2 * offs_p[None, :]) * s_cd, mask=ok[:, None], other=0.0)
+    s = tl.load(SIN + rows[:, None] * s_sl + (2 * offs_p[None, :] + 1) * s_sd, mask=ok[:, None], other=0.0)
+    return c.to(tl.float32), s.to(tl.float32)
+
+
+@triton.jit
+def _rope_rows(X, OUT, src_rows, dst_rows, ok, s_xl, s_ol, c, s, BLOCK: tl.constexpr, D: tl.constexpr):
+    """Rotates rows `src_rows` of one head of X, stores them as rows `dst_rows` of OUT (OUT's dtype); returns the
+    stored values as fp32 (what a later reader of OUT sees)."""
+    offs_d = tl.arange(0, D)
+    x = tl.load(X + src_rows[:, None] * s_xl + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    x_even, x_odd = tl.split(tl.reshape(x, (BLOCK, D // 2, 2)))
+    y = tl.reshape(tl.join(x_even * c - x_odd * s, x_even * s + x_odd * c), (BLOCK, D))
+    y = y.to(OUT.dtype.element_ty)
+    tl.store(OUT + dst_rows[:, None] * s_ol + offs_d[None, :], y, mask=ok[:, None])
+    return y.to(tl.float32)
+
+
+@triton.jit
+def _rope_window_kernel(Q, K, V, COS, SIN, QO, KW, VW, PQ, PK,
+                        L, start, W, Mq, kb0, NPK,
+                        s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh,
+                        s_ob, s_ol, s_oh, s_wb, s_wl, s_wh, s_ub, s_ul, s_uh, s_cl, s_cd, s_sl, s_sd,
+                        H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                        POOL: tl.constexpr, CENTER: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_t = tl.arange(0, BLOCK)
+    offs_h = tl.arange(0, H_PAD)
+    offs_d = tl.arange(0, D)
+    tile = tl.zeros((H_PAD, D), dtype=tl.float32)
+    if pid < Mq:  # a query block of the chunk
+        rows = pid * BLOCK + offs_t
+        ok = rows < L
+        c, s = _rope_tables(COS, SIN, rows, ok, s_cl, s_cd, s_sl, s_sd, D // 2)
+        for h in range(0, H):
+            y = _rope_rows(Q + b * s_qb + h * s_qh, QO + b * s_ob + h * s_oh, rows, rows, ok, s_ql, s_ol, c, s,
+                           BLOCK, D)
+            if POOL:
+                tile = tl.where(offs_h[:, None] == h, tl.sum(y, axis=0)[None, :], tile)
+        if POOL:
+            tile = tile / tl.minimum(L - pid * BLOCK, BLOCK).to(tl.float32)
+            tl.store(PQ + ((b * H + offs_h[:, None]) * Mq + pid) * D + offs_d[None, :], tile,
+                     mask=(offs_h < H)[:, None])
+    else:  # a key block of the window
+        blk = kb0 + pid - Mq
+        wrows = blk * BLOCK + offs_t
+        crows = wrows - start
+        new = (crows >= 0) & (wrows < W)
+        cached = wrows < start
+        c, s = _rope_tables(COS, SIN, crows, new, s_cl, s_cd, s_sl, s_sd, D // 2)
+        for h in range(0, H):
+            window = KW + b * s_wb + h * s_wh
+            y = _rope_rows(K + b * s_kb + h * s_kh, window, crows, wrows, new, s_kl, s_wl, c, s, BLOCK, D)
+            v = tl.load(V + b * s_vb + h * s_vh + crows[:, None] * s_vl + offs_d[None, :], mask=new[:, None])
+            tl.store(VW + b * s_ub + h * s_uh + wrows[:, None] * s_ul + offs_d[None, :], v, mask=new[:, None])
+            if POOL:
+                old = tl.load(window + wrows[:, None] * s_wl + offs_d[None, :], mask=cached[:, None], other=0.0)
+                y = tl.where(new[:, None], y, old.to(tl.float32))
+                tile = tl.where(offs_h[:, None] == h, tl.sum(y, axis=0)[None, :], tile)
+        if POOL:
+            tile = tile / tl.minimum(W - blk * BLOCK, BLOCK).to(tl.float32)
+            if CENTER:
+                tile = tile - (tl.sum(tile, axis=0) / H)[None, :]
+            tl.store(PK + ((b * H + offs_h[:, None]) * NPK + pid - Mq) * D + offs_d[None, :], tile,
+                     mask=(offs_h < H)[:, None])
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@torch.no_grad()
+def rope_chunk_into_window_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    window_key: torch.Tensor,
+    window_value: torch.Tensor,
+    pool_block_size: int | None = None,
+    key_centering: str = "heads",
+    first_pooled_key_block: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Triton version of [`rope_chunk_into_window_naive`] (same arguments and results), one launch. `window_key` /
+    `window_value` need a contiguous last dimension (they are written in place); `head_dim` a power of two, and
+    `pool_block_size` a power of two >= 16."""
+    if key_centering not in ("heads", "none"):
+        raise ValueError(f"`key_centering` must be 'heads' or 'none', got {key_centering!r}.")
+    start = check_window_args(query, key, value, window_key, window_value, pool_block_size, first_pooled_key_block)
+    if window_key.stride(-1) != 1 or window_value.stride(-1) != 1:
+        raise ValueError("`window_key` and `window_value` need a contiguous last dimension (written in place)")
+    query, key, value = (_last_contiguous(t) for t in (query, key, value))
+    batch, length, heads, dim = query.shape
+    window = window_key.shape[1]
+    pool = pool_block_size is not None
+    block = pool_block_size if pool else 64
+    cos, sin = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
+    if cos.shape != (length, dim) or sin.shape != (length, dim):
+        raise ValueError(f"cos / sin must hold ({length}, {dim}) values (shape (1, L, 1, D)), got "
+                         f"{tuple(cos.shape)} / {tuple(sin.shape)}")
+    query_roped = new_empty_like(query)
+    first = first_pooled_key_block if pool else start // block
+    num_q_blocks = triton.cdiv(length, block)
+    num_k_blocks = triton.cdiv(window, block) - first
+    pooled_q = pooled_k = None
+    if pool:
+        pooled_q = new_empty((batch, heads, num_q_blocks, dim), device=query.device, dtype=torch.float32)
+        pooled_k = new_empty((batch, heads, num_k_blocks, dim), device=query.device, dtype=torch.float32)
+    if length == 0 or batch == 0:
+        return query_roped, pooled_q, pooled_k
+    dummy = query_roped  # unused pointer arguments when not pooling
+    _rope_window_kernel[(num_q_blocks + num_k_blocks, batch)](
+        query, key, value, cos, sin, query_roped, window_key, window_value,
+        pooled_q if pool else dummy, pooled_k if pool else dummy,
+        length, start, window, num_q_blocks, first, num_k_blocks,
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *query_roped.stride()[:3],
+        *window_key.stride()[:3], *window_value.stride()[:3], *cos.stride(), *sin.stride(),
+        H=heads, H_PAD=triton.next_power_of_2(heads), D=dim, BLOCK=block, POOL=pool,
+        CENTER=key_centering == "heads", num_warps=ROPE_CONFIG.get("num_warps", 4), num_stages=1,
+    )
+    return query_roped, pooled_q, pooled_k
+
+
+__all__ = ["ROPE_CONFIG", "rope_chunk_into_window_triton"]
