@@ -9,7 +9,9 @@ Forward, three or four launches:
    token block looping over the heads (one wide (block, D) load per head), fp32, partial last block averaged over
    its valid rows; for keys it subtracts the mean over heads ("heads" key centring: pooling and the head mean
    commute). With a `pooled_key_prefix` (the pooled blocks of the first keys, e.g. kept by a cache for the part of
-   the window that is the same in every pass) only the remaining key blocks are pooled.
+   the window that is the same in every pass) only the remaining key blocks are pooled. With `pooled_blocks` (the
+   model's cached passes: `rope_chunk_into_window`, `ops/rotary/`, pools while it RoPEs the chunk) this launch is
+   skipped, and the forward chain is top-k -> attention.
 2. `_select_row_kernel`: per (batch, head, query block), fp32 scores against all pooled key blocks (prefix and
    freshly pooled ones), then the k-th largest score by a 32-step binary search over the scores' order-preserving
    int32 image, or (`SELECT_CONFIG["search"] = "radix4"`, `_topk_rows`) a 16-step search of two bits per step, or
