@@ -111,6 +111,13 @@ def parse_args(input_args=None):
     parser.add_argument("--logit_mean", type=float, default=0.0)
     parser.add_argument("--logit_std", type=float, default=1.0)
     parser.add_argument(
+        "--high_sigma_fraction",
+        type=float,
+        default=0.0,
+        help="Fraction of noise levels drawn uniformly from [--high_sigma_min, 1] instead of the logit-normal.",
+    )
+    parser.add_argument("--high_sigma_min", type=float, default=0.97)
+    parser.add_argument(
         "--motion_weight",
         type=float,
         default=0.0,
@@ -171,6 +178,9 @@ def parse_args(input_args=None):
         parser.error("--pretrained_model_name_or_path is required (a folder with vae/, tokenizer/, text_encoder/)")
     if (args.num_frames - 1) % 4:
         raise ValueError("--num_frames must be 1 + 4k (the VAE's temporal compression)")
+    if not 0 <= args.high_sigma_fraction <= 1 or not 0 <= args.high_sigma_min < 1:
+        parser.error(f"--high_sigma_fraction must lie in [0, 1] and --high_sigma_min in [0, 1), got "
+                     f"{args.high_sigma_fraction} and {args.high_sigma_min}")
     args.local_rank = int(os.environ.get("LOCAL_RANK", -1))
     return args
 
@@ -248,9 +258,18 @@ class LatentSource:
 
 
 def sample_sigmas(n, args, generator, device):
+    """`n` noise levels: the shifted logit-normal, except that each one is, with probability
+    `--high_sigma_fraction`, drawn uniformly from `[--high_sigma_min, 1]` instead (the levels where nothing of the
+    clip is visible yet and the caption alone must decide positions and motion)."""
     u = torch.sigmoid(args.logit_mean + args.logit_std * torch.randn(n, generator=generator, device="cpu"))
     s = args.flow_shift
-    return (s * u / (1 + (s - 1) * u)).to(device)
+    sigma = s * u / (1 + (s - 1) * u)
+    fraction = getattr(args, "high_sigma_fraction", 0.0)
+    if fraction > 0:
+        low = args.high_sigma_min
+        high = low + (1 - low) * torch.rand(n, generator=generator, device="cpu")
+        sigma = torch.where(torch.rand(n, generator=generator, device="cpu") < fraction, high, sigma)
+    return sigma.to(device)
 
 
 def motion_weights(x0: torch.Tensor, strength: float) -> torch.Tensor:

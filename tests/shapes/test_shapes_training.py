@@ -258,3 +258,27 @@ def test_teacher_motion_weighted_loss(repo_root):
     on_motion = script.flow_matching_loss(target + 0.3 * mask, target, x0, 4.0)
     on_static = script.flow_matching_loss(target + 0.3 * torch.roll(mask, 4, dims=3), target, x0, 4.0)
     assert on_motion > 2 * on_static
+
+
+def test_teacher_high_sigma_fraction(repo_root):
+    """`--high_sigma_fraction F`: about F of the noise levels are uniform in [--high_sigma_min, 1]; 0 leaves the
+    shifted logit-normal unchanged (the same draws)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_teacher", os.path.join(repo_root, "training", "train_teacher.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    base = ["--pretrained_model_name_or_path", "unused"]
+    plain = script.parse_args(base)
+    mixed = script.parse_args(base + ["--high_sigma_fraction", "0.25", "--high_sigma_min", "0.98"])
+    n = 20000
+    sigma_plain = script.sample_sigmas(n, plain, torch.Generator().manual_seed(3), "cpu")
+    sigma_mixed = script.sample_sigmas(n, mixed, torch.Generator().manual_seed(3), "cpu")
+    assert ((sigma_plain > 0) & (sigma_plain < 1)).all() and ((sigma_mixed > 0) & (sigma_mixed <= 1)).all()
+    high_plain = (sigma_plain >= 0.98).float().mean().item()
+    high_mixed = (sigma_mixed >= 0.98).float().mean().item()
+    assert high_plain < 0.02 and abs(high_mixed - (0.25 + 0.75 * high_plain)) < 0.015, (high_plain, high_mixed)
+    changed = sigma_mixed != sigma_plain
+    assert (sigma_mixed[changed] >= 0.98).all() and 0.2 < changed.float().mean().item() < 0.3
+    with pytest.raises(SystemExit):
+        script.parse_args(base + ["--high_sigma_fraction", "1.5"])
