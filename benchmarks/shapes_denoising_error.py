@@ -10,9 +10,14 @@ teacher must decide first (positions, motion); the first latent frame holds a si
     python benchmarks/shapes_denoising_error.py TEACHER [TEACHER ...] [--num-clips 16] [--sigmas 0.2 0.5 0.8 0.95]
 
 Prints one line per teacher and sigma, and writes JSON with `--out`.
+
+`--caption-probe`: also the mean error with the caption of every clip changed in one attribute of its objects (the
+opposite direction, the other speed, another colour), at the same clips and noise: how much each attribute of the
+caption informs the prediction at each noise level (no difference: the teacher does not use it there).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -20,8 +25,27 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from diffusers_hybrid.shapes.domain import render_batch, scene_specs
+from diffusers_hybrid.shapes.domain import DIRECTIONS, OBJECT_COLORS, SPEEDS, SceneAttrs, render_batch, scene_specs
 from diffusers_hybrid.shapes.text import encode_prompts
+
+
+def _opposite_direction(direction: str) -> str:
+    dx, dy = DIRECTIONS[direction]
+    return next(name for name, vec in DIRECTIONS.items() if vec == (-dx, -dy))
+
+
+CAPTION_CHANGES = {
+    "opposite_direction": lambda o: dataclasses.replace(o, direction=_opposite_direction(o.direction)),
+    "other_speed": lambda o: dataclasses.replace(o, speed=SPEEDS[1 - SPEEDS.index(o.speed)]),
+    "other_color": lambda o: dataclasses.replace(
+        o, color=list(OBJECT_COLORS)[(list(OBJECT_COLORS).index(o.color) + 1) % len(OBJECT_COLORS)]),
+}
+
+
+def changed_prompts(specs, change) -> list[str]:
+    """The clips' captions with `change` applied to every object."""
+    return [SceneAttrs(s.attrs.background, s.attrs.texture, tuple(change(o) for o in s.attrs.objects)).caption()
+            for s in specs]
 
 
 def normalized_latents(vae, video):
@@ -68,6 +92,8 @@ def main(argv=None):
     parser.add_argument("--max-sequence-length", type=int, default=512, help="As the teachers were trained.")
     parser.add_argument("--seed", type=int, default=4242)
     parser.add_argument("--out", type=str, default=None, help="Write the results as JSON here.")
+    parser.add_argument("--caption-probe", action="store_true",
+                        help="Also the error with each clip's caption changed in one attribute (see above).")
     args = parser.parse_args(argv)
     if (args.frames - 1) % 4:
         parser.error(f"--frames must be 1 + 4k (the VAE's temporal compression), got {args.frames}")
@@ -90,6 +116,16 @@ def main(argv=None):
         )
         for sigma, per_frame in results[folder].items():
             print(f"{folder}  sigma {sigma}: x0 MSE per latent frame {per_frame}", flush=True)
+        if args.caption_probe:
+            probe = {}
+            for name, change in CAPTION_CHANGES.items():
+                errors = denoising_error(folder, x0, noise, changed_prompts(specs, change), args.sigmas,
+                                         args.batch_size, args.max_sequence_length)
+                probe[name] = {sigma: round(sum(e) / len(e), 4) for sigma, e in errors.items()}
+            probe["correct"] = {sigma: round(sum(e) / len(e), 4) for sigma, e in results[folder].items()}
+            results[folder] = {"per_latent_frame": results[folder], "caption_probe_mean": probe}
+            for name, by_sigma in probe.items():
+                print(f"{folder}  caption {name}: mean x0 MSE by sigma {by_sigma}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "x0_mse_per_latent_frame": results}, f, indent=2)

@@ -25,8 +25,9 @@ import triton.language as tl  # noqa: E402
 from ..utils import new_empty, new_empty_like  # noqa: E402
 from .naive import check_window_args  # noqa: E402
 
-# Launch parameters (benchmarks override): warps per program.
-ROPE_CONFIG: dict = {"num_warps": 4}
+# Launch parameters (benchmarks override): warps per program; software-pipelining depth of the loop over heads (the
+# next head's rows load while this head's are rotated and pooled).
+ROPE_CONFIG: dict = {"num_warps": 4, "num_stages": 1}
 
 
 @triton.jit
@@ -42,26 +43,14 @@ def _rope_tables(COS, SIN, rows, ok, s_cl, s_cd, s_sl, s_sd, HALF: tl.constexpr)
 @triton.jit
 def _rope_rows(X, OUT, src_rows, dst_rows, ok, s_xl, s_ol, c, s, BLOCK: tl.constexpr, D: tl.constexpr):
     """Rotates rows `src_rows` of one head of X, stores them as rows `dst_rows` of OUT (OUT's dtype); returns the
-    stored even and odd channels, (BLOCK, D // 2) fp32 each (what a later reader of OUT sees). The pools sum these
-    halves as they are: interleaving them first would cost a layout conversion of the whole tile per head."""
+    stored values as fp32 (what a later reader of OUT sees)."""
     offs_d = tl.arange(0, D)
     x = tl.load(X + src_rows[:, None] * s_xl + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     x_even, x_odd = tl.split(tl.reshape(x, (BLOCK, D // 2, 2)))
-    y_even = (x_even * c - x_odd * s).to(OUT.dtype.element_ty)
-    y_odd = (x_even * s + x_odd * c).to(OUT.dtype.element_ty)
-    tl.store(OUT + dst_rows[:, None] * s_ol + offs_d[None, :], tl.reshape(tl.join(y_even, y_odd), (BLOCK, D)),
-             mask=ok[:, None])
-    return y_even.to(tl.float32), y_odd.to(tl.float32)
-
-
-@triton.jit
-def _store_pooled(P, tile_even, tile_odd, b, pid, NB, H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr):
-    """Pooled (H_PAD, D // 2) even / odd channel tiles of block `pid` into P (B, H, NB, D)."""
-    offs_h = tl.arange(0, H_PAD)
-    offs_p = tl.arange(0, D // 2)
-    base = P + ((b * H + offs_h[:, None]) * NB + pid) * D + 2 * offs_p[None, :]
-    tl.store(base, tile_even, mask=(offs_h < H)[:, None])
-    tl.store(base + 1, tile_odd, mask=(offs_h < H)[:, None])
+    y = tl.reshape(tl.join(x_even * c - x_odd * s, x_even * s + x_odd * c), (BLOCK, D))
+    y = y.to(OUT.dtype.element_ty)
+    tl.store(OUT + dst_rows[:, None] * s_ol + offs_d[None, :], y, mask=ok[:, None])
+    return y.to(tl.float32)
 
 
 @triton.jit
@@ -70,28 +59,26 @@ def _rope_window_kernel(Q, K, V, COS, SIN, QO, KW, VW, PQ, PK,
                         s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh,
                         s_ob, s_ol, s_oh, s_wb, s_wl, s_wh, s_ub, s_ul, s_uh, s_cl, s_cd, s_sl, s_sd,
                         H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                        POOL: tl.constexpr, CENTER: tl.constexpr):
+                        POOL: tl.constexpr, CENTER: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_t = tl.arange(0, BLOCK)
     offs_h = tl.arange(0, H_PAD)
     offs_d = tl.arange(0, D)
-    offs_p = tl.arange(0, D // 2)
-    tile_even = tl.zeros((H_PAD, D // 2), dtype=tl.float32)
-    tile_odd = tl.zeros((H_PAD, D // 2), dtype=tl.float32)
+    tile = tl.zeros((H_PAD, D), dtype=tl.float32)
     if pid < Mq:  # a query block of the chunk
         rows = pid * BLOCK + offs_t
         ok = rows < L
         c, s = _rope_tables(COS, SIN, rows, ok, s_cl, s_cd, s_sl, s_sd, D // 2)
-        for h in range(0, H):
-            y_even, y_odd = _rope_rows(Q + b * s_qb + h * s_qh, QO + b * s_ob + h * s_oh, rows, rows, ok, s_ql, s_ol,
-                                       c, s, BLOCK, D)
+        for h in tl.range(0, H, num_stages=STAGES):
+            y = _rope_rows(Q + b * s_qb + h * s_qh, QO + b * s_ob + h * s_oh, rows, rows, ok, s_ql, s_ol, c, s,
+                           BLOCK, D)
             if POOL:
-                tile_even = tl.where(offs_h[:, None] == h, tl.sum(y_even, axis=0)[None, :], tile_even)
-                tile_odd = tl.where(offs_h[:, None] == h, tl.sum(y_odd, axis=0)[None, :], tile_odd)
+                tile = tl.where(offs_h[:, None] == h, tl.sum(y, axis=0)[None, :], tile)
         if POOL:
-            inv = 1.0 / tl.minimum(L - pid * BLOCK, BLOCK).to(tl.float32)
-            _store_pooled(PQ, tile_even * inv, tile_odd * inv, b, pid, Mq, H, H_PAD, D)
+            tile = tile / tl.minimum(L - pid * BLOCK, BLOCK).to(tl.float32)
+            tl.store(PQ + ((b * H + offs_h[:, None]) * Mq + pid) * D + offs_d[None, :], tile,
+                     mask=(offs_h < H)[:, None])
     else:  # a key block of the window
         blk = kb0 + pid - Mq
         wrows = blk * BLOCK + offs_t
@@ -99,26 +86,21 @@ def _rope_window_kernel(Q, K, V, COS, SIN, QO, KW, VW, PQ, PK,
         new = (crows >= 0) & (wrows < W)
         cached = wrows < start
         c, s = _rope_tables(COS, SIN, crows, new, s_cl, s_cd, s_sl, s_sd, D // 2)
-        for h in range(0, H):
+        for h in tl.range(0, H, num_stages=STAGES):
             window = KW + b * s_wb + h * s_wh
-            y_even, y_odd = _rope_rows(K + b * s_kb + h * s_kh, window, crows, wrows, new, s_kl, s_wl, c, s, BLOCK,
-                                       D)
+            y = _rope_rows(K + b * s_kb + h * s_kh, window, crows, wrows, new, s_kl, s_wl, c, s, BLOCK, D)
             v = tl.load(V + b * s_vb + h * s_vh + crows[:, None] * s_vl + offs_d[None, :], mask=new[:, None])
             tl.store(VW + b * s_ub + h * s_uh + wrows[:, None] * s_ul + offs_d[None, :], v, mask=new[:, None])
             if POOL:
-                if blk * BLOCK < start:  # the block begins with cached rows: read them back from the window
-                    old = window + wrows[:, None] * s_wl + 2 * offs_p[None, :]
-                    y_even += tl.load(old, mask=cached[:, None], other=0.0).to(tl.float32)
-                    y_odd += tl.load(old + 1, mask=cached[:, None], other=0.0).to(tl.float32)
-                tile_even = tl.where(offs_h[:, None] == h, tl.sum(y_even, axis=0)[None, :], tile_even)
-                tile_odd = tl.where(offs_h[:, None] == h, tl.sum(y_odd, axis=0)[None, :], tile_odd)
+                old = tl.load(window + wrows[:, None] * s_wl + offs_d[None, :], mask=cached[:, None], other=0.0)
+                y = tl.where(new[:, None], y, old.to(tl.float32))
+                tile = tl.where(offs_h[:, None] == h, tl.sum(y, axis=0)[None, :], tile)
         if POOL:
-            inv = 1.0 / tl.minimum(W - blk * BLOCK, BLOCK).to(tl.float32)
-            tile_even, tile_odd = tile_even * inv, tile_odd * inv
+            tile = tile / tl.minimum(W - blk * BLOCK, BLOCK).to(tl.float32)
             if CENTER:
-                tile_even = tile_even - (tl.sum(tile_even, axis=0) / H)[None, :]
-                tile_odd = tile_odd - (tl.sum(tile_odd, axis=0) / H)[None, :]
-            _store_pooled(PK, tile_even, tile_odd, b, pid - Mq, NPK, H, H_PAD, D)
+                tile = tile - (tl.sum(tile, axis=0) / H)[None, :]
+            tl.store(PK + ((b * H + offs_h[:, None]) * NPK + pid - Mq) * D + offs_d[None, :], tile,
+                     mask=(offs_h < H)[:, None])
 
 
 def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +155,8 @@ def rope_chunk_into_window_triton(
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *query_roped.stride()[:3],
         *window_key.stride()[:3], *window_value.stride()[:3], *cos.stride(), *sin.stride(),
         H=heads, H_PAD=triton.next_power_of_2(heads), D=dim, BLOCK=block, POOL=pool,
-        CENTER=key_centering == "heads", num_warps=ROPE_CONFIG.get("num_warps", 4), num_stages=1,
+        CENTER=key_centering == "heads", STAGES=ROPE_CONFIG.get("num_stages", 1),
+        num_warps=ROPE_CONFIG.get("num_warps", 4), num_stages=1,
     )
     return query_roped, pooled_q, pooled_k
 
