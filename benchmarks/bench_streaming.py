@@ -166,14 +166,21 @@ def steady(chunks, start, key="total"):
 
 
 def configure(pipe, mode, kernel):
-    """`kernel` is "reference", "triton" or "triton+graphs" (denoising passes replayed from a CUDA graph)."""
-    base, _, extra = kernel.partition("+")
+    """`kernel` is "reference" or "triton", optionally followed by "+graphs" (denoising passes replayed from a CUDA
+    graph) and "+torch-rope" (the cached passes' RoPE step in plain PyTorch, the selection pooling on its own: the
+    processor's `fuse_rope=False`)."""
+    base, *extras = kernel.split("+")
+    unknown = set(extras) - {"graphs", "torch-rope"}
+    if unknown:
+        raise ValueError(f"unknown kernel options {sorted(unknown)} in {kernel!r}")
     transformer = pipe.transformer
     transformer.set_attention_mode(mode)
     transformer.set_attention_kernel(base)
     if transformer.attention_kernel != base:
         raise RuntimeError(f"kernel {base!r} is not available here (got {transformer.attention_kernel!r})")
-    pipe.enable_cuda_graphs(extra == "graphs")
+    for block in transformer.blocks:
+        block.attn1.processor.fuse_rope = "torch-rope" not in extras
+    pipe.enable_cuda_graphs("graphs" in extras)
 
 
 @torch.no_grad()

@@ -164,6 +164,25 @@ def test_projected_memory_state_in_the_reference_op():
         block_sparse_attention_with_memory(q, k, v, q, kv, kmean, proj_weight=w, state_is_projected=True, **common)
 
 
+def test_rope_step_pools_equal_the_selection_pooling():
+    """`fuse_rope` (the processor's one-step RoPE + cache write + pooling, default) against the plain-PyTorch RoPE and
+    copies with the selection pooling the keys itself: the same streamed outputs, bit for bit, with and without the
+    cached pooled prefix."""
+    model = _hybrid("hybrid", **ODD_LAYOUT)
+    x, t, text = _inputs(frames=6 * model.config.num_frame_per_block)
+    outs = {}
+    with torch.no_grad():
+        for cached in (True, False):
+            _set_pooled_key_cache(model, cached)
+            for fuse in (True, False):
+                for block in model.blocks:
+                    block.attn1.processor.fuse_rope = fuse
+                outs[cached, fuse] = _stream(model, x, t, text)[0]
+    for cached in (True, False):
+        for a, b in zip(outs[cached, True], outs[cached, False]):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_dense_ratio_keeps_no_pooled_keys():
     model = _hybrid("hybrid", sparse_topk_ratio=1.0)
     x, t, text = _inputs(frames=9)

@@ -116,15 +116,21 @@ class HybridForcingAttnProcessor:
         fuse_memory (`bool`, defaults to `True`): allow the fused read-out (Triton only; results differ from the
             unfused ops by rounding: the projection is folded into the float32 state).
         cache_pooled_keys (`bool`, defaults to `True`): keep the pooled key blocks of the cached window in the cache.
+        fuse_rope (`bool`, defaults to `True`): with a cache and no gradient, RoPE the chunk, write its keys and
+            values into the cache and pool the block selection's blocks in one step (`rope_chunk_into_window`; one
+            launch with `"triton"`); `False` runs the plain-PyTorch RoPE and copies and lets the selection pool (for
+            comparisons).
     """
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, kernel: str = "reference", fuse_memory: bool = True, cache_pooled_keys: bool = True):
+    def __init__(self, kernel: str = "reference", fuse_memory: bool = True, cache_pooled_keys: bool = True,
+                 fuse_rope: bool = True):
         self.kernel = kernel
         self.fuse_memory = fuse_memory
         self.cache_pooled_keys = cache_pooled_keys
+        self.fuse_rope = fuse_rope
 
     def _fused_memory(self, attn, ctx, tensors) -> bool:
         """The fused attention + memory read-out applies: Triton, inference read-out form, a plain linear projection
@@ -182,10 +188,10 @@ class HybridForcingAttnProcessor:
             # one step (one launch with Triton): RoPE, the chunk's K/V into the cache's window, the selection's pools
             if select:
                 pooled_prefix = layer_cache.pooled_key_prefix(plan, ctx.block_size, ctx.key_centering)
-            pool = ctx.topk_ratio < 1.0
+            pool = self.fuse_rope and ctx.topk_ratio < 1.0
             query_roped, pooled_query, pooled_key = rope_chunk_into_window(
                 query, key, value, *plan.query_rope, *window, pool_block_size=ctx.block_size if pool else None,
-                key_centering=ctx.key_centering, kernel=self.kernel,
+                key_centering=ctx.key_centering, kernel=self.kernel if self.fuse_rope else "reference",
                 first_pooled_key_block=0 if pooled_prefix is None else pooled_prefix.shape[2],
             )
             pooled_blocks = (pooled_query, pooled_key) if pool else None
