@@ -264,7 +264,7 @@ def sample_sigmas(n, args, generator, device):
     u = torch.sigmoid(args.logit_mean + args.logit_std * torch.randn(n, generator=generator, device="cpu"))
     s = args.flow_shift
     sigma = s * u / (1 + (s - 1) * u)
-    fraction = getattr(args, "high_sigma_fraction", 0.0)
+    fraction = args.high_sigma_fraction
     if fraction > 0:
         low = args.high_sigma_min
         high = low + (1 - low) * torch.rand(n, generator=generator, device="cpu")

@@ -298,10 +298,10 @@ class HybridLayerCache:
     # --- writes ---------------------------------------------------------------------------------------------
     @torch.compiler.disable  # per-chunk bookkeeping: runs eagerly inside compiled passes
     @torch.no_grad()
-    def commit(self, plan: ChunkPlan, key_raw: torch.Tensor, key_roped: torch.Tensor, value: torch.Tensor, kernel,
+    def commit(self, plan: ChunkPlan, key_raw: torch.Tensor, value: torch.Tensor, kernel,
                pooled_keys: tuple[int, str] | None = None, memory_projection: torch.Tensor | None = None):
         """
-        Commits the current chunk (raw keys `(B, C·T, H, D)`, RoPE'd keys, values): absorbs what leaves the window
+        Commits the current chunk (raw keys `(B, C·T, H, D)` and values): absorbs what leaves the window
         (hybrid), stores sink frames, shifts the history, and re-RoPEs it for the next chunk. Detached: no gradient
         flows into cached context. `pooled_keys` (`(block_size, key_centering)`): also recompute the selection's
         pooled key blocks of the cached keys (see `pooled_key`); `memory_projection` (the `linear_proj` weight): also
@@ -310,7 +310,7 @@ class HybridLayerCache:
         """
         layout, tpf = self.layout, self.tokens_per_frame
         f0, chunk = plan.chunk_start, layout.chunk_frames
-        key_raw, key_roped, value = key_raw.detach(), key_roped.detach(), value.detach()
+        key_raw, value = key_raw.detach(), value.detach()
 
         def frame_kv(frame: int) -> tuple[torch.Tensor, torch.Tensor]:
             if frame >= f0:

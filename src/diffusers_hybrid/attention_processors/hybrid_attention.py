@@ -196,7 +196,6 @@ class HybridForcingAttnProcessor:
             )
             pooled_blocks = (pooled_query, pooled_key) if pool else None
             keys, values = window
-            key_roped = keys[:, keys.shape[1] - key.shape[1] :]
         else:
             query_roped = apply_rotary_emb(query, *plan.query_rope)
             key_roped = apply_rotary_emb(key, *plan.query_rope)
@@ -211,7 +210,7 @@ class HybridForcingAttnProcessor:
         )
         if ctx.cache_mode == "write":
             pooled_keys = (ctx.block_size, ctx.key_centering) if select else None
-            layer_cache.commit(plan, key, key_roped, value, self.kernel, pooled_keys=pooled_keys,
+            layer_cache.commit(plan, key, value, self.kernel, pooled_keys=pooled_keys,
                                memory_projection=attn.linear_proj.weight if fold else None)
         return out
 

@@ -39,7 +39,9 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_TRITON_HEAD_DIMS = {"attention": (16, 32, 64, 128, 256), "memory": (16, 32, 64, 128), "rope": (16, 32, 64, 128, 256)}
+_TRITON_HEAD_DIMS = {
+    "attention": (16, 32, 64, 128, 256), "memory": (16, 32, 64, 128), "rope": (16, 32, 64, 128, 256),
+}
 _warned: set[str] = set()
 
 

@@ -28,6 +28,11 @@ def new_empty_like(x: torch.Tensor) -> torch.Tensor:
     return _poison(t) if POISON_OUTPUTS else t
 
 
+def last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """`x` itself when its last dimension is contiguous (all the Triton launchers need), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 @contextlib.contextmanager
 def poisoned_outputs(enabled: bool = True):
     """Context manager that turns `POISON_OUTPUTS` on (tests)."""

@@ -52,7 +52,7 @@ if not torch.cuda.is_available():  # CPU only: run the kernels through Triton's 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from ..utils import new_empty, new_empty_like  # noqa: E402
+from ..utils import last_contiguous, new_empty, new_empty_like  # noqa: E402
 
 from .naive import check_pooled_blocks, check_pooled_key_prefix, num_selected_blocks  # noqa: E402
 
@@ -1087,10 +1087,6 @@ def _direct_call(*tensors) -> bool:
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
-def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _check_centering(key_centering: str) -> None:
     if key_centering not in ("heads", "none"):
         raise ValueError(f"`key_centering` must be 'heads' or 'none', got {key_centering!r}.")
@@ -1120,7 +1116,7 @@ def select_key_blocks_triton(query: torch.Tensor, key: torch.Tensor, topk_ratio:
     `(B, H, M, K)` int8 block map (else `None`). `pooled_key_prefix` (`(B, H, P, D)`, optional): the pooled key blocks
     of the first `P * block_size` keys ([`pool_key_blocks_triton`]); only the other key blocks are pooled."""
     _check_centering(key_centering)
-    query, key = _last_contiguous(query), _last_contiguous(key)
+    query, key = last_contiguous(query), last_contiguous(key)
     topk = num_selected_blocks(-(-key.shape[1] // block_size), topk_ratio)
     return _select(query, key, topk, block_size, key_centering == "heads", write_map,
                    _prefix_arg(pooled_key_prefix, key, block_size))
@@ -1131,7 +1127,7 @@ def pool_key_blocks_triton(key: torch.Tensor, block_size: int = 64, key_centerin
     """Triton version of `pool_key_blocks_naive`: `(B, H, ceil(L / block_size), D)` fp32 pooled (centred) key blocks;
     written into `out` (contiguous, that shape) when given (e.g. a cache's preallocated buffer)."""
     _check_centering(key_centering)
-    key = _last_contiguous(key)
+    key = last_contiguous(key)
     batch, length, heads, dim = key.shape
     shape = (batch, heads, triton.cdiv(length, block_size), dim)
     if out is not None and (tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous()):
@@ -1411,7 +1407,7 @@ def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, de
     has_lo = False
     if memory is not None:
         q_raw, kvp, kms, bias, mem_eps = memory
-        q_raw = _last_contiguous(q_raw)
+        q_raw = last_contiguous(q_raw)
         kms = kms.float().contiguous()
         lo = bool(cfg.get("memory_lo", False))
         if _f32_dot(q):  # interpreter, bf16: fp32 state, fp32 dot
@@ -1493,7 +1489,7 @@ def attention_backward(dout, q, k, v, out, lse, lut, bmap, block_size: int, scal
     batch, len_q, heads, dim = q.shape
     len_k = k.shape[1]
     cfg = dict(cfg or _config("bwd_dense" if dense else "bwd_sparse", dim, block_size))
-    dout = _last_contiguous(dout)
+    dout = last_contiguous(dout)
     dq, dk, dv = new_empty_like(q), new_empty_like(k), new_empty_like(v)
     delta = new_empty_like(lse)
     if dense:
@@ -1714,7 +1710,7 @@ def block_sparse_attention_with_memory_triton(
         return out + memory.to(out.dtype)
     _check_centering(key_centering)
     _check_inputs(query, key, value, block_size)
-    query, key, value, query_raw = (_last_contiguous(t) for t in (query, key, value, query_raw))
+    query, key, value, query_raw = (last_contiguous(t) for t in (query, key, value, query_raw))
     num_k_blocks = -(-key.shape[1] // block_size)
     topk = num_selected_blocks(num_k_blocks, topk_ratio)
     dense = dense or topk == num_k_blocks
@@ -1766,7 +1762,7 @@ def block_sparse_attention_triton(
     """
     _check_centering(key_centering)
     _check_inputs(query, key, value, block_size)
-    query, key, value = (_last_contiguous(t) for t in (query, key, value))
+    query, key, value = (last_contiguous(t) for t in (query, key, value))
     num_k_blocks = -(-key.shape[1] // block_size)
     if block_index is not None:
         topk = block_index.shape[-1]

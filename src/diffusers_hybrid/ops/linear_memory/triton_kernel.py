@@ -22,7 +22,7 @@ if not torch.cuda.is_available():  # CPU only: run the kernels through Triton's 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from ..utils import new_empty, new_empty_like  # noqa: E402
+from ..utils import last_contiguous, new_empty, new_empty_like  # noqa: E402
 
 
 def _interpret() -> bool:
@@ -229,12 +229,8 @@ def _check_state(kv_state: torch.Tensor, kmean_state: torch.Tensor, ref: torch.T
         raise ValueError(f"head_dim must be 16, 32, 64 or 128 for the Triton kernel, got {dim}")
 
 
-def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _absorb_launch(kv_state, kmean_state, count: int, key_roped, key_raw, value, num_splits: int | None = None):
-    key_roped, key_raw, value = (_last_contiguous(t) for t in (key_roped, key_raw, value))
+    key_roped, key_raw, value = (last_contiguous(t) for t in (key_roped, key_raw, value))
     kv_state = kv_state.float().contiguous()
     kmean_state = kmean_state.float().contiguous()
     batch, num_new, heads, dim = key_roped.shape
@@ -293,7 +289,7 @@ def _read_grid(seq: int, bm: int, batch_heads: int, device) -> tuple[int, int]:
 
 
 def _read_launch(query_numerator, query_raw, kv_state, kmean_state, eps: float):
-    qn, qr = _last_contiguous(query_numerator), _last_contiguous(query_raw)
+    qn, qr = last_contiguous(query_numerator), last_contiguous(query_raw)
     kv_state = kv_state.float().contiguous()
     kmean_state = kmean_state.float().contiguous()
     batch, seq, heads, dim = qn.shape
@@ -314,7 +310,7 @@ def _read_launch(query_numerator, query_raw, kv_state, kmean_state, eps: float):
 
 
 def _read_bwd_launch(dout, query_numerator, query_raw, kv_state, kmean_state, eps: float):
-    qn, qr, dout = _last_contiguous(query_numerator), _last_contiguous(query_raw), _last_contiguous(dout)
+    qn, qr, dout = last_contiguous(query_numerator), last_contiguous(query_raw), last_contiguous(dout)
     kv_state = kv_state.float().contiguous()
     kmean_state = kmean_state.float().contiguous()
     batch, seq, heads, dim = qn.shape

@@ -28,7 +28,8 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return out.to(x.dtype)
 
 
-def check_window_args(query, key, value, window_key, window_value, pool_block_size, first_pooled_key_block) -> int:
+def check_window_args(query, key, value, window_key, window_value, pool_block_size, key_centering,
+                      first_pooled_key_block) -> int:
     """Validates the arguments of the chunk-into-window op; returns the chunk's first row in the window."""
     if query.shape != key.shape or key.shape != value.shape:
         raise ValueError(f"query, key and value must have one shape, got {tuple(query.shape)}, {tuple(key.shape)}, "
@@ -37,6 +38,8 @@ def check_window_args(query, key, value, window_key, window_value, pool_block_si
             window_key.shape[2:] != key.shape[2:]:
         raise ValueError(f"window_key / window_value must be (B, W, H, D) with B, H, D of the key "
                          f"{tuple(key.shape)}, got {tuple(window_key.shape)} and {tuple(window_value.shape)}")
+    if key_centering not in ("heads", "none"):
+        raise ValueError(f"`key_centering` must be 'heads' or 'none', got {key_centering!r}.")
     start = window_key.shape[1] - key.shape[1]
     if start < 0:
         raise ValueError(f"the window ({window_key.shape[1]} rows) is shorter than the chunk ({key.shape[1]})")
@@ -79,7 +82,8 @@ def rope_chunk_into_window_naive(
         `(query_roped, pooled_query, pooled_key)`: `(B, L, H, D)` in the dtype of `query`; `(B, H, ceil(L / bs), D)`
         and `(B, H, ceil(W / bs) - first_pooled_key_block, D)` float32, or `None` without `pool_block_size`.
     """
-    start = check_window_args(query, key, value, window_key, window_value, pool_block_size, first_pooled_key_block)
+    start = check_window_args(query, key, value, window_key, window_value, pool_block_size, key_centering,
+                              first_pooled_key_block)
     query_roped = apply_rotary_emb(query, cos, sin)
     window_key[:, start:] = apply_rotary_emb(key, cos, sin)
     window_value[:, start:] = value

@@ -86,6 +86,10 @@ def test_rope_chunk_into_window_rejects_bad_arguments():
     inputs, window_key, window_value = _case(1, 20, 50, 2, 16, torch.float32)
     with pytest.raises(ValueError, match="first_pooled_key_block"):
         rope_chunk_into_window(*inputs, window_key, window_value, pool_block_size=16, first_pooled_key_block=2)
+    for kernel in ("reference", "triton"):
+        with pytest.raises(ValueError, match="key_centering"):
+            rope_chunk_into_window(*inputs, window_key, window_value, pool_block_size=16, key_centering="tokens",
+                                   kernel=kernel)
     with pytest.raises(ValueError, match="shorter than the chunk"):
         rope_chunk_into_window(*inputs, window_key[:, :10], window_value[:, :10])
     with pytest.raises(ValueError, match="cos / sin"):

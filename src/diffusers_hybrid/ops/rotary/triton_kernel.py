@@ -22,7 +22,7 @@ if not torch.cuda.is_available():  # CPU only: run the kernels through Triton's 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from ..utils import new_empty, new_empty_like  # noqa: E402
+from ..utils import last_contiguous, new_empty, new_empty_like  # noqa: E402
 from .naive import check_window_args  # noqa: E402
 
 # Launch parameters (benchmarks override): warps per program; software-pipelining depth of the loop over heads (the
@@ -103,10 +103,6 @@ def _rope_window_kernel(Q, K, V, COS, SIN, QO, KW, VW, PQ, PK,
                      mask=(offs_h < H)[:, None])
 
 
-def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 @torch.no_grad()
 def rope_chunk_into_window_triton(
     query: torch.Tensor,
@@ -123,12 +119,11 @@ def rope_chunk_into_window_triton(
     """Triton version of [`rope_chunk_into_window_naive`] (same arguments and results), one launch. `window_key` /
     `window_value` need a contiguous last dimension (they are written in place); `head_dim` a power of two, and
     `pool_block_size` a power of two >= 16."""
-    if key_centering not in ("heads", "none"):
-        raise ValueError(f"`key_centering` must be 'heads' or 'none', got {key_centering!r}.")
-    start = check_window_args(query, key, value, window_key, window_value, pool_block_size, first_pooled_key_block)
+    start = check_window_args(query, key, value, window_key, window_value, pool_block_size, key_centering,
+                              first_pooled_key_block)
     if window_key.stride(-1) != 1 or window_value.stride(-1) != 1:
         raise ValueError("`window_key` and `window_value` need a contiguous last dimension (written in place)")
-    query, key, value = (_last_contiguous(t) for t in (query, key, value))
+    query, key, value = (last_contiguous(t) for t in (query, key, value))
     batch, length, heads, dim = query.shape
     window = window_key.shape[1]
     pool = pool_block_size is not None
