@@ -16,6 +16,7 @@ the FLOPs actually computed / time); the linear memory ops. Correctness against 
     python benchmarks/bench_attention.py --round5 [--out DIR]               # benchmarks/run_kernel_round.sh 5
     python benchmarks/bench_attention.py --round6 [--out DIR]               # benchmarks/run_kernel_round.sh 6
     python benchmarks/bench_attention.py --round7 [--out DIR]               # benchmarks/run_kernel_round.sh 7
+    python benchmarks/bench_attention.py --round9 [--out DIR]               # benchmarks/run_kernel_round.sh 9
 
 `--round2` (issue 3, round 2), in one process: every forward launch variant (R2_FWD_VARIANTS: fused split merge,
 pipelining depth, CTAs per SM, two blocks per softmax step, warp specialisation, persistent, in-kernel descriptors),
@@ -146,6 +147,14 @@ def inputs(shape, dtype=torch.bfloat16, grad=False, seed=0):
     return q, k, v
 
 
+def absorb_inputs(b, s, h, d, seed=3):
+    """Raw keys and values of `s` absorbed tokens (bf16) and their RoPE tables (random angles, Wan's layout)."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    kw, v = (torch.randn(b, s, h, d, device=DEVICE, dtype=torch.bfloat16, generator=g) for _ in range(2))
+    angles = torch.rand(1, s, 1, d // 2, device=DEVICE, generator=g) * 12.0 - 6.0
+    return kw, v, angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+
+
 def flops_fwd(shape, keys: int) -> float:
     return 4.0 * shape["len_q"] * keys * shape["heads"] * shape["dim"]
 
@@ -215,9 +224,9 @@ def check_linear_memory(shape):
     b, s, h, d = 1, shape["len_q"], shape["heads"], shape["dim"]
     kv = torch.randn(b, h, d, d, device=DEVICE) / d
     km = torch.rand(b, h, d, device=DEVICE)
-    kr, kw, v = (torch.randn(b, s, h, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
-    got = linear_memory_absorb(kv, km, 9360, kr, kw, v, kernel="triton")
-    want = linear_memory_absorb_naive(kv, km, 9360, kr, kw, v)
+    kw, v, cos, sin = absorb_inputs(b, s, h, d)
+    got = linear_memory_absorb(kv, km, 9360, kw, v, cos, sin, kernel="triton")
+    want = linear_memory_absorb_naive(kv, km, 9360, kw, v, cos, sin)
     qn, qr = (torch.randn(b, s, h, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     out = linear_memory_read(qn, qr, want[0], want[1], kernel="triton")
     g = torch.randn_like(out)
@@ -447,12 +456,12 @@ def time_linear_memory(shape_name, shape, attn_ms_r02=None):
     b, s, h, d = 1, shape["len_q"], shape["heads"], shape["dim"]
     kv = torch.randn(b, h, d, d, device=DEVICE) / d
     km = torch.rand(b, h, d, device=DEVICE)
-    kr, kw, v = (torch.randn(b, s, h, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    kw, v, cos, sin = absorb_inputs(b, s, h, d)
     qn, qr = (torch.randn(b, s, h, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     rows = {}
     for name, fn in [
-        ("absorb_triton", lambda: linear_memory_absorb(kv, km, 9360, kr, kw, v, kernel="triton")),
-        ("absorb_reference", lambda: linear_memory_absorb(kv, km, 9360, kr, kw, v, kernel="reference")),
+        ("absorb_triton", lambda: linear_memory_absorb(kv, km, 9360, kw, v, cos, sin, kernel="triton")),
+        ("absorb_reference", lambda: linear_memory_absorb(kv, km, 9360, kw, v, cos, sin, kernel="reference")),
         ("read_triton", lambda: linear_memory_read(qn, qr, kv, km, kernel="triton")),
         ("read_reference", lambda: linear_memory_read(qn, qr, kv, km, kernel="reference")),
     ]:
@@ -548,18 +557,18 @@ def explore_selection_and_memory(shape_name, shape):
     b, s, h, d = 1, shape["len_q"], shape["heads"], shape["dim"]
     kv = torch.randn(b, h, d, d, device=DEVICE) / d
     km = torch.rand(b, h, d, device=DEVICE)
-    kr, kw, vv = (torch.randn(b, s, h, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    kw, vv, cos, sin = absorb_inputs(b, s, h, d)
     qn, qr = (torch.randn(b, s, h, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
-    want_abs = linear_memory_absorb_naive(kv, km, 9360, kr, kw, vv)
+    want_abs = linear_memory_absorb_naive(kv, km, 9360, kw, vv, cos, sin)
     want_read = linear_memory_read_naive(qn, qr, kv, km)
     for cfg in LM_VARIANTS:
         def run(cfg=cfg):
             lmk.LM_CONFIG.clear()
             lmk.LM_CONFIG.update(cfg)
-            got = lmk._absorb_launch(kv, km, 9360, kr, kw, vv)
+            got = lmk._absorb_launch(kv, km, 9360, kw, vv, cos, sin)
             out = lmk._read_launch(qn, qr, kv, km, 1e-6)
             errs = (rel(got[0], want_abs[0]), rel(out, want_read))
-            a_ms = bench(lambda: lmk._absorb_launch(kv, km, 9360, kr, kw, vv), graph=True)
+            a_ms = bench(lambda: lmk._absorb_launch(kv, km, 9360, kw, vv, cos, sin), graph=True)
             r_ms = bench(lambda: lmk._read_launch(qn, qr, kv, km, 1e-6), graph=True)
             row = dict(kind="linear_memory", cfg=cfg, absorb_ms=a_ms, read_ms=r_ms, errs=errs)
             RESULTS["variants"].append(row)
@@ -955,9 +964,9 @@ def round2(args):
     from diffusers_hybrid.ops.linear_memory import triton_kernel as lmk
 
     saved_lm = dict(lmk.LM_CONFIG)
-    kr, kw, vv = (torch.randn_like(q) for _ in range(3))
-    want = linear_memory_absorb_naive(kv, km, 9360, kr, kw, vv)
-    absorb_checks.update(_check_absorb_variants(R2_ABSORB_VARIANTS, want, (kv, km, 9360, kr, kw, vv), width=19))
+    kw, vv, cos, sin = absorb_inputs(*q.shape)
+    want = linear_memory_absorb_naive(kv, km, 9360, kw, vv, cos, sin)
+    absorb_checks.update(_check_absorb_variants(R2_ABSORB_VARIANTS, want, (kv, km, 9360, kw, vv, cos, sin), width=19))
     r2["correctness"]["absorb"] = absorb_checks
     log(f"  correctness done at {time.time() - t0:.0f} s")
 
@@ -1047,7 +1056,7 @@ def round2(args):
             continue
         lmk.LM_CONFIG.clear()
         lmk.LM_CONFIG.update(saved_lm, **acfg)
-        ms = safe(f"time absorb {name}", lambda: bench(lambda: lmk._absorb_launch(kv, km, 9360, kr, kw, vv),
+        ms = safe(f"time absorb {name}", lambda: bench(lambda: lmk._absorb_launch(kv, km, 9360, kw, vv, cos, sin),
                                                         graph=True))
         if ms:
             mem[f"absorb[{name}]"] = ms
@@ -1355,12 +1364,12 @@ def probe3_main(names: list[str]):
                 saved = dict(lmk.LM_CONFIG)
                 lmk.LM_CONFIG.update(ALL_ABSORB_VARIANTS[variant])
                 try:
-                    kr, kw, vv = (torch.randn_like(q) for _ in range(3))
-                    got = lmk._absorb_launch(kv, km, R3_ABSORBED, kr, kw, vv)
+                    kw, vv, cos, sin = absorb_inputs(*q.shape)
+                    got = lmk._absorb_launch(kv, km, R3_ABSORBED, kw, vv, cos, sin)
                 finally:
                     lmk.LM_CONFIG.clear()
                     lmk.LM_CONFIG.update(saved)
-                want = linear_memory_absorb_naive(kv, km, R3_ABSORBED, kr, kw, vv)
+                want = linear_memory_absorb_naive(kv, km, R3_ABSORBED, kw, vv, cos, sin)
                 errs = (rel(got[0], want[0]), rel(got[1], want[1]))
                 info, ok = dict(kv=errs[0], kmean=errs[1]), max(errs) < 1e-4
             print(f"R2PROBE {'OK' if ok else 'FAIL'} {name} {json.dumps(info)}", flush=True)
@@ -1428,10 +1437,10 @@ def round3(args, round_no: int = 3):
         ref = None
     log(f"  bf16 rounding of the float32 reference itself: {r3['bf16_rounding_floor']:.2e}")
     saved_lm = dict(lmk.LM_CONFIG)
-    kr, kw, vv = (torch.randn_like(q) for _ in range(3))
-    want = linear_memory_absorb_naive(kv, km, R3_ABSORBED, kr, kw, vv)
+    kw, vv, cos, sin = absorb_inputs(*q.shape)
+    want = linear_memory_absorb_naive(kv, km, R3_ABSORBED, kw, vv, cos, sin)
     abs_checks = _check_absorb_variants({name: abs_variants[name] for name in abs_usable}, want,
-                                        (kv, km, R3_ABSORBED, kr, kw, vv), width=24)
+                                        (kv, km, R3_ABSORBED, kw, vv, cos, sin), width=24)
     r3["correctness"] = dict(selection=sel_checks, memory=mem_checks, absorb=abs_checks)
     sync(empty=True)
     log(f"  correctness done at {time.time() - t0:.0f} s")
@@ -1531,7 +1540,7 @@ def round3(args, round_no: int = 3):
             continue
         lmk.LM_CONFIG.clear()
         lmk.LM_CONFIG.update(saved_lm, **abs_variants[name])
-        ms = safe(f"time absorb {name}", lambda: bench(lambda: lmk._absorb_launch(kv, km, R3_ABSORBED, kr, kw, vv),
+        ms = safe(f"time absorb {name}", lambda: bench(lambda: lmk._absorb_launch(kv, km, R3_ABSORBED, kw, vv, cos, sin),
                                                         graph=True))
         if ms:
             absorb[name] = ms * 1e3
@@ -1753,13 +1762,13 @@ def round8(args):
 
     def check():
         ref_key, ref_value = window_key.clone(), window_value.clone()
-        q_ref, pq_ref, pk_ref = rope_naive.rope_chunk_into_window_naive(
+        q_ref, pq_ref, pk_ref, _ = rope_naive.rope_chunk_into_window_naive(
             q_raw, k_raw, v_new, cos, sin, ref_key, ref_value, R2_BS, "heads", num_prefix)
         out = {}
         for variant, rope_cfg in ROPE_VARIANTS.items():
             rope_tk.ROPE_CONFIG.update(rope_cfg)
             window_key.copy_(ref_key)  # same cached rows; the chunk rows are rewritten
-            q_got, pq_got, pk_got = rope(True)
+            q_got, pq_got, pk_got, _ = rope(True)
             sync()
             out[variant] = dict(
                 query_max_abs=(q_got.float() - q_ref.float()).abs().max().item(),
@@ -1770,7 +1779,7 @@ def round8(args):
                 pooled_key=rel(pk_got, pool_key_blocks_naive(window_key[:, num_prefix * R2_BS :], R2_BS)),
                 pooled_key_vs_reference=rel(pk_got, pk_ref))
         rope_tk.ROPE_CONFIG.update(saved_rope)
-        q_got, pq_got, pk_got = rope(True)
+        q_got, pq_got, pk_got, _ = rope(True)
         keys, values = window_key, window_value
         lut_ref = select_key_blocks_naive(q_got, keys, R2_RATIO, R2_BS, "heads")
         lut, _ = bsa.select_key_blocks_triton(q_got, keys, R2_RATIO, R2_BS, "heads")
@@ -1793,7 +1802,7 @@ def round8(args):
     sync(empty=True)
 
     log("== round 8: timings (triton.testing.do_bench_cudagraph, median ms)")
-    q_roped, pooled_q, pooled_k = rope(True)
+    q_roped, pooled_q, pooled_k, _ = rope(True)
     pooled = (pooled_q, pooled_k)
     lut = bsa.select_key_blocks_triton(q_roped, window_key, R2_RATIO, R2_BS, "heads", pooled_key_prefix=prefix)[0]
     fwd_cudnn, _ = sdpa_fns(q_roped, window_key, window_value, "cudnn")
@@ -1920,6 +1929,170 @@ def round8(args):
     for e in RESULTS["errors"]:
         log("ERROR", e[:300])
     log(f"round 8 wall {r8['wall_s']:.0f} s")
+
+
+# Round 9 (issue 3): the memory read-out's product accumulated into the attention accumulator (`mem_mode=5`, one fp32
+# tile in the epilogue) so that it may keep the no-memory 1 x 4 configuration, and its denominators from the RoPE
+# step (which holds the raw query) instead of a q_raw read in the epilogue. (base configuration, overrides)
+R9_MEM_VARIANTS = {
+    "2x2_epilogue (default)": (R3_FWD_MEM_DEFAULT, {}),
+    "2x2_accumulated": (R3_FWD_MEM_DEFAULT, dict(mem_mode=5)),
+    "1x4_epilogue": (R3_FWD_DEFAULT, {}),
+    "1x4_accumulated": (R3_FWD_DEFAULT, dict(mem_mode=5)),
+    "1x4_accumulated_kc64": (R3_FWD_DEFAULT, dict(mem_mode=5, mem_kc=64)),
+    "1x4_accumulated_kc32": (R3_FWD_DEFAULT, dict(mem_mode=5, mem_kc=32)),
+    "1x4_accumulated_maxnreg128": (R3_FWD_DEFAULT, dict(mem_mode=5, maxnreg=128)),
+    "1x3_accumulated": (dict(R3_FWD_DEFAULT, ctas_per_sm=3), dict(mem_mode=5)),
+}
+# Round 9b: the built-in default after round 9 (None: no override) next to the old default and the chunkings around it.
+R9B_MEM_VARIANTS = {
+    "built-in default (1x4_accumulated_kc32)": None,
+    "2x2_epilogue (old default)": (R3_FWD_MEM_DEFAULT, {}),
+    "1x4_accumulated_kc16": (R3_FWD_DEFAULT, dict(mem_mode=5, mem_kc=16)),
+    "1x4_accumulated_kc32_maxnreg128": (R3_FWD_DEFAULT, dict(mem_mode=5, mem_kc=32, maxnreg=128)),
+    "2x2_accumulated_kc32": (R3_FWD_MEM_DEFAULT, dict(mem_mode=5, mem_kc=32)),
+}
+
+
+def round9(args, variants: dict | None = None, key: str = "round9"):
+    """Round 9 (issue 3): the memory read-out's cost per pass in the model's chain. Main shape, ratio 0.2, pooled
+    prefix: the RoPE step (with pooling; with or without the read-out's denominators) then the op. The read-out's
+    cost is `chain with memory - chain without` (so the denominators' share of the RoPE step counts), for every
+    R9_MEM_VARIANTS configuration x (denominators from q_raw in the kernel | from the RoPE step) x (the projected
+    state as the cache keeps it, float32 cast per call | kept in bf16). Each variant is checked against the float32
+    reference first. CUDA-graph medians. Round 9b: the same over R9B_MEM_VARIANTS."""
+    from diffusers_hybrid.ops.linear_memory.naive import linear_memory_denominator_naive
+    from diffusers_hybrid.ops.rotary import triton_kernel as rope_tk
+
+    t0 = time.time()
+    variants = R9_MEM_VARIANTS if variants is None else variants
+    r9 = RESULTS.setdefault(key, {})
+    shape = SHAPES[R3_MAIN]
+    len_q, len_k, heads, dim = shape["len_q"], shape["len_k"], shape["heads"], shape["dim"]
+    bs = min(R2_BS, 16) if DRY_RUN else R2_BS
+    g = torch.Generator(device=DEVICE).manual_seed(9)
+    q_raw, k_raw, v_new = (torch.randn(1, len_q, heads, dim, device=DEVICE, dtype=torch.bfloat16, generator=g)
+                           for _ in range(3))
+    window_key = torch.randn(1, len_k, heads, dim, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    window_value = torch.randn_like(window_key)
+    angles = torch.rand(1, len_q, 1, dim // 2, device=DEVICE, generator=g) * 12.0 - 6.0
+    cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+    num_prefix = (len_k - len_q) // bs
+    prefix = bsa.pool_key_blocks_triton(window_key[:, : num_prefix * bs], bs, "heads")
+    _, kv, km, weight, bias = _r2_memory_inputs(q_raw)
+    kvp32 = bsa.project_memory_state(kv, weight)
+    states = {"f32_state": kvp32, "bf16_state": kvp32.to(torch.bfloat16)}
+    rope_args = (q_raw, k_raw, v_new, cos, sin, window_key, window_value)
+
+    def rope(den: bool):
+        return rope_tk.rope_chunk_into_window_triton(*rope_args, bs, "heads", num_prefix,
+                                                     km if den else None, 1e-6)
+
+    q_roped, pooled_q, pooled_k, den = rope(True)
+    pooled = (pooled_q, pooled_k)
+    sync()
+
+    def no_memory_op():
+        bsa.CONFIG_OVERRIDES["fwd_sparse"] = dict(R3_FWD_DEFAULT)
+        try:
+            return bsa.block_sparse_attention_triton(q_roped, window_key, window_value, topk_ratio=R2_RATIO,
+                                                     block_size=bs, pooled_key_prefix=prefix, pooled_blocks=pooled)
+        finally:
+            bsa.CONFIG_OVERRIDES.pop("fwd_sparse", None)
+
+    def memory_op(name: str, den_source: str, state: str):
+        cfg = None
+        if variants[name] is not None:
+            base, over = variants[name]
+            cfg = dict(base, **over)
+            if "mem_kc" in cfg:
+                cfg["mem_kc"] = min(cfg["mem_kc"], dim)
+        given = den_source == "rope_den"
+
+        def run():
+            if cfg is not None:
+                bsa.CONFIG_OVERRIDES["fwd_sparse_memory"] = dict(cfg)
+            try:
+                return bsa.block_sparse_attention_with_memory_triton(
+                    q_roped, window_key, window_value, None if given else q_raw, states[state], None if given else km,
+                    proj_bias=bias, state_is_projected=True, topk_ratio=R2_RATIO, block_size=bs,
+                    pooled_key_prefix=prefix, pooled_blocks=pooled, memory_denominator=den if given else None)
+            finally:
+                bsa.CONFIG_OVERRIDES.pop("fwd_sparse_memory", None)
+        return run
+
+    def chain(first, second):
+        def run():
+            first()
+            return second()
+        return run
+
+    log("== round 9: correctness (main shape, against float32)")
+    checks = {}
+    with torch.no_grad():
+        lut = bsa._select(q_roped, window_key, num_selected_blocks(-(-len_k // bs), R2_RATIO), bs, True, False,
+                          prefix, pooled)[0]
+        attn_ref = block_sparse_attention_naive(q_roped.float(), window_key.float(), window_value.float(), lut.long(),
+                                                bs)
+        mem_ref = linear_memory_read_naive(q_roped.float(), q_raw.float(), kvp32, km) + bias
+        want = attn_ref + mem_ref
+        checks["rope_denominators_vs_float32"] = rel(den, linear_memory_denominator_naive(q_raw, km, 1e-6))
+        checks["bf16_floor"] = rel(want.to(torch.bfloat16), want)
+        checks["no_memory_vs_float32"] = rel(no_memory_op(), attn_ref)
+        for name in variants:
+            for den_source in ("q_raw", "rope_den"):
+                for state in states:
+                    key = f"{name}|{den_source}|{state}"
+                    got = safe(f"check {key}", lambda: memory_op(name, den_source, state)())
+                    checks[key] = None if got is None else rel(got, want)
+                    log(f"  {key:<52} rel err {checks[key]}")
+    floor = checks["bf16_floor"]
+    r9["correctness"] = checks
+    sync(empty=True)
+
+    log("== round 9: timings (CUDA-graph medians, ms)")
+    pieces = {"rope_pool": lambda: rope(False), "rope_pool_den": lambda: rope(True), "op_no_memory": no_memory_op,
+              "chain_no_memory": chain(lambda: rope(False), no_memory_op)}
+    for name in variants:
+        for den_source in ("q_raw", "rope_den"):
+            for state in states:
+                key = f"{name}|{den_source}|{state}"
+                if checks.get(key) is None or checks[key] > 2.5 * floor:
+                    continue  # failed its check: not timed
+                first = (lambda: rope(True)) if den_source == "rope_den" else (lambda: rope(False))
+                pieces[f"chain|{key}"] = chain(first, memory_op(name, den_source, state))
+    times = {}
+    with torch.no_grad():
+        for name, fn in pieces.items():
+            times[name] = safe(f"time {name}", lambda: bench(fn, graph=True))
+            log(f"  {name:<60} {times[name] or 0:.4f} ms")
+    r9["ms"] = times
+    base, rope_ms = times.get("chain_no_memory"), times.get("rope_pool")
+    summary = {}
+    if base and rope_ms and base > rope_ms:
+        attention = base - rope_ms  # the layer's attention: the op (selection included) without the RoPE step
+        for key in pieces:
+            if not key.startswith("chain|") or not times.get(key):
+                continue
+            extra = times[key] - base
+            summary[key[len("chain|"):]] = dict(chain=times[key], read_out_us=extra * 1e3,
+                                                read_out_pct=100 * extra / attention)
+        r9["attention_ms"] = attention
+    r9["summary"] = summary
+    r9["wall_s"] = time.time() - t0
+    log("\n==== round 9 summary (CUDA-graph medians; main shape, ratio 0.2, pooled prefix) ====")
+    log(json.dumps(RESULTS.get("env", {})))
+    if "attention_ms" in r9:
+        log(f"RoPE step + pooling {rope_ms:.4f} ms, + denominators {times.get('rope_pool_den') or 0:.4f} ms; chain "
+            f"without memory {base:.4f} ms -> attention (selection incl.) {r9['attention_ms']:.4f} ms; bf16 floor "
+            f"{floor:.2e}")
+        log(f"{'read-out variant | denominators | state':<60} {'chain ms':>9} {'+us':>7} {'% attn':>7} {'rel err':>9}")
+        for key, row in sorted(summary.items(), key=lambda kv: kv[1]["chain"]):
+            log(f"{key:<60} {row['chain']:9.4f} {row['read_out_us']:7.1f} {row['read_out_pct']:7.2f} "
+                f"{checks.get(key) or 0:9.2e}")
+    for e in RESULTS["errors"]:
+        log("ERROR", e[:300])
+    log(f"round 9 wall {r9['wall_s']:.0f} s")
 
 
 def round5(args):
@@ -2055,6 +2228,11 @@ def main():
                              "no-memory launch configuration; same sequence as --round3")
     parser.add_argument("--round8", action="store_true",
                         help="issue 3 round 8: the selection's pooling in the RoPE step (rope_chunk_into_window)")
+    parser.add_argument("--round9", action="store_true",
+                        help="issue 3 round 9: the memory read-out accumulated into the attention accumulator, "
+                             "denominators from the RoPE step")
+    parser.add_argument("--round9b", action="store_true",
+                        help="issue 3 round 9b: round 9 over the new default and the chunkings around it")
     parser.add_argument("--round5", action="store_true",
                         help="issue 3 round 5: programmatic dependent launch of the forward chain, off vs on")
     parser.add_argument("--probe", metavar="NAMES", help=argparse.SUPPRESS)  # child process of --round2/3/4
@@ -2088,7 +2266,9 @@ def main():
                command=" ".join(sys.argv))
     RESULTS["env"] = env
     log(json.dumps(env))
-    rounds = [(args.round8, round8, "bench_attention_round8.json"),
+    rounds = [(args.round9b, lambda a: round9(a, R9B_MEM_VARIANTS, "round9b"), "bench_attention_round9b.json"),
+              (args.round9, round9, "bench_attention_round9.json"),
+              (args.round8, round8, "bench_attention_round8.json"),
               (args.round7, round7, "bench_attention_round7.json"),
               (args.round6, lambda a: round3(a, round_no=6), "bench_attention_round6.json"),
               (args.round5, round5, "bench_attention_round5.json"),

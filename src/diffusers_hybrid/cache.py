@@ -164,9 +164,10 @@ class HybridLayerCache:
             first `P = (S + W - C)·T // block_size` whole blocks of `key` (sink + history: the same in every pass of a
             chunk). Allocated by the first commit that asks for it ([`commit`] with `pooled_keys`), then recomputed in
             place by every commit (and by rewind / reset), so passes replayed from a CUDA graph read it current.
-        projected_kv_state (`(B, H, D, D)`, float32, fused Triton memory read-out only): `kv_state @ W.T`, the memory
-            state with the layer's output projection `linear_proj` (weight `W`) folded in, so that the passes of a
-            chunk read it without a projection matmul each. Kept like `pooled_key`: allocated by the first commit
+        projected_kv_state (`(B, H, D, D)` in `W`'s dtype, fused Triton memory read-out only): `kv_state @ W.T`
+            (computed in float32), the memory state with the layer's output projection `linear_proj` (weight `W`)
+            folded in, so that the passes of a chunk read it without a projection matmul each; a 16-bit model keeps it
+            in 16 bits, the precision the fused read-out multiplies it in (no cast per pass). Kept like `pooled_key`: allocated by the first commit
             that passes `memory_projection`, then recomputed in place by every commit, rewind and reset; it is
             returned only for the same, unchanged weight ([`projected_memory_state`]).
     """
@@ -289,9 +290,10 @@ class HybridLayerCache:
         weight = self._projection if weight is None else weight
         if weight is None or self.kv_state is None:
             return
-        if self.projected_kv_state is None or self.projected_kv_state.device != self.kv_state.device:
-            self.projected_kv_state = torch.empty_like(self.kv_state)
-        torch.matmul(self.kv_state, weight.detach().to(self.kv_state).t(), out=self.projected_kv_state)
+        kept = self.projected_kv_state
+        if kept is None or kept.device != self.kv_state.device or kept.dtype != weight.dtype:
+            self.projected_kv_state = torch.empty_like(self.kv_state, dtype=weight.dtype)
+        self.projected_kv_state.copy_(torch.matmul(self.kv_state, weight.detach().to(self.kv_state).t()))
         self._projection = weight
         self._projection_key = (weight.data_ptr(), weight._version)
 
@@ -312,24 +314,30 @@ class HybridLayerCache:
         f0, chunk = plan.chunk_start, layout.chunk_frames
         key_raw, value = key_raw.detach(), value.detach()
 
-        def frame_kv(frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def frame_slot(frame: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+            """The (raw key, value) buffers that hold a frame, and its frame slot there."""
             if frame >= f0:
-                sl = self._frames(frame - f0, 1)
-                return key_raw[:, sl], value[:, sl]
-            if frame < layout.sink_frames:
-                sl = self._frames(frame, 1)
-                return self.key_raw[:, sl], self.value[:, sl]
-            slot = self._current_slot - (f0 - frame)
-            return self.key_raw[:, self._frames(slot, 1)], self.value[:, self._frames(slot, 1)]
+                return (key_raw, value), frame - f0
+            slot = frame if frame < layout.sink_frames else self._current_slot - (f0 - frame)
+            return (self.key_raw, self.value), slot
 
-        # 1. linear memory: frames leaving the window before the next chunk
+        # 1. linear memory: frames leaving the window before the next chunk (the op RoPEs the raw keys itself)
         if plan.absorb_frames:
-            pairs = [frame_kv(f) for f in plan.absorb_frames]
-            k_abs = torch.cat([p[0] for p in pairs], dim=1)
-            v_abs = torch.cat([p[1] for p in pairs], dim=1)
-            k_abs_roped = apply_rotary_emb(k_abs, *plan.absorb_rope)
+            runs = []  # [buffers, first slot, frames]: runs of consecutive slots of one buffer
+            for frame in plan.absorb_frames:
+                buffers, slot = frame_slot(frame)
+                if runs and runs[-1][0][0] is buffers[0] and runs[-1][1] + runs[-1][2] == slot:
+                    runs[-1][2] += 1
+                else:
+                    runs.append([buffers, slot, 1])
+            keys = [k[:, self._frames(slot, n)] for (k, _), slot, n in runs]
+            values = [v[:, self._frames(slot, n)] for (_, v), slot, n in runs]
+            # one run (the steady state: consecutive history slots) is passed as views, read in place; frames that
+            # straddle buffers are copied together
+            k_abs = keys[0] if len(keys) == 1 else torch.cat(keys, dim=1)
+            v_abs = values[0] if len(values) == 1 else torch.cat(values, dim=1)
             kv, kmean = linear_memory_absorb(
-                self.kv_state, self.kmean_state, plan.memory_tokens, k_abs_roped, k_abs, v_abs, kernel=kernel
+                self.kv_state, self.kmean_state, plan.memory_tokens, k_abs, v_abs, *plan.absorb_rope, kernel=kernel
             )
             self.kv_state.copy_(kv)
             self.kmean_state.copy_(kmean)

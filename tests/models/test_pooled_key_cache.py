@@ -109,6 +109,21 @@ def _assert_projected_current(cache, weights):
         torch.testing.assert_close(layer.projected_memory_state(weight), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_projected_memory_state_is_kept_in_the_weight_dtype():
+    """A 16-bit model keeps the projected state in 16 bits (what the fused read-out multiplies in), computed in
+    float32 and rounded once; reallocated when the weight's dtype changes."""
+    model = _hybrid("hybrid")
+    layer = model.init_cache(2, LATENT_H, LATENT_W).layers[0]
+    layer.kv_state.normal_()
+    weight = torch.randn_like(model.blocks[0].attn1.linear_proj.weight)
+    for dtype in (torch.bfloat16, torch.float32):
+        w = weight.to(dtype)
+        layer.refresh_projected_memory(w)
+        got = layer.projected_memory_state(w)
+        assert got.dtype == dtype
+        assert torch.equal(got, (layer.kv_state @ weight.to(dtype).float().t()).to(dtype))
+
+
 def test_projected_memory_state_follows_commit_rewind_reset_and_weight_changes():
     """The memory state with `linear_proj` folded in, kept by the layer cache for the fused read-out: current after
     every commit (one buffer, updated in place), rewind, reset and `to`; refused for another or an updated weight."""
@@ -212,7 +227,7 @@ _TRITON_STREAM = textwrap.dedent(
             block.attn1.linear_proj.weight.normal_(std=0.5)
             block.attn1.linear_proj.bias.normal_(std=0.1)
     model = model.to(torch.bfloat16).eval()
-    calls = {"fused": 0, "prefix": 0, "projected": 0, "pooled": 0, "rope": 0, "rope_pooled": 0}
+    calls = {"fused": 0, "prefix": 0, "projected": 0, "pooled": 0, "den": 0, "rope": 0, "rope_pooled": 0, "rope_den": 0}
     fused = tk.block_sparse_attention_with_memory_triton
     rope = rk.rope_chunk_into_window_triton
 
@@ -220,6 +235,7 @@ _TRITON_STREAM = textwrap.dedent(
         calls["fused"] += 1
         calls["prefix"] += kwargs.get("pooled_key_prefix") is not None
         calls["pooled"] += kwargs.get("pooled_blocks") is not None
+        calls["den"] += kwargs.get("memory_denominator") is not None and args[3] is None
         calls["projected"] += bool(kwargs.get("state_is_projected")) and kwargs.get("proj_weight") is None
         return fused(*args, **kwargs)
 
@@ -227,6 +243,7 @@ _TRITON_STREAM = textwrap.dedent(
         out = rope(*args)
         calls["rope"] += 1
         calls["rope_pooled"] += out[2] is not None
+        calls["rope_den"] += out[3] is not None
         return out
 
     tk.block_sparse_attention_with_memory_triton = spy
@@ -252,8 +269,10 @@ _TRITON_STREAM = textwrap.dedent(
     err = ((got - ref).norm() / ref.norm()).item()
     # memory ready from chunk 2 (frames 6-8): 2 chunks x 2 passes x 2 layers fused, all with the cached prefix, the
     # layer cache's projected memory state (kept since the first commit) and the RoPE step's pooled blocks; the RoPE
-    # step writes into the window in chunks 0, 2 and 3 (chunk 1 sees a sink and a partial history: not contiguous)
-    assert calls == {"fused": 8, "prefix": 8, "projected": 8, "pooled": 8, "rope": 12, "rope_pooled": 12}, calls
+    # step writes into the window in chunks 0, 2 and 3 (chunk 1 sees a sink and a partial history: not contiguous),
+    # with the read-out's denominators once the memory is ready (chunks 2 and 3), which the fused calls then take
+    assert calls == {"fused": 8, "prefix": 8, "projected": 8, "pooled": 8, "den": 8, "rope": 12, "rope_pooled": 12,
+                     "rope_den": 8}, calls
     assert got.isfinite().all() and err < 3e-2, err
     print("OK", err)
     """

@@ -117,6 +117,20 @@ def test_streaming_equals_full_sequence_odd_layout():
     assert cache.memory_tokens == 10 * 15
 
 
+def test_streaming_equals_full_sequence_absorbing_across_buffers():
+    """A window shorter than two chunks: the frames absorbed at a commit straddle the cache's history and the current
+    chunk, so the commit gathers them from two buffers (the first commit absorbs the sink frame from the chunk)."""
+    model = _hybrid("hybrid", sink_frames=1, local_attn_frames=3, num_frame_per_block=2, max_rope_frames=7,
+                    absorb_sink_frames=True)
+    x, t, text = _inputs(frames=10)
+    with torch.no_grad():
+        full = model(x, t, text).sample
+        streamed, cache = _stream(model, x, t, text)
+    torch.testing.assert_close(streamed, full, atol=2e-5, rtol=1e-4)
+    # ready for the next chunk (10, 11): frames 0 .. 8 left its window (10 + 2 - 3 = 9), the sink included
+    assert cache.memory_tokens == 9 * 15
+
+
 def test_read_pass_leaves_cache_unchanged():
     model = _hybrid("hybrid")
     x, t, text = _inputs(frames=12)
@@ -260,17 +274,22 @@ def test_linear_memory_against_hand_written_loops():
     from diffusers_hybrid.ops import linear_memory_absorb, linear_memory_read
 
     torch.manual_seed(0)
-    batch, heads, dim = 2, 3, 5
+    batch, heads, dim = 2, 3, 6
     kv = torch.zeros(batch, heads, dim, dim)
     kmean = torch.zeros(batch, heads, dim)
-    all_keys, all_roped, all_values = [], [], []
+    all_keys, all_angles, all_values = [], [], []
     count = 0
     for tokens in (7, 4, 9):
-        k_raw, k_rope, v = (torch.randn(batch, tokens, heads, dim) for _ in range(3))
-        kv, kmean = linear_memory_absorb(kv, kmean, count, k_rope, k_raw, v)
+        k_raw, v = torch.randn(batch, tokens, heads, dim), torch.randn(batch, tokens, heads, dim)
+        angles = torch.rand(tokens, dim // 2) * 6.3  # one angle per channel pair and token
+        cos, sin = (t.repeat_interleave(2, -1).view(1, tokens, 1, dim) for t in (angles.cos(), angles.sin()))
+        kv, kmean = linear_memory_absorb(kv, kmean, count, k_raw, v, cos, sin)
         count += tokens
-        all_keys.append(k_raw), all_roped.append(k_rope), all_values.append(v)
-    keys, roped, values = (torch.cat(x, 1) for x in (all_keys, all_roped, all_values))
+        all_keys.append(k_raw), all_angles.append(angles), all_values.append(v)
+    keys, angles, values = (torch.cat(x, i) for x, i in ((all_keys, 1), (all_angles, 0), (all_values, 1)))
+    # RoPE by hand: channel pairs as complex numbers, rotated by e^{i·angle}
+    rotation = torch.polar(torch.ones_like(angles), angles)[None, :, None]
+    roped = torch.view_as_real(torch.view_as_complex(keys.unflatten(-1, (-1, 2)).contiguous()) * rotation).flatten(-2)
     q_num, q_raw = torch.randn(batch, 6, heads, dim), torch.randn(batch, 6, heads, dim)
     out = linear_memory_read(q_num, q_raw, kv, kmean, eps=1e-6)
     for b in range(batch):

@@ -117,8 +117,8 @@ class HybridForcingAttnProcessor:
             unfused ops by rounding: the projection is folded into the float32 state).
         cache_pooled_keys (`bool`, defaults to `True`): keep the pooled key blocks of the cached window in the cache.
         fuse_rope (`bool`, defaults to `True`): with a cache and no gradient, RoPE the chunk, write its keys and
-            values into the cache and pool the block selection's blocks in one step (`rope_chunk_into_window`; one
-            launch with `"triton"`); `False` runs the plain-PyTorch RoPE and copies and lets the selection pool (for
+            values into the cache, pool the block selection's blocks and compute the fused memory read-out's
+            denominators in one step (`rope_chunk_into_window`; one launch with `"triton"`); `False` runs the plain-PyTorch RoPE and copies and lets the selection pool (for
             comparisons).
     """
 
@@ -144,13 +144,15 @@ class HybridForcingAttnProcessor:
 
     def _attend(self, attn, ctx, query_roped, query_raw, query_rope, keys, values, kv_state, kmean_state,
                 memory_ready: bool, pooled_key_prefix: torch.Tensor | None = None,
-                projected_kv_state: torch.Tensor | None = None, pooled_blocks=None):
+                projected_kv_state: torch.Tensor | None = None, pooled_blocks=None, memory_denominator=None):
         memory = kv_state is not None and memory_ready
         if memory and self._fused_memory(attn, ctx, (query_roped, query_raw, keys, values)):
             # the layer cache keeps the state with `linear_proj` folded in (once per chunk); else fold it here
             projected = projected_kv_state is not None
+            given = memory_denominator is not None  # the RoPE step computed the denominators
             return block_sparse_attention_with_memory(
-                query_roped, keys, values, query_raw, projected_kv_state if projected else kv_state, kmean_state,
+                query_roped, keys, values, None if given else query_raw, projected_kv_state if projected else kv_state,
+                None if given else kmean_state, memory_denominator=memory_denominator,
                 eps=ctx.linear_eps, proj_weight=None if projected else attn.linear_proj.weight,
                 proj_bias=attn.linear_proj.bias, state_is_projected=projected, topk_ratio=ctx.topk_ratio,
                 block_size=ctx.block_size, key_centering=ctx.key_centering, pooled_key_prefix=pooled_key_prefix,
@@ -180,7 +182,7 @@ class HybridForcingAttnProcessor:
         projected_kv_state = None
         if fold and ctx.snapshot is None:
             projected_kv_state = layer_cache.projected_memory_state(attn.linear_proj.weight)
-        pooled_prefix = pooled_blocks = None
+        pooled_prefix = pooled_blocks = memory_denominator = None
         select = self.cache_pooled_keys and ctx.topk_ratio < 1.0  # the block selection runs (in a full window)
         wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         window = None if ctx.snapshot is not None or wants_grad else layer_cache.contiguous_window(plan)
@@ -189,10 +191,13 @@ class HybridForcingAttnProcessor:
             if select:
                 pooled_prefix = layer_cache.pooled_key_prefix(plan, ctx.block_size, ctx.key_centering)
             pool = self.fuse_rope and ctx.topk_ratio < 1.0
-            query_roped, pooled_query, pooled_key = rope_chunk_into_window(
+            # the fused read-out's denominators need the raw query, which this step holds
+            denominators = self.fuse_rope and fold and plan.memory_ready
+            query_roped, pooled_query, pooled_key, memory_denominator = rope_chunk_into_window(
                 query, key, value, *plan.query_rope, *window, pool_block_size=ctx.block_size if pool else None,
                 key_centering=ctx.key_centering, kernel=self.kernel if self.fuse_rope else "reference",
                 first_pooled_key_block=0 if pooled_prefix is None else pooled_prefix.shape[2],
+                memory_kmean=kmean_state if denominators else None, memory_eps=ctx.linear_eps,
             )
             pooled_blocks = (pooled_query, pooled_key) if pool else None
             keys, values = window
@@ -206,7 +211,7 @@ class HybridForcingAttnProcessor:
             keys, values = torch.cat([cached_key, key_roped], 1), torch.cat([cached_value, value], 1)
         out = self._attend(
             attn, ctx, query_roped, query, plan.query_rope, keys, values, kv_state, kmean_state, plan.memory_ready,
-            pooled_prefix, projected_kv_state, pooled_blocks,
+            pooled_prefix, projected_kv_state, pooled_blocks, memory_denominator,
         )
         if ctx.cache_mode == "write":
             pooled_keys = (ctx.block_size, ctx.key_centering) if select else None
@@ -230,8 +235,7 @@ class HybridForcingAttnProcessor:
                 key_abs = _gather_frames(key, chunk.absorb_frames, tpf).detach()
                 value_abs = _gather_frames(value, chunk.absorb_frames, tpf).detach()
                 kv_state, kmean_state = linear_memory_absorb(
-                    kv_state, kmean_state, count, apply_rotary_emb(key_abs, *chunk.absorb_rope), key_abs, value_abs,
-                    kernel=self.kernel,
+                    kv_state, kmean_state, count, key_abs, value_abs, *chunk.absorb_rope, kernel=self.kernel,
                 )
                 count += key_abs.shape[1]
             frames = slice(chunk.chunk_start * tpf, (chunk.chunk_start + layout.chunk_frames) * tpf)

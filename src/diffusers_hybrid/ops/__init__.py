@@ -138,9 +138,9 @@ def block_sparse_attention_with_memory(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    query_raw: torch.Tensor,
+    query_raw: torch.Tensor | None,
     kv_state: torch.Tensor,
-    kmean_state: torch.Tensor,
+    kmean_state: torch.Tensor | None,
     *,
     eps: float = 1e-6,
     proj_weight: torch.Tensor | None = None,
@@ -152,6 +152,7 @@ def block_sparse_attention_with_memory(
     scale: float | None = None,
     pooled_key_prefix: torch.Tensor | None = None,
     pooled_blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    memory_denominator: torch.Tensor | None = None,
     kernel: str = "reference",
 ) -> torch.Tensor:
     """
@@ -166,11 +167,16 @@ def block_sparse_attention_with_memory(
     differs from the reference by rounding only. Differentiable w.r.t. the queries, keys and values (Triton: through
     the unfused kernels). `state_is_projected=True`: `kv_state` already is `KV @ W.T` (float32, e.g. the layer
     cache's `projected_kv_state`), so no projection runs per call; pass no `proj_weight` then (`proj_bias` still).
+    `memory_denominator` (`(B, Lq, H)` float32, no gradient): the read-out's denominators `relu(query_raw) ·
+    kmean_state + eps`, precomputed (the RoPE step [`rope_chunk_into_window`] returns them); pass `query_raw=None`
+    and `kmean_state=None` then.
     """
     _check_kernel(kernel)
+    if (memory_denominator is None) == (query_raw is None) or (memory_denominator is None) == (kmean_state is None):
+        raise ValueError("pass either `query_raw` and `kmean_state`, or `memory_denominator` alone")
     if state_is_projected and proj_weight is not None:
         raise ValueError("`state_is_projected=True` takes `kv_state` with the projection folded in; pass no `proj_weight`.")
-    if (kernel == "triton" and _use_triton("attention", query, block_size) and _use_triton("memory", query_raw)
+    if (kernel == "triton" and _use_triton("attention", query, block_size) and _use_triton("memory", query)
             and kv_state is not None):
         from .block_sparse_attention.triton_kernel import block_sparse_attention_with_memory_triton
 
@@ -180,11 +186,16 @@ def block_sparse_attention_with_memory(
             proj_bias=proj_bias, topk_ratio=topk_ratio, block_size=block_size, key_centering=key_centering,
             scale=scale, dense=num_selected_blocks(num_key_blocks, topk_ratio) == num_key_blocks,
             pooled_key_prefix=pooled_key_prefix, state_is_projected=state_is_projected, pooled_blocks=pooled_blocks,
+            memory_denominator=memory_denominator,
         )
     out = block_sparse_attention(query, key, value, topk_ratio=topk_ratio, block_size=block_size,
                                  key_centering=key_centering, scale=scale, pooled_key_prefix=pooled_key_prefix,
                                  pooled_blocks=pooled_blocks, kernel=kernel)
-    memory = linear_memory_read(query, query_raw, kv_state, kmean_state, eps=eps, kernel=kernel).to(out.dtype)
+    if memory_denominator is not None:
+        memory = linear_memory_read_naive(query, None, kv_state, None, eps, denominator=memory_denominator)
+    else:
+        memory = linear_memory_read(query, query_raw, kv_state, kmean_state, eps=eps, kernel=kernel)
+    memory = memory.to(out.dtype)
     if proj_weight is not None:
         memory = torch.nn.functional.linear(memory, proj_weight, proj_bias)
     elif proj_bias is not None:
@@ -204,21 +215,25 @@ def rope_chunk_into_window(
     pool_block_size: int | None = None,
     key_centering: str = "heads",
     first_pooled_key_block: int = 0,
+    memory_kmean: torch.Tensor | None = None,
+    memory_eps: float = 1e-6,
     kernel: str = "reference",
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """
     The RoPE step of a cached chunk (no gradient): returns the RoPE'd `query`, writes the RoPE'd `key` and `value`
     into the last rows of `window_key` / `window_value` (the cache's scratch slot after the cached context) and, with
     `pool_block_size`, returns the block selection's pooled blocks as `pooled_blocks` of [`block_sparse_attention`]
-    takes them (key blocks of the window from `first_pooled_key_block` on). The Triton kernel does it all in one
-    launch. See `rotary/naive.py` for shapes.
+    takes them (key blocks of the window from `first_pooled_key_block` on); with `memory_kmean`, the linear memory
+    read-out's denominators as [`block_sparse_attention_with_memory`] takes them (`memory_denominator`). The Triton
+    kernel does it all in one launch. See `rotary/naive.py` for shapes.
 
     Returns:
-        `(query_roped, pooled_query, pooled_key)`; the last two `None` without `pool_block_size`.
+        `(query_roped, pooled_query, pooled_key, memory_denominator)`; the pools `None` without `pool_block_size`,
+        the denominators `None` without `memory_kmean`.
     """
     _check_kernel(kernel)
     args = (query, key, value, cos, sin, window_key, window_value, pool_block_size, key_centering,
-            first_pooled_key_block)
+            first_pooled_key_block, memory_kmean, memory_eps)
     if kernel == "triton" and _use_triton("rope", query, pool_block_size):
         from .rotary.triton_kernel import rope_chunk_into_window_triton
 
@@ -230,20 +245,36 @@ def linear_memory_absorb(
     kv_state: torch.Tensor,
     kmean_state: torch.Tensor,
     count: int,
-    key_roped: torch.Tensor,
     key_raw: torch.Tensor,
     value: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
     *,
     kernel: str = "reference",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Folds new tokens into the linear memory's running means; returns the new `(kv_state, kmean_state)`.
-    See `linear_memory/naive.py` for the math and shapes."""
+    """
+    Folds `s` new tokens into the linear memory's running means (spec 1.3): `kv` gets `R(key_raw) ⊗ value`, the keys
+    RoPE'd by the op with `cos`/`sin` (rounded to the key dtype, as [`apply_rotary_emb`] does), and `kmean` gets
+    `relu(key_raw)`. The Triton kernel passes no gradient (the callers absorb detached keys and values).
+
+    Args:
+        kv_state (`(B, H, D, D)` float32), kmean_state (`(B, H, D)` float32): the state before absorption.
+        count (`int`): tokens absorbed so far.
+        key_raw, value (`torch.Tensor` of shape `(B, s, H, D)`, one dtype, `D` even): the un-RoPE'd keys and the
+            values; strided views (e.g. consecutive frames of a cache buffer) are read in place by the Triton kernel.
+        cos, sin (`torch.Tensor` broadcastable to `(1, s, 1, D)`): RoPE tables of the keys' absorption positions
+            (Wan's `repeat_interleave`d form, see [`apply_rotary_emb`]).
+        kernel (`str`): `"reference"` or `"triton"`.
+
+    Returns:
+        `(kv_state, kmean_state)`, new float32 tensors. See `linear_memory/naive.py` for the math.
+    """
     _check_kernel(kernel)
     if kernel == "triton" and _use_triton("memory", key_raw):
         from .linear_memory.triton_kernel import linear_memory_absorb_triton
 
-        return linear_memory_absorb_triton(kv_state, kmean_state, count, key_roped, key_raw, value)
-    return linear_memory_absorb_naive(kv_state, kmean_state, count, key_roped, key_raw, value)
+        return linear_memory_absorb_triton(kv_state, kmean_state, count, key_raw, value, cos, sin)
+    return linear_memory_absorb_naive(kv_state, kmean_state, count, key_raw, value, cos, sin)
 
 
 def linear_memory_read(

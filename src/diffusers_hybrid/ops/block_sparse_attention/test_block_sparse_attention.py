@@ -309,14 +309,18 @@ def test_gpu_pdl_chain_equals_plain_launches(mode, monkeypatch):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("placement", [None, dict(mem_mode=3, num_stages=1, ctas_per_sm=4),
-                                       dict(mem_mode=4, num_stages=1, ctas_per_sm=4)],
-                         ids=["default", "parked_in_output", "parked_float32"])
-def test_gpu_fused_memory_epilogue(placement, monkeypatch):
+@pytest.mark.parametrize("placement, given_den", [
+    (None, False), (dict(mem_mode=3, num_stages=1, ctas_per_sm=4), False),
+    (dict(mem_mode=4, num_stages=1, ctas_per_sm=4), False), (dict(mem_mode=5, num_stages=1, ctas_per_sm=4), False),
+    (dict(mem_mode=5, num_stages=1, ctas_per_sm=4), True), (None, True)],
+    ids=["default", "parked_in_output", "parked_float32", "accumulated_1x4", "accumulated_1x4_given_den",
+         "default_given_den"])
+def test_gpu_fused_memory_epilogue(placement, given_den, monkeypatch):
     """Real shape: attention + memory read-out + linear_proj fused vs the separate ops (float32 reference), with the
-    read-out where the default configuration runs it and parked before the main loop on the no-memory one."""
+    read-out where the default configuration runs it, parked before the main loop on the no-memory configuration, or
+    accumulated into the attention accumulator there; the denominators computed in the kernel or given."""
     tk = _kernels()
-    from diffusers_hybrid.ops.linear_memory.naive import linear_memory_read_naive
+    from diffusers_hybrid.ops.linear_memory.naive import linear_memory_denominator_naive, linear_memory_read_naive
 
     if placement is not None:
         monkeypatch.setitem(tk.CONFIG_OVERRIDES, "fwd_sparse_memory", placement)
@@ -327,9 +331,11 @@ def test_gpu_fused_memory_epilogue(placement, monkeypatch):
     kmean = torch.rand(1, 12, 128, device="cuda")
     weight = torch.randn(128, 128, device="cuda") / 12
     bias = torch.randn(128, device="cuda")
+    den = linear_memory_denominator_naive(q_raw, kmean) if given_den else None
     with poisoned_outputs(), torch.no_grad():
-        got = tk.block_sparse_attention_with_memory_triton(q, k, v, q_raw, kv, kmean, proj_weight=weight,
-                                                           proj_bias=bias, topk_ratio=0.2)
+        got = tk.block_sparse_attention_with_memory_triton(
+            q, k, v, None if given_den else q_raw, kv, None if given_den else kmean, proj_weight=weight,
+            proj_bias=bias, topk_ratio=0.2, memory_denominator=den)
         lut, _ = tk.select_key_blocks_triton(q, k, 0.2, 64, "heads")
         ref, _ = _reference(q, k, v, lut, 64)
         memory = torch.nn.functional.linear(linear_memory_read_naive(q, q_raw, kv, kmean), weight, bias)
@@ -455,7 +461,7 @@ def test_forward_variants_forward_backward(name, monkeypatch, allocator):
 
 def test_memory_placement_is_validated(monkeypatch):
     tk = _kernels()
-    monkeypatch.setitem(tk.CONFIG_OVERRIDES, "fwd_sparse_memory", dict(mem_mode=5))
+    monkeypatch.setitem(tk.CONFIG_OVERRIDES, "fwd_sparse_memory", dict(mem_mode=6))
     q, k, v = _inputs(1, 20, 40, 1, 16, torch.bfloat16)
     with pytest.raises(ValueError, match="mem_mode"):
         tk.block_sparse_attention_with_memory_triton(q, k, v, torch.randn_like(q), torch.randn(1, 1, 16, 16),
@@ -489,6 +495,11 @@ MEMORY_VARIANTS = {
     "parked_float32": dict(mem_mode=4),
     "parked_float32_split_fused": dict(mem_mode=4, slots=5, fused_combine=True),
     "parked_float32_persistent_split": dict(mem_mode=4, persistent=True, slots=5),
+    # session 8: the read-out's product accumulated into the attention accumulator (one fp32 tile in the epilogue)
+    "accumulated": dict(mem_mode=5),
+    "accumulated_kc16_f32_lo": dict(mem_mode=5, mem_kc=16, mem_state="f32", memory_lo=True),
+    "accumulated_ws_split": dict(mem_mode=5, ws=True, single_loop=True, slots=5),
+    "accumulated_split_fused": dict(mem_mode=5, slots=5, fused_combine=True),
 }
 
 
@@ -515,6 +526,36 @@ def test_fused_memory_variants(name, monkeypatch):
     ref, _ = _reference(q, k, v, lut, 16)
     memory = torch.nn.functional.linear(linear_memory_read_naive(q.float(), q_raw.float(), kv, kmean), weight, bias)
     assert _rel_err(got, ref.detach() + memory) < 1e-2
+
+
+@pytest.mark.parametrize("placement", [dict(mem_mode=1, slots=5, fused_combine=True), dict(mem_mode=5, slots=5)],
+                         ids=["den_first_split_fused", "accumulated_split"])
+def test_fused_memory_with_given_denominators(placement, monkeypatch):
+    """The read-out's denominators given (as the RoPE step computes them) instead of the raw query: the same result
+    as the kernel computing them, and as the reference; whole and split items (the merge paths read them too)."""
+    tk = _kernels()
+    from diffusers_hybrid.ops.linear_memory.naive import linear_memory_denominator_naive, linear_memory_read_naive
+
+    monkeypatch.setitem(tk.CONFIG_OVERRIDES, "fwd_sparse_memory", placement)
+    q, k, v = _inputs(2, 40, 230, 3, 32, torch.bfloat16)
+    q_raw = torch.randn_like(q)
+    kv, kmean = torch.randn(2, 3, 32, 32) / 32, torch.rand(2, 3, 32)
+    weight, bias = torch.randn(32, 32) / 6, torch.randn(32)
+    den = linear_memory_denominator_naive(q_raw, kmean, 1e-3)
+    common = dict(proj_weight=weight, proj_bias=bias, topk_ratio=0.35, block_size=16, eps=1e-3)
+    with poisoned_outputs(), torch.no_grad():
+        got = tk.block_sparse_attention_with_memory_triton(q, k, v, None, kv, None, memory_denominator=den, **common)
+        from_raw = tk.block_sparse_attention_with_memory_triton(q, k, v, q_raw, kv, kmean, **common)
+        lut = tk.select_key_blocks_triton(q, k, 0.35, 16, "heads")[0]
+    torch.testing.assert_close(got, from_raw, rtol=1e-2, atol=1e-2)
+    ref, _ = _reference(q, k, v, lut, 16)
+    memory = torch.nn.functional.linear(linear_memory_read_naive(q.float(), None, kv, None, denominator=den), weight,
+                                        bias)
+    assert _rel_err(got, ref.detach() + memory) < 1e-2 and _rel_err(got, ref) > 5e-2
+    with pytest.raises(ValueError, match="memory_denominator"):
+        tk.block_sparse_attention_with_memory_triton(q, k, v, q_raw, kv, None, memory_denominator=den, **common)
+    with pytest.raises(ValueError, match="memory_denominator"):
+        tk.block_sparse_attention_with_memory_triton(q, k, v, None, kv, None, memory_denominator=den[:, :5], **common)
 
 
 def test_fused_memory_with_projected_state_and_prefix():

@@ -131,10 +131,13 @@ def _config(kind: str, head_dim: int, block_size: int) -> dict:
     else:
         base = {
             # Measured on an H100 (benchmarks/RESULTS.md, round 2): TMA loads, no software pipelining and 4 resident
-            # programs per multiprocessor (0.1995 ms vs 0.2120 ms for 2 stages x 2 programs); with the fused memory
-            # read-out the 2-stage configuration is faster (+15.5 us vs +72 us for the read-out), so it keeps that.
+            # programs per multiprocessor (0.1995 ms vs 0.2120 ms for 2 stages x 2 programs). With the fused memory
+            # read-out (round 9): the same configuration, the read-out accumulated into the attention accumulator in
+            # chunks of 32 state rows (+11 us in the model's chain vs +21 us on 2 stages x 2 programs; the whole
+            # product at once spills there: +63 us).
             "fwd_sparse": dict(KPI=1, num_warps=4, num_stages=1, tma=True, ctas_per_sm=4),
-            "fwd_sparse_memory": dict(KPI=1, num_warps=4, num_stages=2, tma=True, ctas_per_sm=2),
+            "fwd_sparse_memory": dict(KPI=1, num_warps=4, num_stages=1, tma=True, ctas_per_sm=4, mem_mode=5,
+                                      mem_kc=min(32, head_dim)),
             "fwd_dense": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, tma=True, ctas_per_sm=1),
             "bwd_sparse": dict(KPI=1, num_warps=4, num_stages=2, dkv_num_stages=3),
             "bwd_dense": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, DKV_BLOCK_M=64, DKV_BLOCK_N=128,
@@ -547,9 +550,13 @@ def _fwd_loop_pairs(acc, l_i, m_i, q, K_base, V_base, k_desc, v_desc, lut_row, i
 
 
 @triton.jit
-def _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, eps, D: tl.constexpr, MEM_KC: tl.constexpr):
+def _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, eps, D: tl.constexpr, MEM_KC: tl.constexpr,
+                DEN_GIVEN: tl.constexpr):
     """Denominator of the linear-memory read-out, `relu(q_raw) · kmean + eps`, one value per query row; q_raw read
-    in column chunks of MEM_KC (fewer live registers when MEM_KC < D)."""
+    in column chunks of MEM_KC (fewer live registers when MEM_KC < D). DEN_GIVEN: QR holds the denominators
+    themselves, `(B, Lq, H)` float32 (the RoPE step computes them while it holds q_raw)."""
+    if DEN_GIVEN:
+        return tl.load(QR + b * s_qrb + h * s_qrh + offs_m * s_qrl, mask=m_ok, other=1.0)
     offs_c = tl.arange(0, MEM_KC)
     for c0 in tl.static_range(0, D, MEM_KC):
         km = tl.load(KMS + bh * D + c0 + offs_c)
@@ -594,20 +601,26 @@ def _memory_product(q, KVH, KVL, kv_offs, num, FIRST: tl.constexpr, HAS_LO: tl.c
 
 @triton.jit
 def _memory_num(q, Q_base, s_ql, offs_m, m_ok, KVH, KVL, BIAS, bh, den, D: tl.constexpr, HAS_LO: tl.constexpr,
-                HAS_BIAS: tl.constexpr, F32: tl.constexpr, MEM_KC: tl.constexpr):
-    """`(q · KV') / den (+ bias)`, fp32. KV' is the state (possibly times the output projection). MEM_KC == D: one
-    product with the whole (D, D) state and the query tile `q` in registers; MEM_KC < D: the contraction in chunks
-    of MEM_KC state rows, the matching query columns re-read from `Q_base` (L2-resident): a smaller state operand
-    at a time (shared memory / registers of the epilogue)."""
+                HAS_BIAS: tl.constexpr, F32: tl.constexpr, MEM_KC: tl.constexpr, init=None):
+    """`(init + q · KV') / den (+ bias)`, fp32 (`init`: an optional (BLOCK_M, D) fp32 tile the product accumulates
+    into). KV' is the state (possibly times the output projection). MEM_KC == D: one product with the whole (D, D)
+    state and the query tile `q` in registers; MEM_KC < D: the contraction in chunks of MEM_KC state rows, the
+    matching query columns re-read from `Q_base` (L2-resident): a smaller state operand at a time (shared memory /
+    registers of the epilogue)."""
     offs_d = tl.arange(0, D)
     if MEM_KC == D:
-        num = _memory_product(q, KVH, KVL, bh * D * D + offs_d[:, None] * D + offs_d[None, :], q, True, HAS_LO, F32)
+        kv_offs = bh * D * D + offs_d[:, None] * D + offs_d[None, :]
+        if init is None:
+            num = _memory_product(q, KVH, KVL, kv_offs, q, True, HAS_LO, F32)
+        else:
+            num = _memory_product(q, KVH, KVL, kv_offs, init, False, HAS_LO, F32)
     else:
         offs_c = tl.arange(0, MEM_KC)
+        num = init
         for c0 in tl.static_range(0, D, MEM_KC):
             qc = tl.load(Q_base + offs_m[:, None] * s_ql + c0 + offs_c[None, :], mask=m_ok[:, None], other=0.0)
             kv_offs = bh * D * D + (c0 + offs_c)[:, None] * D + offs_d[None, :]
-            if c0 == 0:
+            if c0 == 0 and init is None:
                 num = _memory_product(qc, KVH, KVL, kv_offs, qc, True, HAS_LO, F32)
             else:
                 num = _memory_product(qc, KVH, KVL, kv_offs, num, False, HAS_LO, F32)
@@ -620,17 +633,35 @@ def _memory_num(q, Q_base, s_ql, offs_m, m_ok, KVH, KVL, BIAS, bh, den, D: tl.co
 @triton.jit
 def _memory_term(q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, eps,
                  D: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr,
-                 MEM_KC: tl.constexpr):
+                 MEM_KC: tl.constexpr, DEN_GIVEN: tl.constexpr):
     """Linear-memory read-out of one query tile, `(q · KV') / (relu(q_raw) · kmean + eps) (+ bias)`, fp32. `q` is
     the RoPE'd query the attention uses (also at `Q_base`, rows `offs_m` with stride `s_ql`)."""
-    den = _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, eps, D, MEM_KC)
+    den = _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, eps, D, MEM_KC, DEN_GIVEN)
     return _memory_num(q, Q_base, s_ql, offs_m, m_ok, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS, F32, MEM_KC)
+
+
+@triton.jit
+def _normalise(acc, l_i, mem, den, q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl,
+               s_qrh, eps, park_ptrs, D: tl.constexpr, MEM: tl.constexpr, HAS_LO: tl.constexpr,
+               HAS_BIAS: tl.constexpr, F32: tl.constexpr, MEM_KC: tl.constexpr, MEM_MODE: tl.constexpr):
+    """The output tile of a whole work item: `acc / l_i`, plus (MEM) its linear-memory read-out. MEM_MODE 5: the
+    read-out's product accumulates into the attention accumulator itself, `(acc · den / l_i + q · KV') / den`, so
+    the epilogue holds one (BLOCK_M, D) fp32 tile, not two (the others: `_add_memory`)."""
+    if MEM and MEM_MODE == 5:
+        den = _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, eps, D, MEM_KC, MEM == 2)
+        return _memory_num(q, Q_base, s_ql, offs_m, m_ok, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS, F32, MEM_KC,
+                           acc * (den / l_i)[:, None])
+    out = acc / l_i[:, None]
+    if MEM:
+        out = _add_memory(out, mem, den, q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb,
+                          s_qrl, s_qrh, eps, park_ptrs, D, HAS_LO, HAS_BIAS, F32, MEM_KC, MEM_MODE, MEM == 2)
+    return out
 
 
 @triton.jit
 def _add_memory(out, mem, den, q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh,
                 eps, park_ptrs, D: tl.constexpr, HAS_LO: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr,
-                MEM_KC: tl.constexpr, MEM_MODE: tl.constexpr):
+                MEM_KC: tl.constexpr, MEM_MODE: tl.constexpr, DEN_GIVEN: tl.constexpr):
     """The attention output tile plus its linear-memory read-out, by where the read-out ran (`MEM_MODE`): 3 / 4: it
     was parked at `park_ptrs`; 2: `mem` was computed before the main loop; 1: the denominator `den` was; 0: all of
     it here."""
@@ -644,7 +675,7 @@ def _add_memory(out, mem, den, q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, b
                                  MEM_KC)
     else:
         return out + _memory_term(q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl,
-                                  s_qrh, eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC)
+                                  s_qrh, eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC, DEN_GIVEN)
 
 
 @triton.jit
@@ -722,18 +753,19 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
     # the main loop; 2: the whole read-out before the main loop, its result held in registers meanwhile; 3 / 4: the
     # whole read-out before the main loop, parked in the output tile (3, rounded to its dtype) or in the float32
     # PARK buffer of the output's layout (4) for whole items (split items add it when they merge), read back by the
-    # epilogue: no registers held across the loop, so the no-memory configuration fits.
+    # epilogue: no registers held across the loop, so the no-memory configuration fits; 5: all of it in the epilogue,
+    # accumulated into the attention accumulator (`_normalise`). MEM 2: QR holds the denominators (`_memory_den`).
     park_ptrs = (PARK if MEM_MODE == 4 else O) + o_offs
     den = 0.0  # placeholders for the modes that compute these in the epilogue (`_add_memory`)
     mem = 0.0
     if MEM and MEM_MODE >= 1 and MEM_MODE <= 2:
-        den = _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, mem_eps, D, MEM_KC)
+        den = _memory_den(QR, KMS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh, mem_eps, D, MEM_KC, MEM == 2)
         if MEM_MODE == 2:
             mem = _memory_num(q, Q_base, s_ql, offs_m, m_ok, KVH, KVL, BIAS, bh, den, D, HAS_LO, HAS_BIAS, F32,
                               MEM_KC)
-    if MEM and MEM_MODE >= 3:
+    if MEM and MEM_MODE >= 3 and MEM_MODE <= 4:
         parked = _memory_term(q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh,
-                              mem_eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC)
+                              mem_eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC, MEM == 2)
         rows_parked = tl.where(parts == 1, Lq, 0)  # predicate as a bound: every row of a whole item or none
         tl.store(park_ptrs, parked.to(park_ptrs.dtype.element_ty), mask=(offs_m < rows_parked)[:, None])
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -782,10 +814,8 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
     if WS and not FUSED_COMBINE:
         # Branch-free epilogue (automatic warp specialisation does not take a data-dependent branch after the
         # loop): whole items store the output, split parts their partial state, through predicated stores.
-        out = acc / l_i[:, None]
-        if MEM:
-            out = _add_memory(out, mem, den, q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb,
-                              s_qrl, s_qrh, mem_eps, park_ptrs, D, HAS_LO, HAS_BIAS, F32, MEM_KC, MEM_MODE)
+        out = _normalise(acc, l_i, mem, den, q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb,
+                         s_qrl, s_qrh, mem_eps, park_ptrs, D, MEM, HAS_LO, HAS_BIAS, F32, MEM_KC, MEM_MODE)
         rows_out = tl.where(parts == 1, Lq, 0)  # predicate as a bound: every row valid or none
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < rows_out)[:, None])
         tl.store(LSE + bh * Lq + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < rows_out)
@@ -796,10 +826,9 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
         tl.store(PML + (slot * 2 * BLOCK_M) + rows, m_i, mask=rows < rows_part)
         tl.store(PML + (slot * 2 * BLOCK_M) + BLOCK_M + rows, l_i, mask=rows < rows_part)
     elif parts == 1:
-        out = acc / l_i[:, None]
-        if MEM:  # fused linear-memory read-out (inference): Q is read and O written once
-            out = _add_memory(out, mem, den, q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb,
-                              s_qrl, s_qrh, mem_eps, park_ptrs, D, HAS_LO, HAS_BIAS, F32, MEM_KC, MEM_MODE)
+        # with MEM, the fused linear-memory read-out (inference): Q is read and O written once
+        out = _normalise(acc, l_i, mem, den, q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb,
+                         s_qrl, s_qrh, mem_eps, park_ptrs, D, MEM, HAS_LO, HAS_BIAS, F32, MEM_KC, MEM_MODE)
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None])
         tl.store(LSE + bh * Lq + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
     else:
@@ -817,7 +846,7 @@ def _fwd_unit(u, Q, K, V, O, LSE, LUT, q_desc, k_desc, v_desc, PACC, PML, SEM, Q
                 out = acc / l_all[:, None]
                 if MEM:
                     out += _memory_term(q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb,
-                                        s_qrl, s_qrh, mem_eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC)
+                                        s_qrl, s_qrh, mem_eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC, MEM == 2)
                 tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None])
                 tl.store(LSE + bh * Lq + offs_m, m_all + tl.math.log2(l_all), mask=m_ok)
                 tl.atomic_xchg(SEM + r, 0, sem="relaxed", scope="gpu")  # ready for the next launch / graph replay
@@ -886,7 +915,7 @@ def _attn_fwd_combine_kernel(O, LSE, PACC, PML, Q, QR, KVH, KVL, KMS, BIAS, Lq, 
         Q_base = Q + b * s_qb + h * s_qh
         q = tl.load(Q_base + offs_m[:, None] * s_ql + offs_d[None, :], mask=m_ok[:, None], other=0.0)
         out += _memory_term(q, Q_base, s_ql, QR, KVH, KVL, KMS, BIAS, b, h, bh, offs_m, m_ok, s_qrb, s_qrl, s_qrh,
-                            mem_eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC)
+                            mem_eps, D, HAS_LO, HAS_BIAS, F32, MEM_KC, MEM == 2)
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_ok[:, None])
     tl.store(LSE + bh * Lq + offs_m, m_all + tl.math.log2(l_all), mask=m_ok)
@@ -1328,7 +1357,8 @@ def _semaphores(n: int, device) -> torch.Tensor:
 #   fused_combine: split items merged by their last part (no second launch);
 #   persistent (+ flatten, ws_outer): resident programs striding over the work units;
 #   mem_mode: where the fused linear-memory read-out runs (0 epilogue, 1 denominator first, 2 all of it first and
-#   held in registers, 3 / 4 all of it first and parked until the epilogue in the output tile / a float32 buffer);
+#   held in registers, 3 / 4 all of it first and parked until the epilogue in the output tile / a float32 buffer,
+#   5 epilogue, accumulated into the attention accumulator: one fp32 tile live instead of two);
 #   memory_lo: the memory state as 16-bit hi + lo halves (about fp32 accuracy) instead of hi only;
 #   mem_state: "bf16" (a float32 state is cast on the host, one more launch) or "f32" (read as float32 and split
 #   in the kernel); a state passed already in the queries' 16-bit dtype is read as is (hi only, no cast);
@@ -1354,7 +1384,8 @@ def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, de
                       memory: tuple | None = None, selection: tuple | None = None):
     """Launches the forward kernel. Returns `(out, lse)` (lse base 2, (B, H, Lq) fp32). `memory`: optional
     `(query_raw, kv (B, H, D, D) fp32, kmean (B, H, D) fp32, bias (D,) fp32 or None, eps)` read-out added to the
-    output. `selection` (`_pool_for_selection`): the kernel selects each query block's key blocks itself and writes
+    output; in place of `query_raw` the read-out's denominators `relu(q_raw) · kmean + eps` `(B, Lq, H)` float32
+    (kmean and eps are then unused). `selection` (`_pool_for_selection`): the kernel selects each query block's key blocks itself and writes
     them to `lut` (and the block map) before attending. `cfg`: launch configuration (see FWD_KEYS), the measured
     default when None."""
     batch, len_q, heads, dim = q.shape
@@ -1407,8 +1438,15 @@ def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, de
     has_lo = False
     if memory is not None:
         q_raw, kvp, kms, bias, mem_eps = memory
-        q_raw = last_contiguous(q_raw)
-        kms = kms.float().contiguous()
+        den_given = q_raw.dim() == 3
+        if den_given:  # the denominators: one fp32 per (row, head)
+            if q_raw.shape != q.shape[:3] or q_raw.dtype != torch.float32:
+                raise ValueError(f"memory denominators must be float32 of shape {tuple(q.shape[:3])}, got "
+                                 f"{q_raw.dtype} {tuple(q_raw.shape)}")
+            kms = lse
+        else:
+            q_raw = last_contiguous(q_raw)
+            kms = kms.float().contiguous()
         lo = bool(cfg.get("memory_lo", False))
         if _f32_dot(q):  # interpreter, bf16: fp32 state, fp32 dot
             kv_hi, kv_lo = kvp.float().contiguous(), None
@@ -1432,13 +1470,13 @@ def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, de
     if memory is not None and (mem_kc < 16 or mem_kc > dim or dim % mem_kc):
         raise ValueError(f"`mem_kc` must divide head_dim {dim} and be >= 16, got {mem_kc}")
     mem_mode = int(cfg.get("mem_mode", 0))
-    if mem_mode not in (0, 1, 2, 3, 4):
-        raise ValueError(f"`mem_mode` must be 0, 1, 2, 3 or 4, got {mem_mode}")
+    if mem_mode not in (0, 1, 2, 3, 4, 5):
+        raise ValueError(f"`mem_mode` must be 0, 1, 2, 3, 4 or 5, got {mem_mode}")
     park = out
     if memory is not None and mem_mode == 4:
         park = torch.empty_like(out, dtype=torch.float32)  # same layout as `out`: the kernel uses out's strides
         assert park.stride() == out.stride()
-    mem_flags = dict(MEM=memory is not None, HAS_LO=has_lo, HAS_BIAS=bias is not None, MEM_KC=mem_kc)
+    mem_flags = dict(MEM=0 if memory is None else (2 if den_given else 1), HAS_LO=has_lo, HAS_BIAS=bias is not None, MEM_KC=mem_kc)
     if selection is not None and not dense:
         pooled_q, pooled_k, pooled_prefix, bmap, num_k_blocks, num_prefix = selection
         k_pad, threshold = _threshold_args(num_k_blocks, topk)
@@ -1672,6 +1710,7 @@ def block_sparse_attention_with_memory_triton(
     pooled_key_prefix: torch.Tensor | None = None,
     state_is_projected: bool = False,
     pooled_blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    memory_denominator: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     `block_sparse_attention(query, key, value) + linear_proj(linear_memory_read(query, query_raw, kv, kmean))` with
@@ -1688,15 +1727,25 @@ def block_sparse_attention_with_memory_triton(
         state_is_projected (`bool`): `kv_state` is already `KV'` (`proj_weight` then only checked to be None).
         pooled_blocks (`tuple`, *optional*): precomputed `(pooled_query, pooled_key)` (see
             [`block_sparse_attention_triton`]).
+        memory_denominator (`(B, Lq, H)` float32, *optional*): the read-out's denominators `relu(query_raw) ·
+            kmean_state + eps`, precomputed (e.g. by the RoPE step); then pass `query_raw=None` and `kmean_state=None`.
+            Inference only (no gradient flows through them).
 
     Returns:
         `(B, Lq, H, D)` in the dtype of `query`.
     """
+    if (memory_denominator is None) == (query_raw is None):
+        raise ValueError("pass either `query_raw` (with `kmean_state`) or `memory_denominator`, not both or neither")
+    if memory_denominator is not None and kmean_state is not None:
+        raise ValueError("`memory_denominator` already holds `kmean_state`'s contribution; pass `kmean_state=None`")
     if state_is_projected and proj_weight is not None:
         raise ValueError("`state_is_projected=True` takes the projection folded into `kv_state`; pass no "
                          "`proj_weight`.")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
             query, key, value, query_raw, proj_weight, proj_bias)):
+        if memory_denominator is not None:
+            raise ValueError("`memory_denominator` is for inference: its gradient w.r.t. the raw query is not kept; "
+                             "pass `query_raw` and `kmean_state` under autograd")
         from ..linear_memory.triton_kernel import linear_memory_read_triton
 
         out = block_sparse_attention_triton(query, key, value, topk_ratio=topk_ratio, block_size=block_size,
@@ -1710,7 +1759,15 @@ def block_sparse_attention_with_memory_triton(
         return out + memory.to(out.dtype)
     _check_centering(key_centering)
     _check_inputs(query, key, value, block_size)
-    query, key, value, query_raw = (last_contiguous(t) for t in (query, key, value, query_raw))
+    query, key, value = (last_contiguous(t) for t in (query, key, value))
+    if memory_denominator is None:
+        query_raw, kmean_state = last_contiguous(query_raw), kmean_state.detach().float().contiguous()
+    else:
+        if memory_denominator.shape != query.shape[:3]:
+            raise ValueError(f"`memory_denominator` must have shape {tuple(query.shape[:3])} (B, Lq, H), got "
+                             f"{tuple(memory_denominator.shape)}")
+        query_raw = memory_denominator.detach().float()  # the kernel reads them where it would read q_raw
+        kmean_state = query_raw.new_zeros(1)  # unused
     num_k_blocks = -(-key.shape[1] // block_size)
     topk = num_selected_blocks(num_k_blocks, topk_ratio)
     dense = dense or topk == num_k_blocks
@@ -1721,7 +1778,7 @@ def block_sparse_attention_with_memory_triton(
     prefix = None if dense else _prefix_arg(pooled_key_prefix, key, block_size)
     pooled_q, pooled_k = (None, None) if dense else _pooled_args(pooled_blocks, query, key, block_size, prefix)
     op = _bsa_memory_fwd_impl if _direct_call() else _bsa_memory_fwd_op
-    return op(query, key, value, query_raw, kv.contiguous(), kmean_state.detach().float().contiguous(), bias, topk,
+    return op(query, key, value, query_raw, kv.contiguous(), kmean_state, bias, topk,
               block_size, key_centering == "heads", float(scale), bool(dense), float(eps), prefix, pooled_q, pooled_k)
 
 

@@ -13,43 +13,96 @@ and a query reads it as  o = (q_num · kv) / (φ(q) · kmean + eps),  with `q_nu
 
 import torch
 
+from ..rotary.naive import apply_rotary_emb
+
+
+def check_absorb_args(kv_state, kmean_state, count, key_raw, value, cos, sin) -> int:
+    """Validates the arguments of the absorption (shared by the reference and the kernel); returns `count` as an
+    `int`."""
+    if key_raw.dim() != 4:
+        raise ValueError(f"key_raw must be (B, s, H, D), got shape {tuple(key_raw.shape)}")
+    if value.shape != key_raw.shape:
+        raise ValueError(f"value must have the shape of key_raw {tuple(key_raw.shape)}, got {tuple(value.shape)}")
+    if value.dtype != key_raw.dtype or not key_raw.is_floating_point():
+        raise ValueError(f"key_raw and value must have one floating dtype, got {key_raw.dtype} and {value.dtype}")
+    batch, num_new, heads, dim = key_raw.shape
+    if dim % 2:
+        raise ValueError(f"head_dim must be even (RoPE rotates channel pairs), got {dim}")
+    if tuple(kv_state.shape) != (batch, heads, dim, dim) or tuple(kmean_state.shape) != (batch, heads, dim):
+        raise ValueError(f"kv_state / kmean_state must be {(batch, heads, dim, dim)} / {(batch, heads, dim)} for "
+                         f"tokens {tuple(key_raw.shape)}, got {tuple(kv_state.shape)} / {tuple(kmean_state.shape)}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        try:
+            ok = table.dim() <= 4 and torch.broadcast_shapes(table.shape, (1, num_new, 1, dim)) == (1, num_new, 1, dim)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must broadcast to (1, s, 1, D) = {(1, num_new, 1, dim)}, got shape "
+                             f"{tuple(table.shape)}")
+        if not table.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {table.dtype}")
+    devices = {t.device for t in (kv_state, kmean_state, key_raw, value, cos, sin)}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if isinstance(count, torch.Tensor) and count.numel() != 1:
+        raise ValueError(f"count must be a number, got a tensor of shape {tuple(count.shape)}")
+    if isinstance(count, float) and not count.is_integer():
+        raise ValueError(f"count must be a whole number of tokens, got {count}")
+    count = int(count)
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    return count
+
 
 def linear_memory_absorb_naive(
     kv_state: torch.Tensor,
     kmean_state: torch.Tensor,
     count: int,
-    key_roped: torch.Tensor,
     key_raw: torch.Tensor,
     value: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    Folds `s` new tokens into the running means.
+    Folds `s` new tokens into the running means. The keys are RoPE'd here, with [`apply_rotary_emb`]: in float32 and
+    rounded back to the dtype of `key_raw` (as the Triton kernel does before its tensor-core product), so the state
+    is the one of the RoPE'd keys a cache would hold.
 
     Args:
         kv_state (`(B, H, D, D)` float32), kmean_state (`(B, H, D)` float32): the state before absorption.
         count (`int`): tokens absorbed so far (N).
-        key_roped (`(B, s, H, D)`): keys RoPE'd at their absorption positions.
-        key_raw (`(B, s, H, D)`): the same keys before RoPE.
-        value (`(B, s, H, D)`).
+        key_raw (`(B, s, H, D)`): the keys before RoPE (`D` even); `value` (`(B, s, H, D)`, same dtype).
+        cos, sin (`torch.Tensor` broadcastable to `(1, s, 1, D)`): the RoPE tables of the keys' absorption positions,
+            Wan's `repeat_interleave`d form (`cos[..., 2i] == cos[..., 2i+1]`; see [`apply_rotary_emb`]).
 
     Returns:
-        `(kv_state, kmean_state)` after absorption (new tensors; inputs are not modified).
+        `(kv_state, kmean_state)` after absorption, float32 (new tensors; inputs are not modified).
     """
-    num_new = key_roped.shape[1]
+    count = check_absorb_args(kv_state, kmean_state, count, key_raw, value, cos, sin)
+    if key_raw.shape[1] == 0:  # nothing to absorb: the state as it is (no 0/0 before anything was absorbed)
+        return kv_state.float().clone(), kmean_state.float().clone()
+    total = count + key_raw.shape[1]
+    key_roped = apply_rotary_emb(key_raw, cos, sin)
     kv_sum = torch.einsum("bshd,bshe->bhde", key_roped.float(), value.float())
     k_sum = torch.relu(key_raw.float()).sum(dim=1)
-    total = count + num_new
     kv = (kv_sum + count * kv_state) / total
     kmean = (k_sum + count * kmean_state) / total
     return kv, kmean
 
 
+def linear_memory_denominator_naive(query_raw: torch.Tensor, kmean_state: torch.Tensor,
+                                    eps: float = 1e-6) -> torch.Tensor:
+    """The read-out's denominators `φ(query_raw) · kmean + eps`, `(B, S, H)` float32 (un-RoPE'd query, spec 1.3)."""
+    return torch.einsum("bshd,bhd->bsh", torch.relu(query_raw.float()), kmean_state.float()) + eps
+
+
 def linear_memory_read_naive(
     query_numerator: torch.Tensor,
-    query_raw: torch.Tensor,
+    query_raw: torch.Tensor | None,
     kv_state: torch.Tensor,
-    kmean_state: torch.Tensor,
+    kmean_state: torch.Tensor | None,
     eps: float = 1e-6,
+    denominator: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     Reads the memory for every query token.
@@ -59,10 +112,13 @@ def linear_memory_read_naive(
         query_raw (`(B, S, H, D)`): the un-RoPE'd query; the denominator uses φ(query_raw).
         kv_state (`(B, H, D, D)`), kmean_state (`(B, H, D)`): float32 state.
         eps (`float`): added to the denominator.
+        denominator (`(B, S, H)` float32, *optional*): the denominators already computed
+            ([`linear_memory_denominator_naive`]); `query_raw`, `kmean_state` and `eps` are then unused.
 
     Returns:
         `torch.Tensor` of shape `(B, S, H, D)`, float32.
     """
-    numerator = torch.einsum("bshd,bhde->bshe", query_numerator.float(), kv_state)
-    denominator = torch.einsum("bshd,bhd->bsh", torch.relu(query_raw.float()), kmean_state) + eps
-    return numerator / denominator.unsqueeze(-1)
+    numerator = torch.einsum("bshd,bhde->bshe", query_numerator.float(), kv_state.float())
+    if denominator is None:
+        denominator = linear_memory_denominator_naive(query_raw, kmean_state, eps)
+    return numerator / denominator.float().unsqueeze(-1)

@@ -1,10 +1,11 @@
 # Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
 """Triton kernels for the linear-attention memory (absorption and read-out); see `naive.py` for the math.
 
-- Absorption: per (batch, head, column block of D, token split) a program accumulates `R(k)ᵀ v` (tensor cores, fp32
-  accumulators) and `Σ relu(k_raw)` over its tokens; with one split it writes the new running means directly,
-  otherwise a second small launch sums the splits in a fixed order (deterministic, no atomics) and folds in the old
-  state.
+- Absorption: per (batch, head, column block of D, token split) a program loads each tile of raw keys once, RoPEs it
+  in registers (fp32, rounded to the key dtype as `apply_rotary_emb` does) and accumulates `R(k)ᵀ v` (tensor cores,
+  fp32 accumulators) and `Σ relu(k_raw)` over its tokens: it reads the raw keys, the values and the small RoPE tables,
+  no RoPE'd copy of the keys. With one split it writes the new running means directly, otherwise a second small
+  launch sums the splits in a fixed order (deterministic, no atomics) and folds in the old state.
 - Read-out: per (batch, head, run of token blocks) `(q_num · kv) / (relu(q_raw) · kmean + eps)`, the D×D state loaded
   once per program; backward gives the gradients w.r.t. `query_numerator` and `query_raw` (the state is detached).
 
@@ -23,6 +24,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from ..utils import last_contiguous, new_empty, new_empty_like  # noqa: E402
+from .naive import check_absorb_args  # noqa: E402
 
 
 def _interpret() -> bool:
@@ -52,22 +54,26 @@ KSUM_ROWS = tl.constexpr(16)
 
 
 @triton.jit
-def _absorb_kernel(KR, KRAW, V, KV_OLD, KM_OLD, KV_OUT, KM_OUT, PART_KV, PART_KM,
+def _absorb_kernel(KRAW, V, COS, SIN, KV_OLD, KM_OLD, KV_OUT, KM_OUT, PART_KV, PART_KM,
                    S, H, tokens_per_split, w_old, w_new,
-                   s_krb, s_krl, s_krh, s_kwb, s_kwl, s_kwh, s_vb, s_vl, s_vh,
+                   s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_cl, s_cd, s_sl, s_sd,
                    D: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr, DIRECT: tl.constexpr,
-                   F32: tl.constexpr, PREC: tl.constexpr, KSUM_DOT: tl.constexpr):
-    """Grid (B*H, D // BE, splits). KSUM_DOT: `Σ relu(k_raw)` on the tensor cores (a (KSUM_ROWS, BT) matrix of ones
-    times relu(k_raw), exact: 16-bit inputs, fp32 accumulation) instead of a cross-thread reduction per tile."""
+                   F32: tl.constexpr, PREC: tl.constexpr, KSUM_DOT: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+    """Grid (B*H, D // BE, splits). Each raw-key tile is loaded once and serves both sums: RoPE'd for `R(k)ᵀ v`,
+    as is for `Σ relu(k_raw)`. KSUM_DOT: `Σ relu(k_raw)` on the tensor cores (a (KSUM_ROWS, BT) matrix of ones times
+    relu(k_raw), exact: 16-bit inputs, fp32 accumulation) instead of a cross-thread reduction per tile.
+    BF16_BY_HAND (interpreter, bf16 keys): its fp32 -> bf16 cast truncates, so the RoPE'd keys are rounded to the
+    nearest bf16 by hand (kept in fp32: the interpreter multiplies in fp32 anyway)."""
     bh = tl.program_id(0)
     pe = tl.program_id(1)
     sp = tl.program_id(2)
     n_split = tl.num_programs(2)
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # a batch offset of a large cache buffer can pass 2**31 elements
     h = bh % H
     offs_d = tl.arange(0, D)
     offs_e = pe * BE + tl.arange(0, BE)
     offs_t = tl.arange(0, BT)
+    offs_p = tl.arange(0, D // 2)
     acc = tl.zeros((D, BE), dtype=tl.float32)
     ksum = tl.zeros((D,), dtype=tl.float32)
     if KSUM_DOT:
@@ -78,28 +84,34 @@ def _absorb_kernel(KR, KRAW, V, KV_OLD, KM_OLD, KV_OUT, KM_OUT, PART_KV, PART_KM
     for t in range(t0, t1, BT):
         rows = t + offs_t
         ok = rows < t1
-        kr = tl.load(KR + b * s_krb + h * s_krh + rows[:, None] * s_krl + offs_d[None, :], mask=ok[:, None], other=0.0)
+        kw = tl.load(KRAW + b * s_kb + h * s_kh + rows[:, None] * s_kl + offs_d[None, :], mask=ok[:, None], other=0.0)
         v = tl.load(V + b * s_vb + h * s_vh + rows[:, None] * s_vl + offs_e[None, :], mask=ok[:, None], other=0.0)
+        # RoPE of the tile (interleaved pairs, as rotary/triton_kernel.py `_rope_rows`), rounded to the key dtype like
+        # `apply_rotary_emb`: the product then runs on 16-bit tensor cores with the reference's numerics. Wan's tables
+        # repeat each angle for both channels of a pair: cos of the even, sin of the odd channels.
+        c = tl.load(COS + rows[:, None] * s_cl + (2 * offs_p[None, :]) * s_cd, mask=ok[:, None], other=0.0)
+        s = tl.load(SIN + rows[:, None] * s_sl + (2 * offs_p[None, :] + 1) * s_sd, mask=ok[:, None], other=0.0)
+        c, s = c.to(tl.float32), s.to(tl.float32)
+        k_even, k_odd = tl.split(tl.reshape(kw.to(tl.float32), (BT, D // 2, 2)))
+        kr = tl.reshape(tl.join(k_even * c - k_odd * s, k_even * s + k_odd * c), (BT, D))
+        if BF16_BY_HAND:
+            bits = kr.to(tl.uint32, bitcast=True)
+            kr = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
+        else:
+            kr = kr.to(KRAW.dtype.element_ty)
         if F32:
             acc = tl.dot(tl.trans(kr.to(tl.float32)), v.to(tl.float32), acc, input_precision=PREC)
         else:
             acc = tl.dot(tl.trans(kr), v, acc)
+        # Σ relu(k_raw) from the same raw tile; every column block computes it (small next to the product), the
+        # first one stores it
         if KSUM_DOT:
-            if pe == 0:
-                kw = tl.load(KRAW + b * s_kwb + h * s_kwh + rows[:, None] * s_kwl + offs_d[None, :],
-                             mask=ok[:, None], other=0.0)
-                if F32:
-                    ksum_rows = tl.dot(ones.to(tl.float32), tl.maximum(kw.to(tl.float32), 0.0), ksum_rows,
-                                       input_precision="ieee")
-                else:
-                    ksum_rows = tl.dot(ones, tl.maximum(kw, 0.0).to(kw.dtype), ksum_rows)
-        elif BE == D:  # one column block: no branch in the loop
-            kw = tl.load(KRAW + b * s_kwb + h * s_kwh + rows[:, None] * s_kwl + offs_d[None, :], mask=ok[:, None],
-                         other=0.0)
-            ksum += tl.sum(tl.maximum(kw.to(tl.float32), 0.0), axis=0)
-        elif pe == 0:
-            kw = tl.load(KRAW + b * s_kwb + h * s_kwh + rows[:, None] * s_kwl + offs_d[None, :], mask=ok[:, None],
-                         other=0.0)
+            if F32:
+                ksum_rows = tl.dot(ones.to(tl.float32), tl.maximum(kw.to(tl.float32), 0.0), ksum_rows,
+                                   input_precision="ieee")
+            else:
+                ksum_rows = tl.dot(ones, tl.maximum(kw, 0.0).to(kw.dtype), ksum_rows)
+        else:
             ksum += tl.sum(tl.maximum(kw.to(tl.float32), 0.0), axis=0)
     if KSUM_DOT:
         ksum = tl.max(ksum_rows, axis=0)  # every row holds the same sums
@@ -229,11 +241,13 @@ def _check_state(kv_state: torch.Tensor, kmean_state: torch.Tensor, ref: torch.T
         raise ValueError(f"head_dim must be 16, 32, 64 or 128 for the Triton kernel, got {dim}")
 
 
-def _absorb_launch(kv_state, kmean_state, count: int, key_roped, key_raw, value, num_splits: int | None = None):
-    key_roped, key_raw, value = (last_contiguous(t) for t in (key_roped, key_raw, value))
+def _absorb_launch(kv_state, kmean_state, count: int, key_raw, value, cos, sin, num_splits: int | None = None):
+    key_raw, value = last_contiguous(key_raw), last_contiguous(value)  # slice views of a cache buffer: no copy
     kv_state = kv_state.float().contiguous()
     kmean_state = kmean_state.float().contiguous()
-    batch, num_new, heads, dim = key_roped.shape
+    batch, num_new, heads, dim = key_raw.shape
+    # tables as (s, D) views with their strides (a broadcast dimension has stride 0)
+    cos, sin = (t.expand(1, num_new, 1, dim)[0, :, 0] for t in (cos, sin))
     total = count + num_new
     kv_out = new_empty_like(kv_state)
     km_out = new_empty_like(kmean_state)
@@ -242,14 +256,14 @@ def _absorb_launch(kv_state, kmean_state, count: int, key_roped, key_raw, value,
         km_out.copy_(kmean_state)
         return kv_out, km_out
     w_old, w_new = count / total, 1.0 / total
-    f32, prec = _dot_mode(key_roped)
+    f32, prec = _dot_mode(key_raw)
     be = min(dim, LM_CONFIG.get("absorb_be", 128))
     bt = 32 if _interpret() else 64
     if num_splits is None:
         if _interpret():
             num_splits = 1
         else:  # at least `absorb_tokens` tokens per program, at most `absorb_progs_per_sm` programs per multiprocessor
-            sms = torch.cuda.get_device_properties(key_roped.device).multi_processor_count
+            sms = torch.cuda.get_device_properties(key_raw.device).multi_processor_count
             slots = sms * LM_CONFIG.get("absorb_progs_per_sm", 1)
             num_splits = max(1, min(triton.cdiv(num_new, LM_CONFIG.get("absorb_tokens", 512)),
                                     slots // (batch * heads * (dim // be))))
@@ -262,11 +276,11 @@ def _absorb_launch(kv_state, kmean_state, count: int, key_roped, key_raw, value,
         part_kv = new_empty((batch * heads, num_splits, dim, dim), device=kv_state.device, dtype=torch.float32)
         part_km = new_empty((batch * heads, num_splits, dim), device=kv_state.device, dtype=torch.float32)
     _absorb_kernel[(batch * heads, dim // be, num_splits)](
-        key_roped, key_raw, value, kv_state, kmean_state, kv_out, km_out, part_kv, part_km,
+        key_raw, value, cos, sin, kv_state, kmean_state, kv_out, km_out, part_kv, part_km,
         num_new, heads, tokens_per_split, w_old, w_new,
-        key_roped.stride(0), key_roped.stride(1), key_roped.stride(2), key_raw.stride(0), key_raw.stride(1),
-        key_raw.stride(2), value.stride(0), value.stride(1), value.stride(2),
+        *key_raw.stride()[:3], *value.stride()[:3], *cos.stride(), *sin.stride(),
         D=dim, BE=be, BT=bt, DIRECT=direct, F32=f32, PREC=prec, KSUM_DOT=LM_CONFIG.get("absorb_ksum") == "dot",
+        BF16_BY_HAND=_interpret() and key_raw.dtype == torch.bfloat16,
         num_warps=LM_CONFIG.get("absorb_warps", 8),
         num_stages=1 if _interpret() else LM_CONFIG.get("absorb_stages", 3),
     )
@@ -337,16 +351,16 @@ def _read_bwd_launch(dout, query_numerator, query_raw, kv_state, kmean_state, ep
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _absorb_impl(kv_state: torch.Tensor, kmean_state: torch.Tensor, count: int, key_roped: torch.Tensor,
-                 key_raw: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _absorb_launch(kv_state, kmean_state, count, key_roped, key_raw, value)
+def _absorb_impl(kv_state: torch.Tensor, kmean_state: torch.Tensor, count: int, key_raw: torch.Tensor,
+                 value: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _absorb_launch(kv_state, kmean_state, count, key_raw, value, cos, sin)
 
 
 _absorb_op = torch.library.custom_op("diffusers_hybrid::linear_memory_absorb", mutates_args=())(_absorb_impl)
 
 
 @_absorb_op.register_fake
-def _(kv_state, kmean_state, count, key_roped, key_raw, value):
+def _(kv_state, kmean_state, count, key_raw, value, cos, sin):
     return (kv_state.new_empty(kv_state.shape, dtype=torch.float32),
             kmean_state.new_empty(kmean_state.shape, dtype=torch.float32))
 
@@ -395,17 +409,19 @@ def linear_memory_absorb_triton(
     kv_state: torch.Tensor,
     kmean_state: torch.Tensor,
     count: int,
-    key_roped: torch.Tensor,
     key_raw: torch.Tensor,
     value: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of `linear_memory_absorb_naive` (same arguments and results; no gradient)."""
-    _check_state(kv_state, kmean_state, key_roped)
-    if key_raw.shape != key_roped.shape or value.shape != key_roped.shape:
-        raise ValueError("key_roped, key_raw and value must have the same shape")
+    """Triton version of `linear_memory_absorb_naive` (same arguments and results, up to the summation order; no
+    gradient), one launch (two with token splits). `key_raw` / `value` may be strided views (e.g. consecutive frames
+    of a cache buffer); only their last dimension needs to be contiguous, else they are copied."""
+    count = check_absorb_args(kv_state, kmean_state, count, key_raw, value, cos, sin)
+    _check_state(kv_state, kmean_state, key_raw)
     op = _absorb_op if torch.compiler.is_compiling() else _absorb_impl  # eager: skip the dispatcher
-    return op(kv_state.detach(), kmean_state.detach(), int(count), key_roped.detach(), key_raw.detach(),
-              value.detach())
+    return op(kv_state.detach(), kmean_state.detach(), count, key_raw.detach(), value.detach(), cos.detach(),
+              sin.detach())
 
 
 def linear_memory_read_triton(

@@ -29,7 +29,7 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def check_window_args(query, key, value, window_key, window_value, pool_block_size, key_centering,
-                      first_pooled_key_block) -> int:
+                      first_pooled_key_block, memory_kmean=None) -> int:
     """Validates the arguments of the chunk-into-window op; returns the chunk's first row in the window."""
     if query.shape != key.shape or key.shape != value.shape:
         raise ValueError(f"query, key and value must have one shape, got {tuple(query.shape)}, {tuple(key.shape)}, "
@@ -40,6 +40,9 @@ def check_window_args(query, key, value, window_key, window_value, pool_block_si
                          f"{tuple(key.shape)}, got {tuple(window_key.shape)} and {tuple(window_value.shape)}")
     if key_centering not in ("heads", "none"):
         raise ValueError(f"`key_centering` must be 'heads' or 'none', got {key_centering!r}.")
+    if memory_kmean is not None and memory_kmean.shape != (key.shape[0], key.shape[2], key.shape[3]):
+        raise ValueError(f"`memory_kmean` must have shape (B, H, D) = {(key.shape[0], key.shape[2], key.shape[3])}, "
+                         f"got {tuple(memory_kmean.shape)}")
     start = window_key.shape[1] - key.shape[1]
     if start < 0:
         raise ValueError(f"the window ({window_key.shape[1]} rows) is shorter than the chunk ({key.shape[1]})")
@@ -64,11 +67,14 @@ def rope_chunk_into_window_naive(
     pool_block_size: int | None = None,
     key_centering: str = "heads",
     first_pooled_key_block: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    memory_kmean: torch.Tensor | None = None,
+    memory_eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """
     One chunk's RoPE at cached inference: returns the RoPE'd `query`, writes the RoPE'd `key` and `value` into the
     last `L` rows of `window_key` / `window_value` (the cache's scratch slot; the rows before hold the cached
-    context), and optionally pools the block selection's blocks.
+    context), and optionally pools the block selection's blocks and computes the linear memory read-out's
+    denominators (both need the rows this step holds: the RoPE'd blocks, the raw query).
 
     Args:
         query, key, value (`torch.Tensor` of shape `(B, L, H, D)`): the chunk's un-RoPE'd queries and keys, values.
@@ -77,19 +83,27 @@ def rope_chunk_into_window_naive(
         pool_block_size (`int`, *optional*): also return the mean-pooled query blocks and the pooled key blocks
             ([`pool_key_blocks_naive`] with `key_centering`) of `window_key` from block `first_pooled_key_block` on
             (which must start at or before the chunk; the blocks before come from elsewhere, e.g. the cache).
+        memory_kmean (`torch.Tensor` of shape `(B, H, D)`, *optional*): the linear memory's key mean; also return
+            the read-out's denominators `relu(query) · memory_kmean + memory_eps` (spec 1.3: un-RoPE'd query).
 
     Returns:
-        `(query_roped, pooled_query, pooled_key)`: `(B, L, H, D)` in the dtype of `query`; `(B, H, ceil(L / bs), D)`
-        and `(B, H, ceil(W / bs) - first_pooled_key_block, D)` float32, or `None` without `pool_block_size`.
+        `(query_roped, pooled_query, pooled_key, memory_denominator)`: `(B, L, H, D)` in the dtype of `query`;
+        `(B, H, ceil(L / bs), D)` and `(B, H, ceil(W / bs) - first_pooled_key_block, D)` float32, or `None` without
+        `pool_block_size`; `(B, L, H)` float32, or `None` without `memory_kmean`.
     """
     start = check_window_args(query, key, value, window_key, window_value, pool_block_size, key_centering,
-                              first_pooled_key_block)
+                              first_pooled_key_block, memory_kmean)
+    denominator = None
+    if memory_kmean is not None:
+        from ..linear_memory.naive import linear_memory_denominator_naive  # (that module imports this one)
+
+        denominator = linear_memory_denominator_naive(query, memory_kmean, memory_eps)
     query_roped = apply_rotary_emb(query, cos, sin)
     window_key[:, start:] = apply_rotary_emb(key, cos, sin)
     window_value[:, start:] = value
     if pool_block_size is None:
-        return query_roped, None, None
+        return query_roped, None, None, denominator
     pooled_query = mean_pool_blocks(query_roped, pool_block_size)
     pooled_key = pool_key_blocks_naive(window_key[:, first_pooled_key_block * pool_block_size :], pool_block_size,
                                        key_centering)
-    return query_roped, pooled_query, pooled_key
+    return query_roped, pooled_query, pooled_key, denominator

@@ -1,5 +1,6 @@
 # Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
-"""The cached-inference RoPE step (RoPE, K/V into the window, the selection's pooled blocks) against its reference.
+"""The cached-inference RoPE step (RoPE, K/V into the window, the selection's pooled blocks, the memory read-out's
+denominators) against its reference.
 
 On CPU the kernel runs through Triton's interpreter at small awkward shapes (chunk and window lengths that are not
 multiples of the block, a chunk that starts inside a block, several heads, batch 2), fresh random inputs per run,
@@ -12,6 +13,7 @@ import torch
 
 from diffusers_hybrid.ops import block_sparse_attention, rope_chunk_into_window, triton_available
 from diffusers_hybrid.ops.block_sparse_attention.naive import mean_pool_blocks, pool_key_blocks_naive
+from diffusers_hybrid.ops.linear_memory.naive import linear_memory_denominator_naive
 from diffusers_hybrid.ops.rotary.naive import apply_rotary_emb, rope_chunk_into_window_naive
 from diffusers_hybrid.ops.utils import poisoned_outputs
 
@@ -51,9 +53,14 @@ def _close(got, want, dtype):
 def test_rope_chunk_into_window_matches_reference(dtype, pool, first_block, centering):
     # chunk of 37 rows at window rows 24..60: key block 1 holds 8 cached and 8 chunk rows, the last block 13 rows
     inputs, window_key, window_value = _case(2, 37, 61, 3, 32, dtype)
-    kwargs = dict(pool_block_size=pool, key_centering=centering, first_pooled_key_block=first_block)
-    q_ref, pq_ref, pk_ref, wk_ref, wv_ref = _run("reference", inputs, window_key, window_value, **kwargs)
-    q_got, pq_got, pk_got, wk_got, wv_got = _run("triton", inputs, window_key, window_value, **kwargs)
+    kmean = torch.rand(2, 3, 32)  # the memory read-out's denominators from the raw query
+    kwargs = dict(pool_block_size=pool, key_centering=centering, first_pooled_key_block=first_block,
+                  memory_kmean=kmean, memory_eps=1e-3)
+    q_ref, pq_ref, pk_ref, den_ref, wk_ref, wv_ref = _run("reference", inputs, window_key, window_value, **kwargs)
+    q_got, pq_got, pk_got, den_got, wk_got, wv_got = _run("triton", inputs, window_key, window_value, **kwargs)
+    assert den_got.shape == (2, 37, 3) and den_got.dtype == torch.float32
+    torch.testing.assert_close(den_got, linear_memory_denominator_naive(inputs[0], kmean, 1e-3), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(den_ref, den_got, rtol=1e-5, atol=1e-6)
     _close(q_got, q_ref, dtype)
     _close(wk_got, wk_ref, dtype)
     assert torch.equal(wk_got[:, :24], window_key[:, :24])  # the cached context is left alone
@@ -72,8 +79,9 @@ def test_rope_chunk_into_window_matches_reference(dtype, pool, first_block, cent
 def test_rope_chunk_into_window_reference_is_rope_and_copy():
     inputs, window_key, window_value = _case(1, 20, 50, 2, 16, torch.float32)
     q, k, v, cos, sin = inputs
-    query_roped, pooled_query, pooled_key = rope_chunk_into_window_naive(q, k, v, cos, sin, window_key, window_value,
-                                                                         pool_block_size=16)
+    query_roped, pooled_query, pooled_key, denominator = rope_chunk_into_window_naive(
+        q, k, v, cos, sin, window_key, window_value, pool_block_size=16)
+    assert denominator is None  # no memory_kmean
     torch.testing.assert_close(query_roped, apply_rotary_emb(q, cos, sin))
     torch.testing.assert_close(window_key[:, 30:], apply_rotary_emb(k, cos, sin))
     assert torch.equal(window_value[:, 30:], v)
@@ -92,6 +100,8 @@ def test_rope_chunk_into_window_rejects_bad_arguments():
                                    kernel=kernel)
     with pytest.raises(ValueError, match="shorter than the chunk"):
         rope_chunk_into_window(*inputs, window_key[:, :10], window_value[:, :10])
+    with pytest.raises(ValueError, match="memory_kmean"):
+        rope_chunk_into_window(*inputs, window_key, window_value, memory_kmean=torch.rand(1, 2, 8), kernel="triton")
     with pytest.raises(ValueError, match="cos / sin"):
         q, k, v, cos, sin = inputs
         rope_chunk_into_window(q, k, v, cos[:, :5], sin[:, :5], window_key, window_value, kernel="triton")
@@ -104,7 +114,7 @@ def test_selection_from_rope_pools_matches_pooling_in_the_selection():
     prefix_blocks = 1
     outs = {}
     for kernel in ("reference", "triton"):
-        query_roped, pooled_query, pooled_key, keys, values = _run(
+        query_roped, pooled_query, pooled_key, _, keys, values = _run(
             kernel, inputs, window_key, window_value, pool_block_size=16, first_pooled_key_block=prefix_blocks)
         prefix = pool_key_blocks_naive(keys[:, : prefix_blocks * 16], 16)
         with poisoned_outputs():
@@ -132,9 +142,11 @@ def test_rope_chunk_into_window_real_shape_gpu():
     """Wan2.1-1.3B at 832x480: a 3-frame chunk (4,680 tokens) at the end of a 9-frame window (14,040 keys), 12 heads
     x 128, bf16; the pooled prefix covers the 146 whole blocks of the 9,360 cached keys."""
     inputs, window_key, window_value = _case(1, 4680, 14040, 12, 128, torch.bfloat16, device="cuda")
-    kwargs = dict(pool_block_size=64, first_pooled_key_block=146)
-    q_ref, pq_ref, pk_ref, wk_ref, wv_ref = _run("reference", inputs, window_key, window_value, **kwargs)
-    q_got, pq_got, pk_got, wk_got, wv_got = _run("triton", inputs, window_key, window_value, **kwargs)
+    kmean = torch.rand(1, 12, 128, device="cuda")
+    kwargs = dict(pool_block_size=64, first_pooled_key_block=146, memory_kmean=kmean)
+    q_ref, pq_ref, pk_ref, den_ref, wk_ref, wv_ref = _run("reference", inputs, window_key, window_value, **kwargs)
+    q_got, pq_got, pk_got, den_got, wk_got, wv_got = _run("triton", inputs, window_key, window_value, **kwargs)
+    torch.testing.assert_close(den_got, den_ref, rtol=1e-5, atol=1e-5)
     _close(q_got, q_ref, torch.bfloat16)
     _close(wk_got, wk_ref, torch.bfloat16)
     assert torch.equal(wv_got, wv_ref) and torch.equal(wk_got[:, :9360], window_key[:, :9360])

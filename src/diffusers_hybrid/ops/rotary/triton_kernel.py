@@ -43,23 +43,23 @@ def _rope_tables(COS, SIN, rows, ok, s_cl, s_cd, s_sl, s_sd, HALF: tl.constexpr)
 @triton.jit
 def _rope_rows(X, OUT, src_rows, dst_rows, ok, s_xl, s_ol, c, s, BLOCK: tl.constexpr, D: tl.constexpr):
     """Rotates rows `src_rows` of one head of X, stores them as rows `dst_rows` of OUT (OUT's dtype); returns the
-    stored values as fp32 (what a later reader of OUT sees)."""
+    stored values as fp32 (what a later reader of OUT sees) and the rows before rotation (fp32)."""
     offs_d = tl.arange(0, D)
     x = tl.load(X + src_rows[:, None] * s_xl + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     x_even, x_odd = tl.split(tl.reshape(x, (BLOCK, D // 2, 2)))
     y = tl.reshape(tl.join(x_even * c - x_odd * s, x_even * s + x_odd * c), (BLOCK, D))
     y = y.to(OUT.dtype.element_ty)
     tl.store(OUT + dst_rows[:, None] * s_ol + offs_d[None, :], y, mask=ok[:, None])
-    return y.to(tl.float32)
+    return y.to(tl.float32), x
 
 
 @triton.jit
-def _rope_window_kernel(Q, K, V, COS, SIN, QO, KW, VW, PQ, PK,
-                        L, start, W, Mq, kb0, NPK,
+def _rope_window_kernel(Q, K, V, COS, SIN, QO, KW, VW, PQ, PK, KMS, DEN,
+                        L, start, W, Mq, kb0, NPK, mem_eps,
                         s_qb, s_ql, s_qh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh,
                         s_ob, s_ol, s_oh, s_wb, s_wl, s_wh, s_ub, s_ul, s_uh, s_cl, s_cd, s_sl, s_sd,
                         H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                        POOL: tl.constexpr, CENTER: tl.constexpr, STAGES: tl.constexpr):
+                        POOL: tl.constexpr, CENTER: tl.constexpr, STAGES: tl.constexpr, MEM_DEN: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_t = tl.arange(0, BLOCK)
@@ -70,11 +70,19 @@ def _rope_window_kernel(Q, K, V, COS, SIN, QO, KW, VW, PQ, PK,
         rows = pid * BLOCK + offs_t
         ok = rows < L
         c, s = _rope_tables(COS, SIN, rows, ok, s_cl, s_cd, s_sl, s_sd, D // 2)
+        dens = tl.zeros((BLOCK, H_PAD), dtype=tl.float32)
         for h in tl.range(0, H, num_stages=STAGES):
-            y = _rope_rows(Q + b * s_qb + h * s_qh, QO + b * s_ob + h * s_oh, rows, rows, ok, s_ql, s_ol, c, s,
-                           BLOCK, D)
+            y, x = _rope_rows(Q + b * s_qb + h * s_qh, QO + b * s_ob + h * s_oh, rows, rows, ok, s_ql, s_ol, c, s,
+                              BLOCK, D)
             if POOL:
                 tile = tl.where(offs_h[:, None] == h, tl.sum(y, axis=0)[None, :], tile)
+            if MEM_DEN:  # the memory read-out's denominator uses the un-RoPE'd query (spec 1.3)
+                km = tl.load(KMS + (b * H + h) * D + offs_d)
+                den = tl.sum(tl.maximum(x, 0.0) * km[None, :], axis=1) + mem_eps
+                dens = tl.where(offs_h[None, :] == h, den[:, None], dens)
+        if MEM_DEN:  # (B, L, H) contiguous: one row of H values per token
+            tl.store(DEN + (b * L + rows[:, None]) * H + offs_h[None, :], dens,
+                     mask=ok[:, None] & (offs_h < H)[None, :])
         if POOL:
             tile = tile / tl.minimum(L - pid * BLOCK, BLOCK).to(tl.float32)
             tl.store(PQ + ((b * H + offs_h[:, None]) * Mq + pid) * D + offs_d[None, :], tile,
@@ -88,7 +96,7 @@ def _rope_window_kernel(Q, K, V, COS, SIN, QO, KW, VW, PQ, PK,
         c, s = _rope_tables(COS, SIN, crows, new, s_cl, s_cd, s_sl, s_sd, D // 2)
         for h in tl.range(0, H, num_stages=STAGES):
             window = KW + b * s_wb + h * s_wh
-            y = _rope_rows(K + b * s_kb + h * s_kh, window, crows, wrows, new, s_kl, s_wl, c, s, BLOCK, D)
+            y, _ = _rope_rows(K + b * s_kb + h * s_kh, window, crows, wrows, new, s_kl, s_wl, c, s, BLOCK, D)
             v = tl.load(V + b * s_vb + h * s_vh + crows[:, None] * s_vl + offs_d[None, :], mask=new[:, None])
             tl.store(VW + b * s_ub + h * s_uh + wrows[:, None] * s_ul + offs_d[None, :], v, mask=new[:, None])
             if POOL:
@@ -115,12 +123,14 @@ def rope_chunk_into_window_triton(
     pool_block_size: int | None = None,
     key_centering: str = "heads",
     first_pooled_key_block: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    memory_kmean: torch.Tensor | None = None,
+    memory_eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Triton version of [`rope_chunk_into_window_naive`] (same arguments and results), one launch. `window_key` /
     `window_value` need a contiguous last dimension (they are written in place); `head_dim` a power of two, and
     `pool_block_size` a power of two >= 16."""
     start = check_window_args(query, key, value, window_key, window_value, pool_block_size, key_centering,
-                              first_pooled_key_block)
+                              first_pooled_key_block, memory_kmean)
     if window_key.stride(-1) != 1 or window_value.stride(-1) != 1:
         raise ValueError("`window_key` and `window_value` need a contiguous last dimension (written in place)")
     query, key, value = (last_contiguous(t) for t in (query, key, value))
@@ -140,20 +150,25 @@ def rope_chunk_into_window_triton(
     if pool:
         pooled_q = new_empty((batch, heads, num_q_blocks, dim), device=query.device, dtype=torch.float32)
         pooled_k = new_empty((batch, heads, num_k_blocks, dim), device=query.device, dtype=torch.float32)
+    denominator = kmean = None
+    if memory_kmean is not None:
+        denominator = new_empty((batch, length, heads), device=query.device, dtype=torch.float32)
+        kmean = memory_kmean.float().contiguous()
     if length == 0 or batch == 0:
-        return query_roped, pooled_q, pooled_k
-    dummy = query_roped  # unused pointer arguments when not pooling
+        return query_roped, pooled_q, pooled_k, denominator
+    dummy = query_roped  # unused pointer arguments
     _rope_window_kernel[(num_q_blocks + num_k_blocks, batch)](
         query, key, value, cos, sin, query_roped, window_key, window_value,
         pooled_q if pool else dummy, pooled_k if pool else dummy,
-        length, start, window, num_q_blocks, first, num_k_blocks,
+        kmean if kmean is not None else dummy, denominator if denominator is not None else dummy,
+        length, start, window, num_q_blocks, first, num_k_blocks, float(memory_eps),
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *query_roped.stride()[:3],
         *window_key.stride()[:3], *window_value.stride()[:3], *cos.stride(), *sin.stride(),
         H=heads, H_PAD=triton.next_power_of_2(heads), D=dim, BLOCK=block, POOL=pool,
-        CENTER=key_centering == "heads", STAGES=ROPE_CONFIG.get("num_stages", 1),
+        CENTER=key_centering == "heads", STAGES=ROPE_CONFIG.get("num_stages", 1), MEM_DEN=kmean is not None,
         num_warps=ROPE_CONFIG.get("num_warps", 4), num_stages=1,
     )
-    return query_roped, pooled_q, pooled_k
+    return query_roped, pooled_q, pooled_k, denominator
 
 
 __all__ = ["ROPE_CONFIG", "rope_chunk_into_window_triton"]
