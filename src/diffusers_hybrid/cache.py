@@ -167,9 +167,9 @@ class HybridLayerCache:
         projected_kv_state (`(B, H, D, D)` in `W`'s dtype, fused Triton memory read-out only): `kv_state @ W.T`
             (computed in float32), the memory state with the layer's output projection `linear_proj` (weight `W`)
             folded in, so that the passes of a chunk read it without a projection matmul each; a 16-bit model keeps it
-            in 16 bits, the precision the fused read-out multiplies it in (no cast per pass). Kept like `pooled_key`: allocated by the first commit
-            that passes `memory_projection`, then recomputed in place by every commit, rewind and reset; it is
-            returned only for the same, unchanged weight ([`projected_memory_state`]).
+            in 16 bits, the precision the fused read-out multiplies it in (no cast per pass). Kept like `pooled_key`:
+            allocated by the first commit that passes `memory_projection`, then recomputed in place by every commit,
+            rewind and reset; it is returned only for the same, unchanged weight ([`projected_memory_state`]).
     """
 
     def __init__(self, layout: AttentionLayout, batch_size, tokens_per_frame, heads, head_dim, device, dtype):
