@@ -1,10 +1,10 @@
 # Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
 """Triton kernels for the linear-attention memory (absorption and read-out); see `naive.py` for the math.
 
-- Absorption: per (batch, head, column block of D, token split) a program loads each tile of raw keys once, RoPEs it
-  in registers (fp32, rounded to the key dtype as `apply_rotary_emb` does) and accumulates `R(k)ᵀ v` (tensor cores,
-  fp32 accumulators) and `Σ relu(k_raw)` over its tokens: it reads the raw keys, the values and the small RoPE tables,
-  no RoPE'd copy of the keys. With one split it writes the new running means directly, otherwise a second small
+- Absorption: per (batch, head, column block of D, token split) a program loads each tile of raw keys once (as its
+  even and odd channels), RoPEs it in registers (fp32, rounded to the key dtype as `apply_rotary_emb` does) and
+  accumulates `R(k)ᵀ v` (tensor cores, fp32 accumulators) and `Σ relu(k_raw)` over its tokens: it reads the raw keys,
+  the values and the small RoPE tables, no RoPE'd copy of the keys. With one split it writes the new running means directly, otherwise a second small
   launch sums the splits in a fixed order (deterministic, no atomics) and folds in the old state.
 - Read-out: per (batch, head, run of token blocks) `(q_num · kv) / (relu(q_raw) · kmean + eps)`, the D×D state loaded
   once per program; backward gives the gradients w.r.t. `query_numerator` and `query_raw` (the state is detached).
@@ -45,12 +45,32 @@ def _split_state(x: torch.Tensor) -> bool:
 
 
 # Launch parameters (benchmarks override); defaults measured on an H100. Keys: absorb_tokens (min tokens per program),
-# absorb_progs_per_sm, absorb_be (state columns per program), absorb_warps, absorb_stages; read_bm, read_warps,
+# absorb_progs_per_sm, absorb_be (state columns per program), absorb_warps, absorb_stages, absorb_finish_rows (state
+# rows per program of the split sum); read_bm, read_warps,
 # read_progs_per_sm, read_stages, read_bwd_warps.
-LM_CONFIG: dict = {"absorb_tokens": 128, "read_bm": 128, "read_warps": 8, "read_progs_per_sm": 8}
+# Absorption (session 8, fused RoPE on pair words): no software pipelining (55 us vs 66 us with 3 stages; its
+# operands are computed in registers, so the loads cannot be prefetched into shared memory anyway), 8 state rows per
+# program of the split sum (more programs: 61 us vs 66 us).
+LM_CONFIG: dict = {"absorb_tokens": 128, "absorb_stages": 1, "absorb_finish_rows": 8, "read_bm": 128, "read_warps": 8,
+                   "read_progs_per_sm": 8}
 # absorb_ksum: "reduce" (a cross-thread sum of relu(k_raw) per token tile) | "dot" (tensor cores: ones @ relu(k_raw)).
 # Rows of the ones matrix of the "dot" sums: the smallest M of a tensor-core product.
 KSUM_ROWS = tl.constexpr(16)
+
+
+@triton.jit
+def _pair_halves(words, HALF_DTYPE: tl.constexpr):
+    """The two values packed in each integer word (two 16-bit floats in an int32, two float32 in an int64; the lower
+    address, i.e. the even channel, in the low half), as HALF_DTYPE."""
+    if HALF_DTYPE.primitive_bitwidth == 16:
+        w = words.to(tl.uint32, bitcast=True)
+        low = (w & 0xFFFF).to(tl.uint16).to(HALF_DTYPE, bitcast=True)
+        high = (w >> 16).to(tl.uint16).to(HALF_DTYPE, bitcast=True)
+    else:
+        w = words.to(tl.uint64, bitcast=True)
+        low = (w & 0xFFFFFFFF).to(tl.uint32).to(HALF_DTYPE, bitcast=True)
+        high = (w >> 32).to(tl.uint32).to(HALF_DTYPE, bitcast=True)
+    return low, high
 
 
 @triton.jit
@@ -58,75 +78,105 @@ def _absorb_kernel(KRAW, V, COS, SIN, KV_OLD, KM_OLD, KV_OUT, KM_OUT, PART_KV, P
                    S, H, tokens_per_split, w_old, w_new,
                    s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_cl, s_cd, s_sl, s_sd,
                    D: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr, DIRECT: tl.constexpr,
-                   F32: tl.constexpr, PREC: tl.constexpr, KSUM_DOT: tl.constexpr, BF16_BY_HAND: tl.constexpr):
-    """Grid (B*H, D // BE, splits). Each raw-key tile is loaded once and serves both sums: RoPE'd for `R(k)ᵀ v`,
-    as is for `Σ relu(k_raw)`. KSUM_DOT: `Σ relu(k_raw)` on the tensor cores (a (KSUM_ROWS, BT) matrix of ones times
-    relu(k_raw), exact: 16-bit inputs, fp32 accumulation) instead of a cross-thread reduction per tile.
-    BF16_BY_HAND (interpreter, bf16 keys): its fp32 -> bf16 cast truncates, so the RoPE'd keys are rounded to the
-    nearest bf16 by hand (kept in fp32: the interpreter multiplies in fp32 anyway)."""
+                   F32: tl.constexpr, PREC: tl.constexpr, KSUM_DOT: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+                   KEY_DTYPE: tl.constexpr):
+    """Grid (B*H, D // BE, splits). KRAW holds the raw keys (of KEY_DTYPE) viewed as one integer word per channel pair
+    and COS / SIN the float32 tables likewise (`_pair_halves`): the even and odd channels come as two (BT, D/2) tiles,
+    the rotation of each pair is element-wise between the two (no register shuffles), and the state's even and odd
+    rows are two products, `R(k)_evenᵀ v` and `R(k)_oddᵀ v`, stored interleaved. The same raw tiles give
+    `Σ relu(k_raw)`. KSUM_DOT: those sums on the tensor cores (a (KSUM_ROWS, BT) matrix of ones times relu(k_raw),
+    exact: 16-bit inputs, fp32 accumulation) instead of a cross-thread reduction per tile. BF16_BY_HAND (interpreter,
+    bf16 keys): its fp32 -> bf16 cast truncates, so the RoPE'd keys are rounded to the nearest bf16 by hand (kept in
+    fp32: the interpreter multiplies in fp32 anyway)."""
     bh = tl.program_id(0)
     pe = tl.program_id(1)
     sp = tl.program_id(2)
     n_split = tl.num_programs(2)
     b = (bh // H).to(tl.int64)  # a batch offset of a large cache buffer can pass 2**31 elements
     h = bh % H
-    offs_d = tl.arange(0, D)
+    HALF: tl.constexpr = D // 2
+    offs_p = tl.arange(0, HALF)
     offs_e = pe * BE + tl.arange(0, BE)
     offs_t = tl.arange(0, BT)
-    offs_p = tl.arange(0, D // 2)
-    acc = tl.zeros((D, BE), dtype=tl.float32)
-    ksum = tl.zeros((D,), dtype=tl.float32)
+    acc_even = tl.zeros((HALF, BE), dtype=tl.float32)
+    acc_odd = tl.zeros((HALF, BE), dtype=tl.float32)
+    ksum_even = tl.zeros((HALF,), dtype=tl.float32)
+    ksum_odd = tl.zeros((HALF,), dtype=tl.float32)
     if KSUM_DOT:
-        ones = tl.full((KSUM_ROWS, BT), 1.0, dtype=KRAW.dtype.element_ty)
-        ksum_rows = tl.zeros((KSUM_ROWS, D), dtype=tl.float32)
+        ones = tl.full((KSUM_ROWS, BT), 1.0, dtype=KEY_DTYPE)
+        ksum_rows_even = tl.zeros((KSUM_ROWS, HALF), dtype=tl.float32)
+        ksum_rows_odd = tl.zeros((KSUM_ROWS, HALF), dtype=tl.float32)
     t0 = sp * tokens_per_split
     t1 = tl.minimum(S, t0 + tokens_per_split)
     for t in range(t0, t1, BT):
         rows = t + offs_t
         ok = rows < t1
-        kw = tl.load(KRAW + b * s_kb + h * s_kh + rows[:, None] * s_kl + offs_d[None, :], mask=ok[:, None], other=0.0)
+        # one word per channel pair: contiguous, vectorised loads (two strided loads of the halves cost 4x more)
+        pairs = tl.load(KRAW + b * s_kb + h * s_kh + rows[:, None] * s_kl + offs_p[None, :], mask=ok[:, None],
+                        other=0)
+        k_even, k_odd = _pair_halves(pairs, KEY_DTYPE)
         v = tl.load(V + b * s_vb + h * s_vh + rows[:, None] * s_vl + offs_e[None, :], mask=ok[:, None], other=0.0)
-        # RoPE of the tile (interleaved pairs, as rotary/triton_kernel.py `_rope_rows`), rounded to the key dtype like
-        # `apply_rotary_emb`: the product then runs on 16-bit tensor cores with the reference's numerics. Wan's tables
-        # repeat each angle for both channels of a pair: cos of the even, sin of the odd channels.
-        c = tl.load(COS + rows[:, None] * s_cl + (2 * offs_p[None, :]) * s_cd, mask=ok[:, None], other=0.0)
-        s = tl.load(SIN + rows[:, None] * s_sl + (2 * offs_p[None, :] + 1) * s_sd, mask=ok[:, None], other=0.0)
-        c, s = c.to(tl.float32), s.to(tl.float32)
-        k_even, k_odd = tl.split(tl.reshape(kw.to(tl.float32), (BT, D // 2, 2)))
-        kr = tl.reshape(tl.join(k_even * c - k_odd * s, k_even * s + k_odd * c), (BT, D))
+        # Wan's tables repeat each angle for both channels of a pair: the low half of a float32 pair is the angle's
+        c = _pair_halves(tl.load(COS + rows[:, None] * s_cl + offs_p[None, :] * s_cd, mask=ok[:, None], other=0),
+                         tl.float32)[0].to(tl.float32)
+        s = _pair_halves(tl.load(SIN + rows[:, None] * s_sl + offs_p[None, :] * s_sd, mask=ok[:, None], other=0),
+                         tl.float32)[0].to(tl.float32)
+        ke, ko = k_even.to(tl.float32), k_odd.to(tl.float32)
+        r_even = ke * c - ko * s
+        r_odd = ke * s + ko * c
+        # rounded to the key dtype like `apply_rotary_emb`: the products then run on 16-bit tensor cores with the
+        # reference's numerics
         if BF16_BY_HAND:
-            bits = kr.to(tl.uint32, bitcast=True)
-            kr = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
+            bits = r_even.to(tl.uint32, bitcast=True)
+            r_even = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
+            bits = r_odd.to(tl.uint32, bitcast=True)
+            r_odd = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
         else:
-            kr = kr.to(KRAW.dtype.element_ty)
+            r_even = r_even.to(KEY_DTYPE)
+            r_odd = r_odd.to(KEY_DTYPE)
         if F32:
-            acc = tl.dot(tl.trans(kr.to(tl.float32)), v.to(tl.float32), acc, input_precision=PREC)
+            acc_even = tl.dot(tl.trans(r_even.to(tl.float32)), v.to(tl.float32), acc_even, input_precision=PREC)
+            acc_odd = tl.dot(tl.trans(r_odd.to(tl.float32)), v.to(tl.float32), acc_odd, input_precision=PREC)
         else:
-            acc = tl.dot(tl.trans(kr), v, acc)
-        # Σ relu(k_raw) from the same raw tile; every column block computes it (small next to the product), the
+            acc_even = tl.dot(tl.trans(r_even), v, acc_even)
+            acc_odd = tl.dot(tl.trans(r_odd), v, acc_odd)
+        # Σ relu(k_raw) from the same raw tiles; every column block computes it (small next to the products), the
         # first one stores it
         if KSUM_DOT:
             if F32:
-                ksum_rows = tl.dot(ones.to(tl.float32), tl.maximum(kw.to(tl.float32), 0.0), ksum_rows,
-                                   input_precision="ieee")
+                ksum_rows_even = tl.dot(ones.to(tl.float32), tl.maximum(ke, 0.0), ksum_rows_even,
+                                        input_precision="ieee")
+                ksum_rows_odd = tl.dot(ones.to(tl.float32), tl.maximum(ko, 0.0), ksum_rows_odd,
+                                       input_precision="ieee")
             else:
-                ksum_rows = tl.dot(ones, tl.maximum(kw, 0.0).to(kw.dtype), ksum_rows)
+                ksum_rows_even = tl.dot(ones, tl.maximum(k_even, 0.0).to(KEY_DTYPE), ksum_rows_even)
+                ksum_rows_odd = tl.dot(ones, tl.maximum(k_odd, 0.0).to(KEY_DTYPE), ksum_rows_odd)
         else:
-            ksum += tl.sum(tl.maximum(kw.to(tl.float32), 0.0), axis=0)
-    if KSUM_DOT:
-        ksum = tl.max(ksum_rows, axis=0)  # every row holds the same sums
+            ksum_even += tl.sum(tl.maximum(ke, 0.0), axis=0)
+            ksum_odd += tl.sum(tl.maximum(ko, 0.0), axis=0)
+    if KSUM_DOT:  # every row holds the same sums
+        ksum_even = tl.max(ksum_rows_even, axis=0)
+        ksum_odd = tl.max(ksum_rows_odd, axis=0)
+    # state rows 2p (even channels) and 2p + 1 (odd channels)
+    rows_even = (2 * offs_p)[:, None] * D + offs_e[None, :]
     if DIRECT:
-        kv_ptr = bh * D * D + offs_d[:, None] * D + offs_e[None, :]
-        old = tl.load(KV_OLD + kv_ptr)
-        tl.store(KV_OUT + kv_ptr, acc * w_new + old * w_old)
+        base = bh * D * D
+        old_even = tl.load(KV_OLD + base + rows_even)
+        old_odd = tl.load(KV_OLD + base + rows_even + D)
+        tl.store(KV_OUT + base + rows_even, acc_even * w_new + old_even * w_old)
+        tl.store(KV_OUT + base + rows_even + D, acc_odd * w_new + old_odd * w_old)
         if pe == 0:
-            km_old = tl.load(KM_OLD + bh * D + offs_d)
-            tl.store(KM_OUT + bh * D + offs_d, ksum * w_new + km_old * w_old)
+            km_even = tl.load(KM_OLD + bh * D + 2 * offs_p)
+            km_odd = tl.load(KM_OLD + bh * D + 2 * offs_p + 1)
+            tl.store(KM_OUT + bh * D + 2 * offs_p, ksum_even * w_new + km_even * w_old)
+            tl.store(KM_OUT + bh * D + 2 * offs_p + 1, ksum_odd * w_new + km_odd * w_old)
     else:
-        part = (bh * n_split + sp) * D * D + offs_d[:, None] * D + offs_e[None, :]
-        tl.store(PART_KV + part, acc)
+        part = (bh * n_split + sp) * D * D
+        tl.store(PART_KV + part + rows_even, acc_even)
+        tl.store(PART_KV + part + rows_even + D, acc_odd)
         if pe == 0:
-            tl.store(PART_KM + (bh * n_split + sp) * D + offs_d, ksum)
+            tl.store(PART_KM + (bh * n_split + sp) * D + 2 * offs_p, ksum_even)
+            tl.store(PART_KM + (bh * n_split + sp) * D + 2 * offs_p + 1, ksum_odd)
 
 
 @triton.jit
@@ -241,6 +291,10 @@ def _check_state(kv_state: torch.Tensor, kmean_state: torch.Tensor, ref: torch.T
         raise ValueError(f"head_dim must be 16, 32, 64 or 128 for the Triton kernel, got {dim}")
 
 
+_PAIR_WORD = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64}
+_TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
 def _absorb_launch(kv_state, kmean_state, count: int, key_raw, value, cos, sin, num_splits: int | None = None):
     key_raw, value = last_contiguous(key_raw), last_contiguous(value)  # slice views of a cache buffer: no copy
     kv_state = kv_state.float().contiguous()
@@ -275,17 +329,20 @@ def _absorb_launch(kv_state, kmean_state, count: int, key_raw, value, cos, sin, 
     else:
         part_kv = new_empty((batch * heads, num_splits, dim, dim), device=kv_state.device, dtype=torch.float32)
         part_km = new_empty((batch * heads, num_splits, dim), device=kv_state.device, dtype=torch.float32)
+    # one integer word per channel pair (`_pair_halves`): views, no copies (the last dimension is contiguous)
+    key_pairs = key_raw.view(_PAIR_WORD[key_raw.dtype])
+    cos_pairs, sin_pairs = (last_contiguous(t.float()).view(torch.int64) for t in (cos, sin))
     _absorb_kernel[(batch * heads, dim // be, num_splits)](
-        key_raw, value, cos, sin, kv_state, kmean_state, kv_out, km_out, part_kv, part_km,
+        key_pairs, value, cos_pairs, sin_pairs, kv_state, kmean_state, kv_out, km_out, part_kv, part_km,
         num_new, heads, tokens_per_split, w_old, w_new,
-        *key_raw.stride()[:3], *value.stride()[:3], *cos.stride(), *sin.stride(),
+        *key_pairs.stride()[:3], *value.stride()[:3], *cos_pairs.stride(), *sin_pairs.stride(),
         D=dim, BE=be, BT=bt, DIRECT=direct, F32=f32, PREC=prec, KSUM_DOT=LM_CONFIG.get("absorb_ksum") == "dot",
-        BF16_BY_HAND=_interpret() and key_raw.dtype == torch.bfloat16,
+        BF16_BY_HAND=_interpret() and key_raw.dtype == torch.bfloat16, KEY_DTYPE=_TL_DTYPE[key_raw.dtype],
         num_warps=LM_CONFIG.get("absorb_warps", 8),
         num_stages=1 if _interpret() else LM_CONFIG.get("absorb_stages", 3),
     )
     if not direct:
-        br = min(dim, 32)
+        br = min(dim, LM_CONFIG.get("absorb_finish_rows", 32))
         _absorb_finish_kernel[(batch * heads, dim // br)](
             kv_state, kmean_state, kv_out, km_out, part_kv, part_km, num_splits, w_old, w_new, D=dim, BR=br,
             num_warps=4,
