@@ -52,7 +52,7 @@ from diffusers_hybrid.ops.linear_memory.naive import linear_memory_absorb_naive 
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM
 MAIN = dict(batch=1, frames=3, height=30, width=52, heads=12, dim=128, count=9360, positions=[12, 13, 14])
 TINY = dict(batch=1, frames=3, height=4, width=5, heads=2, dim=32, count=120, positions=[12, 13, 14])
-DEFAULTS = {"absorb_tokens": 128, "absorb_warps": 8, "absorb_stages": 1, "absorb_ksum": "reduce",
+DEFAULTS = {"absorb_tokens": 128, "absorb_warps": 8, "absorb_stages": 1, "absorb_ksum": "dot",
             "absorb_finish_rows": 8}  # the module's LM_CONFIG defaults (checked at start)
 KNOBS = {"absorb_tokens": (128, 256, 512), "absorb_warps": (4, 8), "absorb_stages": (1, 2, 3),
          "absorb_ksum": ("reduce", "dot"), "absorb_finish_rows": (32, 16, 8)}
@@ -244,6 +244,9 @@ def main(argv=None) -> dict:
                         help="CPU, Triton interpreter, tiny shape, no timings: checks this script only")
     args = parser.parse_args(argv)
     dry = args.dry_run
+    effective = {"absorb_warps": 8, **{k: v for k, v in tk.LM_CONFIG.items() if k.startswith("absorb")}}
+    if any(effective.get(k) != v for k, v in DEFAULTS.items()):
+        raise SystemExit(f"DEFAULTS {DEFAULTS} differ from the module's LM_CONFIG {effective}: update this script")
     if not dry and not torch.cuda.is_available():
         raise SystemExit("bench_memory_absorb.py needs a CUDA device (none found); --dry-run checks the script on CPU")
     if dry and not tk._interpret():
