@@ -61,7 +61,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -70,6 +69,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from bench_common import commit, log  # noqa: E402
 
 from diffusers_hybrid.ops import (  # noqa: E402
     apply_rotary_emb,
@@ -96,19 +97,6 @@ RATIOS = (0.1, 0.2, 0.5, 1.0)
 RESULTS: dict = {"figures": [], "errors": [], "variants": []}
 DEVICE = "cuda"
 DRY_RUN = False  # CPU + interpreter + tiny shapes + fake timings: checks this script, measures nothing
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def commit() -> str:
-    if os.environ.get("BENCH_COMMIT"):
-        return os.environ["BENCH_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def bench(fn, graph: bool = False) -> float:
@@ -1725,6 +1713,20 @@ def gpu_kernel_ms(fn, iters: int = 20) -> float:
     return total_us / iters / 1e3
 
 
+def _rope_step_inputs(shape: dict, seed: int):
+    """The RoPE step's inputs at `shape`: the chunk's raw q / k and v, a (sink + history + chunk) window of K / V, and
+    Wan-style RoPE tables of random angles."""
+    len_q, len_k, heads, dim = shape["len_q"], shape["len_k"], shape["heads"], shape["dim"]
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    q_raw, k_raw, v_new = (torch.randn(1, len_q, heads, dim, device=DEVICE, dtype=torch.bfloat16, generator=g)
+                           for _ in range(3))
+    window_key = torch.randn(1, len_k, heads, dim, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    window_value = torch.randn_like(window_key)
+    angles = torch.rand(1, len_q, 1, dim // 2, device=DEVICE, generator=g) * 12.0 - 6.0
+    return q_raw, k_raw, v_new, window_key, window_value, angles.cos().repeat_interleave(2, -1), \
+        angles.sin().repeat_interleave(2, -1)
+
+
 def round8(args):
     """Round 8 (issue 3): the block selection's pooling moved into the RoPE step (`rope_chunk_into_window_triton`:
     RoPE of the chunk's queries and keys, keys and values written into the cache's window, pooled query and key
@@ -1738,14 +1740,8 @@ def round8(args):
     t0 = time.time()
     r8 = RESULTS.setdefault("round8", {})
     shape = SHAPES[R3_MAIN]
-    len_q, len_k, heads, dim = shape["len_q"], shape["len_k"], shape["heads"], shape["dim"]
-    g = torch.Generator(device=DEVICE).manual_seed(8)
-    q_raw, k_raw, v_new = (torch.randn(1, len_q, heads, dim, device=DEVICE, dtype=torch.bfloat16, generator=g)
-                           for _ in range(3))
-    window_key = torch.randn(1, len_k, heads, dim, device=DEVICE, dtype=torch.bfloat16, generator=g)
-    window_value = torch.randn_like(window_key)
-    angles = torch.rand(1, len_q, 1, dim // 2, device=DEVICE, generator=g) * 12.0 - 6.0
-    cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+    len_q, len_k, dim = shape["len_q"], shape["len_k"], shape["dim"]
+    q_raw, k_raw, v_new, window_key, window_value, cos, sin = _rope_step_inputs(shape, seed=8)
     num_prefix = _r2_prefix_blocks(shape)
     prefix = bsa.pool_key_blocks_triton(window_key[:, : num_prefix * R2_BS], R2_BS, "heads")
     num_k_blocks = -(-len_k // R2_BS)
@@ -1968,15 +1964,9 @@ def round9(args, variants: dict | None = None, key: str = "round9"):
     variants = R9_MEM_VARIANTS if variants is None else variants
     r9 = RESULTS.setdefault(key, {})
     shape = SHAPES[R3_MAIN]
-    len_q, len_k, heads, dim = shape["len_q"], shape["len_k"], shape["heads"], shape["dim"]
+    len_q, len_k, dim = shape["len_q"], shape["len_k"], shape["dim"]
     bs = min(R2_BS, 16) if DRY_RUN else R2_BS
-    g = torch.Generator(device=DEVICE).manual_seed(9)
-    q_raw, k_raw, v_new = (torch.randn(1, len_q, heads, dim, device=DEVICE, dtype=torch.bfloat16, generator=g)
-                           for _ in range(3))
-    window_key = torch.randn(1, len_k, heads, dim, device=DEVICE, dtype=torch.bfloat16, generator=g)
-    window_value = torch.randn_like(window_key)
-    angles = torch.rand(1, len_q, 1, dim // 2, device=DEVICE, generator=g) * 12.0 - 6.0
-    cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+    q_raw, k_raw, v_new, window_key, window_value, cos, sin = _rope_step_inputs(shape, seed=9)
     num_prefix = (len_k - len_q) // bs
     prefix = bsa.pool_key_blocks_triton(window_key[:, : num_prefix * bs], bs, "heads")
     _, kv, km, weight, bias = _r2_memory_inputs(q_raw)

@@ -32,12 +32,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from bench_common import commit, log  # noqa: E402
+
 if not torch.cuda.is_available():  # --dry-run: Triton's interpreter, which must be chosen before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -135,20 +137,6 @@ def old_absorb_launch(kv_state, kmean_state, count, key_roped, key_raw, value):
 # ------------------------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------------------------
-def log(*args):
-    print(*args, flush=True)
-
-
-def commit_string() -> str:
-    if os.environ.get("BENCH_COMMIT"):
-        return os.environ["BENCH_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
-
-
 def rel_err(got, want) -> float:
     got, want = got.double(), want.double()
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
@@ -263,7 +251,7 @@ def main(argv=None) -> dict:
         flush = torch.empty(max(2 * l2, 64 << 20), dtype=torch.uint8, device=device)
     device_name = "cpu (dry run)" if dry else torch.cuda.get_device_name()
     log(f"device {device_name}; B={shape['batch']} s={key.shape[1]} H={shape['heads']} D={shape['dim']} bf16, "
-        f"count {count}; commit {commit_string()}")
+        f"count {count}; commit {commit()}")
 
     # ---- 1. correctness --------------------------------------------------------------------------------------
     want = linear_memory_absorb_naive(kv, kmean, count, key, value, cos, sin)
@@ -342,7 +330,7 @@ def main(argv=None) -> dict:
 
     # ---- report --------------------------------------------------------------------------------------------------
     result = {
-        "commit": commit_string(),
+        "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name, "dry_run": dry, "torch": torch.__version__, "triton": triton.__version__,
         "python": platform.python_version(),

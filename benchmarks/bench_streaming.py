@@ -33,7 +33,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -42,26 +41,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
+from bench_common import commit, log  # noqa: E402
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 from diffusers_hybrid import HybridForcingTransformer3DModel, StreamingHybridPipeline  # noqa: E402
 from diffusers_hybrid.video.streaming_vae import StreamingWanDecoder  # noqa: E402
 
 RESULTS: dict = {"runs": [], "errors": []}
-
-
-def log(*args):
-    print(*args, flush=True)
-
-
-def commit() -> str:
-    if os.environ.get("BENCH_COMMIT"):
-        return os.environ["BENCH_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
 
 
 def environment(device) -> dict:
