@@ -612,7 +612,9 @@ def test_radix4_and_sort_searches_equal_binary_search(impl, num_keys, num_prefix
     from diffusers_hybrid.ops.block_sparse_attention.naive import select_key_blocks_naive
 
     dim = 16 if num_keys > 1000 else 32
-    q, k, _ = _inputs(2, 50 if num_keys < 1000 else 20, num_keys, 3, dim, torch.bfloat16)
+    # the 600-block case at one batch entry and two heads: the interpreter's time grows with both (CI budget)
+    q, k, _ = _inputs(*((2, 50) if num_keys < 1000 else (1, 20)), num_keys, 3 if num_keys < 1000 else 2, dim,
+                      torch.bfloat16)
     k[:, 64:128] = k[:, 0:64]  # exact ties between key blocks 4..7 and 0..3
     prefix = tk.pool_key_blocks_triton(k[:, : num_prefix * 16], 16, "heads") if num_prefix else None
     luts = {}
@@ -747,7 +749,7 @@ def test_selection_fused_into_attention(name, monkeypatch):
     monkeypatch.setattr(tk, "SELECT_CONFIG", {**tk.SELECT_CONFIG, **select_cfg, "fused": True})
     monkeypatch.setitem(tk.CONFIG_OVERRIDES, "fwd_sparse", fwd_cfg)
     monkeypatch.setitem(tk.CONFIG_OVERRIDES, "fwd_sparse_memory", fwd_cfg)
-    q, k, v = _inputs(2, 70, 230, 3, 32, torch.bfloat16, grad=True)
+    q, k, v = _inputs(2, 40, 230, 2, 32, torch.bfloat16, grad=True)  # 3 query blocks x 2 x 2 = 12 work items
     prefix = tk.pool_key_blocks_triton(k.detach()[:, :96], 16, "heads") if "prefix" in name else None
     topk = num_selected_blocks(-(-230 // 16), 0.3)
     with poisoned_outputs():
@@ -766,7 +768,7 @@ def test_selection_fused_into_attention(name, monkeypatch):
         assert _rel_err(g, r) < 2e-2
 
     q_raw = torch.randn_like(q.detach())
-    kv, kmean, weight, bias = torch.randn(2, 3, 32, 32) / 32, torch.rand(2, 3, 32), torch.randn(32, 32) / 6, \
+    kv, kmean, weight, bias = torch.randn(2, 2, 32, 32) / 32, torch.rand(2, 2, 32), torch.randn(32, 32) / 6, \
         torch.randn(32)
     args = (q.detach(), k.detach(), v.detach(), q_raw, kv, kmean)
     kwargs = dict(proj_weight=weight, proj_bias=bias, topk_ratio=0.3, block_size=16, pooled_key_prefix=prefix)
