@@ -632,7 +632,10 @@ def explore(shape_name, shape):
 # ------------------------------------------------------------------------------------------------------------------
 
 # Complete forward configurations (not overrides): "default" is the default measured in round 1.
-R2_BASE = dict(KPI=1, num_warps=4, num_stages=2, tma=True, ctas_per_sm=2)
+# The memory read-out's placement spelled out (the epilogue, the whole state at once): overrides are merged into the
+# built-in configuration, whose read-out placement changed in round 9, and these variants must keep their meaning.
+EPILOGUE_READ_OUT = dict(mem_mode=0, mem_kc=None)
+R2_BASE = dict(KPI=1, num_warps=4, num_stages=2, tma=True, ctas_per_sm=2, **EPILOGUE_READ_OUT)
 R2_FWD_VARIANTS = {
     "default": dict(R2_BASE),
     "fused_combine": dict(R2_BASE, fused_combine=True),
@@ -1200,8 +1203,8 @@ def _r2_print_summary(r2: dict, main_name: str):
 # ------------------------------------------------------------------------------------------------------------------
 
 # The built-in defaults when round 3 started (benchmarks/RESULTS.md, round 2), the baselines of every comparison.
-R3_FWD_DEFAULT = dict(KPI=1, num_warps=4, num_stages=1, tma=True, ctas_per_sm=4)
-R3_FWD_MEM_DEFAULT = dict(KPI=1, num_warps=4, num_stages=2, tma=True, ctas_per_sm=2)
+R3_FWD_DEFAULT = dict(KPI=1, num_warps=4, num_stages=1, tma=True, ctas_per_sm=4, **EPILOGUE_READ_OUT)
+R3_FWD_MEM_DEFAULT = dict(KPI=1, num_warps=4, num_stages=2, tma=True, ctas_per_sm=2, **EPILOGUE_READ_OUT)
 R3_SELECT_DEFAULT = dict(impl="group", G=8, pool="heads", pool_warps=2, num_warps=4)
 R3_SELECT_VARIANTS = {
     "default": dict(R3_SELECT_DEFAULT),
@@ -1287,7 +1290,7 @@ def _r3_mem_cfg(name: str, dim: int) -> tuple[dict, torch.dtype]:
     dry-run shapes)."""
     base, over, state = ALL_MEM_VARIANTS[name]
     cfg = dict(base, **over)
-    if "mem_kc" in cfg:
+    if cfg.get("mem_kc"):
         cfg["mem_kc"] = min(cfg["mem_kc"], dim)
     return cfg, (torch.bfloat16 if state == "bf16" else torch.float32)
 
@@ -1713,6 +1716,14 @@ def gpu_kernel_ms(fn, iters: int = 20) -> float:
     return total_us / iters / 1e3
 
 
+def _chain(first, second):
+    """A closure running `first` then `second` (timed as one piece)."""
+    def run():
+        first()
+        return second()
+    return run
+
+
 def _rope_step_inputs(shape: dict, seed: int):
     """The RoPE step's inputs at `shape`: the chunk's raw q / k and v, a (sink + history + chunk) window of K / V, and
     Wan-style RoPE tables of random angles."""
@@ -1831,12 +1842,6 @@ def round8(args):
                 topk_ratio=R2_RATIO, block_size=R2_BS, pooled_key_prefix=prefix, pooled_blocks=pooled_blocks)
         return run
 
-    def chain(first, second):
-        def run():
-            first()
-            return second()
-        return run
-
     pieces = {
         "cudnn": fwd_cudnn,
         "attention_alone": attention,
@@ -1844,17 +1849,17 @@ def round8(args):
         "op_pool_topk_attention": op_pooling,
         "op_topk_attention": op_pooled,
         "rope_torch": rope_torch,
-        "chain_rope_torch+op_pool_topk_attention": chain(rope_torch, op_pooling),
-        "chain_rope_torch+cudnn": chain(rope_torch, fwd_cudnn),
+        "chain_rope_torch+op_pool_topk_attention": _chain(rope_torch, op_pooling),
+        "chain_rope_torch+cudnn": _chain(rope_torch, fwd_cudnn),
     }
     for v in ROPE_VARIANTS:
         pieces[f"rope_{v}"] = (v, lambda: rope(False))
         pieces[f"rope_pool_{v}"] = (v, lambda: rope(True))
-        pieces[f"chain_rope_{v}+op_pool_topk_attention"] = (v, chain(lambda: rope(False), op_pooling))
-        pieces[f"chain_rope_pool_{v}+op_topk_attention"] = (v, chain(lambda: rope(True), op_pooled))
-        pieces[f"chain_rope_{v}+cudnn"] = (v, chain(lambda: rope(False), fwd_cudnn))
-        pieces[f"chain_rope_{v}+memory_op_pool_topk_attention"] = (v, chain(lambda: rope(False), memory_op(None)))
-        pieces[f"chain_rope_pool_{v}+memory_op_topk_attention"] = (v, chain(lambda: rope(True), memory_op(pooled)))
+        pieces[f"chain_rope_{v}+op_pool_topk_attention"] = (v, _chain(lambda: rope(False), op_pooling))
+        pieces[f"chain_rope_pool_{v}+op_topk_attention"] = (v, _chain(lambda: rope(True), op_pooled))
+        pieces[f"chain_rope_{v}+cudnn"] = (v, _chain(lambda: rope(False), fwd_cudnn))
+        pieces[f"chain_rope_{v}+memory_op_pool_topk_attention"] = (v, _chain(lambda: rope(False), memory_op(None)))
+        pieces[f"chain_rope_pool_{v}+memory_op_topk_attention"] = (v, _chain(lambda: rope(True), memory_op(pooled)))
     times = {}
     with torch.no_grad():
         for name, fn in pieces.items():
@@ -1995,7 +2000,7 @@ def round9(args, variants: dict | None = None, key: str = "round9"):
         if variants[name] is not None:
             base, over = variants[name]
             cfg = dict(base, **over)
-            if "mem_kc" in cfg:
+            if cfg.get("mem_kc"):
                 cfg["mem_kc"] = min(cfg["mem_kc"], dim)
         given = den_source == "rope_den"
 
@@ -2009,12 +2014,6 @@ def round9(args, variants: dict | None = None, key: str = "round9"):
                     pooled_key_prefix=prefix, pooled_blocks=pooled, memory_denominator=den if given else None)
             finally:
                 bsa.CONFIG_OVERRIDES.pop("fwd_sparse_memory", None)
-        return run
-
-    def chain(first, second):
-        def run():
-            first()
-            return second()
         return run
 
     log("== round 9: correctness (main shape, against float32)")
@@ -2042,7 +2041,7 @@ def round9(args, variants: dict | None = None, key: str = "round9"):
 
     log("== round 9: timings (CUDA-graph medians, ms)")
     pieces = {"rope_pool": lambda: rope(False), "rope_pool_den": lambda: rope(True), "op_no_memory": no_memory_op,
-              "chain_no_memory": chain(lambda: rope(False), no_memory_op)}
+              "chain_no_memory": _chain(lambda: rope(False), no_memory_op)}
     for name in variants:
         for den_source in ("q_raw", "rope_den"):
             for state in states:
@@ -2050,7 +2049,7 @@ def round9(args, variants: dict | None = None, key: str = "round9"):
                 if checks.get(key) is None or checks[key] > 2.5 * floor:
                     continue  # failed its check: not timed
                 first = (lambda: rope(True)) if den_source == "rope_den" else (lambda: rope(False))
-                pieces[f"chain|{key}"] = chain(first, memory_op(name, den_source, state))
+                pieces[f"chain|{key}"] = _chain(first, memory_op(name, den_source, state))
     times = {}
     with torch.no_grad():
         for name, fn in pieces.items():

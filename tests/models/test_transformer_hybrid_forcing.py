@@ -104,31 +104,24 @@ def test_streaming_equals_full_sequence(mode, rope_mode):
         assert cache.memory_tokens == 0
 
 
-def test_streaming_equals_full_sequence_odd_layout():
-    """Sink not aligned with chunks, window not a multiple of the chunk, memory without the sink."""
-    model = _hybrid("hybrid", sink_frames=1, local_attn_frames=5, num_frame_per_block=2, max_rope_frames=9,
-                    absorb_sink_frames=False, sparse_key_centering="none", linear_attn_query="roped_relu")
-    x, t, text = _inputs(frames=14)
+@pytest.mark.parametrize("config, frames, absorbed_frames", [
+    # sink not aligned with chunks, window not a multiple of the chunk, memory without the sink; ready for the next
+    # chunk (14, 15): frames 1 .. 10 left its window (14 + 2 - 5 = 11), frame 0 is a sink
+    (dict(sink_frames=1, local_attn_frames=5, max_rope_frames=9, absorb_sink_frames=False,
+          sparse_key_centering="none", linear_attn_query="roped_relu"), 14, 10),
+    # a window shorter than two chunks: the frames absorbed at a commit straddle the cache's history and the current
+    # chunk, so the commit gathers them from two buffers; ready for the next chunk (10, 11): frames 0 .. 8 left its
+    # window (10 + 2 - 3 = 9), the sink included
+    (dict(sink_frames=1, local_attn_frames=3, max_rope_frames=7, absorb_sink_frames=True), 10, 9),
+], ids=["odd_layout", "absorbing_across_buffers"])
+def test_streaming_equals_full_sequence_other_layouts(config, frames, absorbed_frames):
+    model = _hybrid("hybrid", num_frame_per_block=2, **config)
+    x, t, text = _inputs(frames=frames)
     with torch.no_grad():
         full = model(x, t, text).sample
         streamed, cache = _stream(model, x, t, text)
     torch.testing.assert_close(streamed, full, atol=2e-5, rtol=1e-4)
-    # ready for the next chunk (14, 15): frames 1 .. 10 left its window (14 + 2 - 5 = 11); frame 0 is a sink
-    assert cache.memory_tokens == 10 * 15
-
-
-def test_streaming_equals_full_sequence_absorbing_across_buffers():
-    """A window shorter than two chunks: the frames absorbed at a commit straddle the cache's history and the current
-    chunk, so the commit gathers them from two buffers (the first commit absorbs the sink frame from the chunk)."""
-    model = _hybrid("hybrid", sink_frames=1, local_attn_frames=3, num_frame_per_block=2, max_rope_frames=7,
-                    absorb_sink_frames=True)
-    x, t, text = _inputs(frames=10)
-    with torch.no_grad():
-        full = model(x, t, text).sample
-        streamed, cache = _stream(model, x, t, text)
-    torch.testing.assert_close(streamed, full, atol=2e-5, rtol=1e-4)
-    # ready for the next chunk (10, 11): frames 0 .. 8 left its window (10 + 2 - 3 = 9), the sink included
-    assert cache.memory_tokens == 9 * 15
+    assert cache.memory_tokens == absorbed_frames * 15
 
 
 def test_read_pass_leaves_cache_unchanged():

@@ -17,7 +17,7 @@ from .block_sparse_attention.naive import (
     pool_key_blocks_naive,
     select_key_blocks_naive,
 )
-from .linear_memory.naive import linear_memory_absorb_naive, linear_memory_read_naive
+from .linear_memory.naive import check_memory_query, linear_memory_absorb_naive, linear_memory_read_naive
 from .rotary import apply_rotary_emb, rope_chunk_into_window_naive
 
 KERNELS = ("reference", "triton")
@@ -172,8 +172,7 @@ def block_sparse_attention_with_memory(
     and `kmean_state=None` then.
     """
     _check_kernel(kernel)
-    if (memory_denominator is None) == (query_raw is None) or (memory_denominator is None) == (kmean_state is None):
-        raise ValueError("pass either `query_raw` and `kmean_state`, or `memory_denominator` alone")
+    check_memory_query(query, query_raw, kmean_state, memory_denominator)
     if state_is_projected and proj_weight is not None:
         raise ValueError("`state_is_projected=True` takes `kv_state` with the projection folded in; pass no `proj_weight`.")
     if (kernel == "triton" and _use_triton("attention", query, block_size) and _use_triton("memory", query)

@@ -310,15 +310,17 @@ def test_gpu_pdl_chain_equals_plain_launches(mode, monkeypatch):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("placement, given_den", [
-    (None, False), (dict(mem_mode=3, num_stages=1, ctas_per_sm=4), False),
-    (dict(mem_mode=4, num_stages=1, ctas_per_sm=4), False), (dict(mem_mode=5, num_stages=1, ctas_per_sm=4), False),
-    (dict(mem_mode=5, num_stages=1, ctas_per_sm=4), True), (None, True)],
-    ids=["default", "parked_in_output", "parked_float32", "accumulated_1x4", "accumulated_1x4_given_den",
+    (None, False), (dict(mem_mode=3, mem_kc=128, num_stages=1, ctas_per_sm=4), False),
+    (dict(mem_mode=4, mem_kc=128, num_stages=1, ctas_per_sm=4), False),
+    (dict(mem_mode=0, mem_kc=128, num_stages=2, ctas_per_sm=2), False),
+    (dict(mem_mode=5, mem_kc=128, num_stages=1, ctas_per_sm=4), True), (None, True)],
+    ids=["default", "parked_in_output", "parked_float32", "epilogue_2x2", "accumulated_whole_1x4_given_den",
          "default_given_den"])
 def test_gpu_fused_memory_epilogue(placement, given_den, monkeypatch):
     """Real shape: attention + memory read-out + linear_proj fused vs the separate ops (float32 reference), with the
-    read-out where the default configuration runs it, parked before the main loop on the no-memory configuration, or
-    accumulated into the attention accumulator there; the denominators computed in the kernel or given."""
+    read-out where the default configuration runs it (accumulated into the attention accumulator, 32 state rows at a
+    time), parked before the main loop, in the epilogue of the 2 x 2 configuration, or accumulated in one product;
+    the denominators computed in the kernel or given."""
     tk = _kernels()
     from diffusers_hybrid.ops.linear_memory.naive import linear_memory_denominator_naive, linear_memory_read_naive
 
@@ -475,17 +477,17 @@ def test_split_plan_is_exercised_by_the_variants():
 
 
 MEMORY_VARIANTS = {
-    "epilogue": dict(),
+    "epilogue": dict(mem_mode=0),
     "denominator_first": dict(mem_mode=1),
     "all_first": dict(mem_mode=2),
     "all_first_split_fused": dict(mem_mode=2, slots=5, fused_combine=True),
     "denominator_first_ws_split": dict(mem_mode=1, ws=True, single_loop=True, slots=5),
-    "epilogue_persistent_split": dict(persistent=True, slots=5, memory_lo=True, mem_state="f32"),
+    "epilogue_persistent_split": dict(mem_mode=0, persistent=True, slots=5, memory_lo=True, mem_state="f32"),
     # round 3: the read-out's contraction in chunks of state rows (query columns re-read)
-    "epilogue_kc16": dict(mem_kc=16),
+    "epilogue_kc16": dict(mem_mode=0, mem_kc=16),
     "denominator_first_kc16_f32_lo": dict(mem_mode=1, mem_kc=16, mem_state="f32", memory_lo=True),
     "all_first_kc16_split": dict(mem_mode=2, mem_kc=16, slots=5),
-    "epilogue_kc16_split_fused": dict(mem_kc=16, slots=5, fused_combine=True),
+    "epilogue_kc16_split_fused": dict(mem_mode=0, mem_kc=16, slots=5, fused_combine=True),
     # session 6: the whole read-out before the main loop, parked in the output tile until the epilogue
     "parked": dict(mem_mode=3),
     "parked_split": dict(mem_mode=3, slots=5),
@@ -496,7 +498,7 @@ MEMORY_VARIANTS = {
     "parked_float32_split_fused": dict(mem_mode=4, slots=5, fused_combine=True),
     "parked_float32_persistent_split": dict(mem_mode=4, persistent=True, slots=5),
     # session 8: the read-out's product accumulated into the attention accumulator (one fp32 tile in the epilogue)
-    "accumulated": dict(mem_mode=5),
+    "accumulated": dict(mem_mode=5, mem_kc=32),
     "accumulated_kc16_f32_lo": dict(mem_mode=5, mem_kc=16, mem_state="f32", memory_lo=True),
     "accumulated_ws_split": dict(mem_mode=5, ws=True, single_loop=True, slots=5),
     "accumulated_split_fused": dict(mem_mode=5, slots=5, fused_combine=True),

@@ -54,6 +54,7 @@ import triton.language as tl  # noqa: E402
 
 from ..utils import last_contiguous, new_empty, new_empty_like  # noqa: E402
 
+from ..linear_memory.naive import check_memory_query  # noqa: E402
 from .naive import check_pooled_blocks, check_pooled_key_prefix, num_selected_blocks  # noqa: E402
 
 try:  # Hopper bulk-tensor copies (TMA); optional.
@@ -123,7 +124,9 @@ def _config(kind: str, head_dim: int, block_size: int) -> dict:
     if _interpret():
         base = {
             "fwd_sparse": dict(KPI=1, num_warps=4, num_stages=1, tma=False),
-            "fwd_sparse_memory": dict(KPI=1, num_warps=4, num_stages=1, tma=False),
+            # the read-out placed as on the GPU (below), so that CPU tests of the default run the shipped path
+            "fwd_sparse_memory": dict(KPI=1, num_warps=4, num_stages=1, tma=False, mem_mode=5,
+                                      mem_kc=min(32, head_dim)),
             "fwd_dense": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, tma=False),
             "bwd_sparse": dict(KPI=1, num_warps=4, num_stages=1),
             "bwd_dense": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
@@ -1438,11 +1441,8 @@ def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, de
     has_lo = False
     if memory is not None:
         q_raw, kvp, kms, bias, mem_eps = memory
-        den_given = q_raw.dim() == 3
-        if den_given:  # the denominators: one fp32 per (row, head)
-            if q_raw.shape != q.shape[:3] or q_raw.dtype != torch.float32:
-                raise ValueError(f"memory denominators must be float32 of shape {tuple(q.shape[:3])}, got "
-                                 f"{q_raw.dtype} {tuple(q_raw.shape)}")
+        den_given = q_raw.dim() == 3  # the denominators, float32 (B, Lq, H): checked by the caller
+        if den_given:
             kms = lse
         else:
             q_raw = last_contiguous(q_raw)
@@ -1476,7 +1476,8 @@ def attention_forward(q, k, v, lut, topk: int, block_size: int, scale: float, de
     if memory is not None and mem_mode == 4:
         park = torch.empty_like(out, dtype=torch.float32)  # same layout as `out`: the kernel uses out's strides
         assert park.stride() == out.stride()
-    mem_flags = dict(MEM=0 if memory is None else (2 if den_given else 1), HAS_LO=has_lo, HAS_BIAS=bias is not None, MEM_KC=mem_kc)
+    mem_flags = dict(MEM=0 if memory is None else (2 if den_given else 1), HAS_LO=has_lo, HAS_BIAS=bias is not None,
+                     MEM_KC=mem_kc)
     if selection is not None and not dense:
         pooled_q, pooled_k, pooled_prefix, bmap, num_k_blocks, num_prefix = selection
         k_pad, threshold = _threshold_args(num_k_blocks, topk)
@@ -1734,10 +1735,7 @@ def block_sparse_attention_with_memory_triton(
     Returns:
         `(B, Lq, H, D)` in the dtype of `query`.
     """
-    if (memory_denominator is None) == (query_raw is None):
-        raise ValueError("pass either `query_raw` (with `kmean_state`) or `memory_denominator`, not both or neither")
-    if memory_denominator is not None and kmean_state is not None:
-        raise ValueError("`memory_denominator` already holds `kmean_state`'s contribution; pass `kmean_state=None`")
+    check_memory_query(query, query_raw, kmean_state, memory_denominator)
     if state_is_projected and proj_weight is not None:
         raise ValueError("`state_is_projected=True` takes the projection folded into `kv_state`; pass no "
                          "`proj_weight`.")
@@ -1762,12 +1760,8 @@ def block_sparse_attention_with_memory_triton(
     query, key, value = (last_contiguous(t) for t in (query, key, value))
     if memory_denominator is None:
         query_raw, kmean_state = last_contiguous(query_raw), kmean_state.detach().float().contiguous()
-    else:
-        if memory_denominator.shape != query.shape[:3]:
-            raise ValueError(f"`memory_denominator` must have shape {tuple(query.shape[:3])} (B, Lq, H), got "
-                             f"{tuple(memory_denominator.shape)}")
-        query_raw = memory_denominator.detach().float()  # the kernel reads them where it would read q_raw
-        kmean_state = query_raw.new_zeros(1)  # unused
+    else:  # the kernel reads the denominators where it would read q_raw; the op's kmean argument is then unused
+        query_raw = kmean_state = memory_denominator.detach().float()
     num_k_blocks = -(-key.shape[1] // block_size)
     topk = num_selected_blocks(num_k_blocks, topk_ratio)
     dense = dense or topk == num_k_blocks

@@ -90,6 +90,21 @@ def linear_memory_absorb_naive(
     return kv, kmean
 
 
+def check_memory_query(query: torch.Tensor, query_raw, kmean_state, memory_denominator) -> None:
+    """Validates how a read-out gets its denominators: from `query_raw` and `kmean_state`, or precomputed as
+    `memory_denominator` `(B, S, H)` (shared by the reference and the fused kernel)."""
+    if memory_denominator is None:
+        if query_raw is None or kmean_state is None:
+            raise ValueError("pass `query_raw` and `kmean_state`, or `memory_denominator` alone")
+        return
+    if query_raw is not None or kmean_state is not None:
+        raise ValueError("`memory_denominator` already holds `query_raw` and `kmean_state`'s contribution; pass them "
+                         "as None")
+    if memory_denominator.shape != query.shape[:3]:
+        raise ValueError(f"`memory_denominator` must have shape {tuple(query.shape[:3])} (B, S, H), got "
+                         f"{tuple(memory_denominator.shape)}")
+
+
 def linear_memory_denominator_naive(query_raw: torch.Tensor, kmean_state: torch.Tensor,
                                     eps: float = 1e-6) -> torch.Tensor:
     """The read-out's denominators `φ(query_raw) · kmean + eps`, `(B, S, H)` float32 (un-RoPE'd query, spec 1.3)."""

@@ -118,9 +118,9 @@ def _absorb_kernel(KRAW, V, COS, SIN, KV_OLD, KM_OLD, KV_OUT, KM_OUT, PART_KV, P
         v = tl.load(V + b * s_vb + h * s_vh + rows[:, None] * s_vl + offs_e[None, :], mask=ok[:, None], other=0.0)
         # Wan's tables repeat each angle for both channels of a pair: the low half of a float32 pair is the angle's
         c = _pair_halves(tl.load(COS + rows[:, None] * s_cl + offs_p[None, :] * s_cd, mask=ok[:, None], other=0),
-                         tl.float32)[0].to(tl.float32)
+                         tl.float32)[0]
         s = _pair_halves(tl.load(SIN + rows[:, None] * s_sl + offs_p[None, :] * s_sd, mask=ok[:, None], other=0),
-                         tl.float32)[0].to(tl.float32)
+                         tl.float32)[0]
         ke, ko = k_even.to(tl.float32), k_odd.to(tl.float32)
         r_even = ke * c - ko * s
         r_odd = ke * s + ko * c
