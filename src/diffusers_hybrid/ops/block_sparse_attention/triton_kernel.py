@@ -136,8 +136,8 @@ def _config(kind: str, head_dim: int, block_size: int) -> dict:
             # Measured on an H100 (benchmarks/RESULTS.md, round 2): TMA loads, no software pipelining and 4 resident
             # programs per multiprocessor (0.1995 ms vs 0.2120 ms for 2 stages x 2 programs). With the fused memory
             # read-out (round 9): the same configuration, the read-out accumulated into the attention accumulator in
-            # chunks of 32 state rows (+11 us in the model's chain vs +21 us on 2 stages x 2 programs; the whole
-            # product at once spills there: +63 us).
+            # chunks of 32 state rows (+9.6 us in the model's chain vs +19.1 us for the epilogue on 2 stages x 2
+            # programs, same inputs; the whole product at once spills there: +63 us).
             "fwd_sparse": dict(KPI=1, num_warps=4, num_stages=1, tma=True, ctas_per_sm=4),
             "fwd_sparse_memory": dict(KPI=1, num_warps=4, num_stages=1, tma=True, ctas_per_sm=4, mem_mode=5,
                                       mem_kc=min(32, head_dim)),
