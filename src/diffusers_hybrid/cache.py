@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .ops import apply_rotary_emb, linear_memory_absorb, pool_key_blocks
+from .ops.linear_memory.naive import project_state
 
 ATTENTION_MODES = ("dense", "window", "hybrid")
 
@@ -146,6 +147,9 @@ class ChunkPlan:
     sink_rope: tuple[torch.Tensor, torch.Tensor] | None = None
     absorb_frames: list[int] = field(default_factory=list)
     absorb_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    # the rotation from the positions the history keys are cached RoPE'd at (this chunk's) to their absorption
+    # positions: a temporal shift by the change of the RoPE shift between this chunk and the next, `(1, 1, 1, D)`
+    absorb_key_shift: tuple[torch.Tensor, torch.Tensor] | None = None
     history_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
@@ -282,6 +286,17 @@ class HybridLayerCache:
             return None
         return self.projected_kv_state
 
+    def _projected_buffer(self, weight: torch.Tensor) -> torch.Tensor:
+        """`projected_kv_state`, (re)allocated for `weight`'s dtype and the state's device if needed."""
+        kept = self.projected_kv_state
+        if kept is None or kept.device != self.kv_state.device or kept.dtype != weight.dtype:
+            self.projected_kv_state = torch.empty_like(self.kv_state, dtype=weight.dtype)
+        return self.projected_kv_state
+
+    def _folded(self, weight: torch.Tensor) -> None:
+        self._projection = weight
+        self._projection_key = (weight.data_ptr(), weight._version)
+
     @torch.compiler.disable
     @torch.no_grad()
     def refresh_projected_memory(self, weight: torch.Tensor | None = None) -> None:
@@ -290,12 +305,8 @@ class HybridLayerCache:
         weight = self._projection if weight is None else weight
         if weight is None or self.kv_state is None:
             return
-        kept = self.projected_kv_state
-        if kept is None or kept.device != self.kv_state.device or kept.dtype != weight.dtype:
-            self.projected_kv_state = torch.empty_like(self.kv_state, dtype=weight.dtype)
-        self.projected_kv_state.copy_(torch.matmul(self.kv_state, weight.detach().to(self.kv_state).t()))
-        self._projection = weight
-        self._projection_key = (weight.data_ptr(), weight._version)
+        self._projected_buffer(weight).copy_(project_state(self.kv_state, weight))
+        self._folded(weight)
 
     # --- writes ---------------------------------------------------------------------------------------------
     @torch.compiler.disable  # per-chunk bookkeeping: runs eagerly inside compiled passes
@@ -321,7 +332,9 @@ class HybridLayerCache:
             slot = frame if frame < layout.sink_frames else self._current_slot - (f0 - frame)
             return (self.key_raw, self.value), slot
 
-        # 1. linear memory: frames leaving the window before the next chunk (the op RoPEs the raw keys itself)
+        # 1. linear memory: frames leaving the window before the next chunk, written into the state in place, with
+        # the kept projected state (if any) recomputed by the same op
+        weight = memory_projection if memory_projection is not None else self._projection
         if plan.absorb_frames:
             runs = []  # [buffers, first slot, frames]: runs of consecutive slots of one buffer
             for frame in plan.absorb_frames:
@@ -336,12 +349,22 @@ class HybridLayerCache:
             # straddle buffers are copied together
             k_abs = keys[0] if len(keys) == 1 else torch.cat(keys, dim=1)
             v_abs = values[0] if len(values) == 1 else torch.cat(values, dim=1)
-            kv, kmean = linear_memory_absorb(
-                self.kv_state, self.kmean_state, plan.memory_tokens, k_abs, v_abs, *plan.absorb_rope, kernel=kernel
-            )
-            self.kv_state.copy_(kv)
-            self.kmean_state.copy_(kmean)
-        self.refresh_projected_memory(memory_projection)
+            key_roped, tables = None, plan.absorb_rope  # the op RoPEs the raw keys itself
+            (buffers, slot, n), first = runs[0], plan.absorb_frames[0]
+            if len(runs) == 1 and buffers[0] is self.key_raw and first >= layout.sink_frames and \
+                    plan.absorb_key_shift is not None:
+                # history frames: `key` holds them RoPE'd as this chunk saw them, one temporal shift away from
+                # their absorption positions
+                key_roped, tables = self.key[:, self._frames(slot, n)], plan.absorb_key_shift
+            out = (self.kv_state, self.kmean_state)
+            if weight is not None:
+                out += (self._projected_buffer(weight),)
+            linear_memory_absorb(self.kv_state, self.kmean_state, plan.memory_tokens, k_abs, v_abs, *tables,
+                                 key_roped=key_roped, projection=weight, out=out, kernel=kernel)
+            if weight is not None:
+                self._folded(weight)
+        else:
+            self.refresh_projected_memory(memory_projection)
 
         # 2. sink frames of this chunk (positions fixed forever)
         num_sink_new = max(0, min(layout.sink_frames, f0 + chunk) - f0)

@@ -212,6 +212,7 @@ _TRITON_STREAM = textwrap.dedent(
     from diffusers import WanTransformer3DModel
     from diffusers_hybrid import HybridForcingTransformer3DModel
     from diffusers_hybrid.ops.block_sparse_attention import triton_kernel as tk
+    from diffusers_hybrid.ops.linear_memory import triton_kernel as lk
     from diffusers_hybrid.ops.rotary import triton_kernel as rk
     from diffusers_hybrid.ops.utils import poisoned_outputs
 
@@ -227,9 +228,11 @@ _TRITON_STREAM = textwrap.dedent(
             block.attn1.linear_proj.weight.normal_(std=0.5)
             block.attn1.linear_proj.bias.normal_(std=0.1)
     model = model.to(torch.bfloat16).eval()
-    calls = {"fused": 0, "prefix": 0, "projected": 0, "pooled": 0, "den": 0, "rope": 0, "rope_pooled": 0, "rope_den": 0}
+    calls = {"fused": 0, "prefix": 0, "projected": 0, "pooled": 0, "den": 0, "rope": 0, "rope_pooled": 0, "rope_den": 0,
+             "absorb": 0, "absorb_roped": 0, "absorb_projecting": 0}
     fused = tk.block_sparse_attention_with_memory_triton
     rope = rk.rope_chunk_into_window_triton
+    absorb = lk.linear_memory_absorb_triton
 
     def spy(*args, **kwargs):
         calls["fused"] += 1
@@ -246,16 +249,23 @@ _TRITON_STREAM = textwrap.dedent(
         calls["rope_den"] += out[3] is not None
         return out
 
+    def absorb_spy(*args):
+        calls["absorb"] += 1
+        calls["absorb_roped"] += args[7] is not None
+        calls["absorb_projecting"] += args[8] is not None
+        return absorb(*args)
+
     tk.block_sparse_attention_with_memory_triton = spy
     rk.rope_chunk_into_window_triton = rope_spy
-    x = torch.randn(2, 4, 12, 6, 10, dtype=torch.bfloat16)
-    t = torch.rand(2, 12) * 1000
+    lk.linear_memory_absorb_triton = absorb_spy
+    x = torch.randn(2, 4, 15, 6, 10, dtype=torch.bfloat16)
+    t = torch.rand(2, 15) * 1000
     text = torch.randn(2, 7, 16, dtype=torch.bfloat16)
 
     def stream():
         cache = model.init_cache(2, 6, 10)
         outs = []
-        for start in range(0, 12, 3):
+        for start in range(0, 15, 3):
             args = (x[:, :, start:start + 3], t[:, start:start + 3], text)
             outs.append(model(*args, cache=cache, frame_offset=start, cache_mode="read").sample)
             outs.append(model(*args, cache=cache, frame_offset=start, cache_mode="write").sample)
@@ -267,12 +277,15 @@ _TRITON_STREAM = textwrap.dedent(
         model.set_attention_kernel("triton")
         got = stream()
     err = ((got - ref).norm() / ref.norm()).item()
-    # memory ready from chunk 2 (frames 6-8): 2 chunks x 2 passes x 2 layers fused, all with the cached prefix, the
+    # memory ready from chunk 2 (frames 6-8): 3 chunks x 2 passes x 2 layers fused, all with the cached prefix, the
     # layer cache's projected memory state (kept since the first commit) and the RoPE step's pooled blocks; the RoPE
-    # step writes into the window in chunks 0, 2 and 3 (chunk 1 sees a sink and a partial history: not contiguous),
-    # with the read-out's denominators once the memory is ready (chunks 2 and 3), which the fused calls then take
-    assert calls == {"fused": 8, "prefix": 8, "projected": 8, "pooled": 8, "den": 8, "rope": 12, "rope_pooled": 12,
-                     "rope_den": 8}, calls
+    # step writes into the window in chunks 0, 2, 3 and 4 (chunk 1 sees a sink and a partial history: not
+    # contiguous), with the read-out's denominators once the memory is ready (chunks 2-4), which the fused calls then
+    # take. Absorptions (per layer, at the commits of chunks 1-4, each also recomputing the projected state): the
+    # sink frames from raw keys, then history frames from their cached RoPE'd keys, shifted by 0 (chunk 2) and by
+    # 3 frames (chunks 3 and 4: the RoPE clamp at 12), which chunk 4 reads
+    assert calls == {"fused": 12, "prefix": 12, "projected": 12, "pooled": 12, "den": 12, "rope": 16,
+                     "rope_pooled": 16, "rope_den": 12, "absorb": 8, "absorb_roped": 6, "absorb_projecting": 8}, calls
     assert got.isfinite().all() and err < 3e-2, err
     print("OK", err)
     """

@@ -683,6 +683,11 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
             plan.absorb_frames, absorb_positions = layout.frames_absorbed_for(next_start)
             if plan.absorb_frames:
                 plan.absorb_rope = self.rope(absorb_positions, *grid)
+                # R(p - d) = R(-d) R(p): the temporal table at position d with its sines negated (the spatial
+                # channels of position (0, 0) do not rotate)
+                delta = layout.rope_shift(next_start) - layout.rope_shift(f0)
+                cos, sin = self.rope([delta], 1, 1)
+                plan.absorb_key_shift = (cos, -sin)
             if layout.history_frames:
                 plan.history_rope = self._history_rope(layout, next_start, grid)
         return plan

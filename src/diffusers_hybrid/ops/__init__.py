@@ -17,7 +17,12 @@ from .block_sparse_attention.naive import (
     pool_key_blocks_naive,
     select_key_blocks_naive,
 )
-from .linear_memory.naive import check_memory_query, linear_memory_absorb_naive, linear_memory_read_naive
+from .linear_memory.naive import (
+    check_absorb_out,
+    check_memory_query,
+    linear_memory_absorb_naive,
+    linear_memory_read_naive,
+)
 from .rotary import apply_rotary_emb, rope_chunk_into_window_naive
 
 KERNELS = ("reference", "triton")
@@ -249,8 +254,11 @@ def linear_memory_absorb(
     cos: torch.Tensor,
     sin: torch.Tensor,
     *,
+    key_roped: torch.Tensor | None = None,
+    projection: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, ...] | None = None,
     kernel: str = "reference",
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """
     Folds `s` new tokens into the linear memory's running means (spec 1.3): `kv` gets `R(key_raw) ⊗ value`, the keys
     RoPE'd by the op with `cos`/`sin` (rounded to the key dtype, as [`apply_rotary_emb`] does), and `kmean` gets
@@ -262,18 +270,35 @@ def linear_memory_absorb(
         key_raw, value (`torch.Tensor` of shape `(B, s, H, D)`, one dtype, `D` even): the un-RoPE'd keys and the
             values; strided views (e.g. consecutive frames of a cache buffer) are read in place by the Triton kernel.
         cos, sin (`torch.Tensor` broadcastable to `(1, s, 1, D)`): RoPE tables of the keys' absorption positions
-            (Wan's `repeat_interleave`d form, see [`apply_rotary_emb`]).
+            (Wan's `repeat_interleave`d form, see [`apply_rotary_emb`]). With `key_roped`: one rotation for every
+            token, broadcastable to `(1, 1, 1, D)`.
+        key_roped (`(B, s, H, D)`, *optional*): the same keys already RoPE'd, at positions that all differ from the
+            absorption positions by the one rotation `cos`/`sin` (the temporal shift by which relative RoPE moves a
+            cache's window). The state then sums `key_roped ⊗ value` and rotates the sum once: the same state up to
+            the rounding of `key_roped`, and the Triton kernel multiplies loaded tiles instead of rotating each key.
+        projection (`(D, D)`, *optional*): a weight `W` (`linear_proj.weight`); also returns `kv @ W.T` (float32
+            math, `W`'s dtype), the state the fused read-out takes.
+        out (`tuple` of tensors, *optional*, eager only): contiguous buffers to write the results into, in the order
+            returned; they may be `kv_state` / `kmean_state` themselves (an in-place update).
         kernel (`str`): `"reference"` or `"triton"`.
 
     Returns:
-        `(kv_state, kmean_state)`, new float32 tensors. See `linear_memory/naive.py` for the math.
+        `(kv_state, kmean_state)`, float32 (new tensors unless `out`), plus the projected state with `projection`. See
+        `linear_memory/naive.py` for the math.
     """
     _check_kernel(kernel)
     if kernel == "triton" and _use_triton("memory", key_raw):
         from .linear_memory.triton_kernel import linear_memory_absorb_triton
 
-        return linear_memory_absorb_triton(kv_state, kmean_state, count, key_raw, value, cos, sin)
-    return linear_memory_absorb_naive(kv_state, kmean_state, count, key_raw, value, cos, sin)
+        return linear_memory_absorb_triton(kv_state, kmean_state, count, key_raw, value, cos, sin, key_roped,
+                                           projection, out)
+    result = linear_memory_absorb_naive(kv_state, kmean_state, count, key_raw, value, cos, sin, key_roped, projection)
+    if out is None:
+        return result
+    check_absorb_out(out, kv_state, kmean_state, projection)
+    for buffer, value_ in zip(out, result):
+        buffer.copy_(value_)
+    return tuple(out)
 
 
 def linear_memory_read(

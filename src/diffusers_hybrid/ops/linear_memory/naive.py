@@ -16,7 +16,8 @@ import torch
 from ..rotary.naive import apply_rotary_emb
 
 
-def check_absorb_args(kv_state, kmean_state, count, key_raw, value, cos, sin) -> int:
+def check_absorb_args(kv_state, kmean_state, count, key_raw, value, cos, sin, key_roped=None,
+                      projection=None) -> int:
     """Validates the arguments of the absorption (shared by the reference and the kernel); returns `count` as an
     `int`."""
     if key_raw.dim() != 4:
@@ -28,20 +29,29 @@ def check_absorb_args(kv_state, kmean_state, count, key_raw, value, cos, sin) ->
     batch, num_new, heads, dim = key_raw.shape
     if dim % 2:
         raise ValueError(f"head_dim must be even (RoPE rotates channel pairs), got {dim}")
+    if key_roped is not None and (key_roped.shape != key_raw.shape or key_roped.dtype != key_raw.dtype):
+        raise ValueError(f"key_roped must have the shape and dtype of key_raw {tuple(key_raw.shape)} {key_raw.dtype}, "
+                         f"got {tuple(key_roped.shape)} {key_roped.dtype}")
+    if projection is not None and (tuple(projection.shape) != (dim, dim) or not projection.is_floating_point()):
+        raise ValueError(f"projection must be a floating (D, D) = {(dim, dim)} weight, got {tuple(projection.shape)} "
+                         f"{projection.dtype}")
+    table_shape = (1, 1, 1, dim) if key_roped is not None else (1, num_new, 1, dim)
     if tuple(kv_state.shape) != (batch, heads, dim, dim) or tuple(kmean_state.shape) != (batch, heads, dim):
         raise ValueError(f"kv_state / kmean_state must be {(batch, heads, dim, dim)} / {(batch, heads, dim)} for "
                          f"tokens {tuple(key_raw.shape)}, got {tuple(kv_state.shape)} / {tuple(kmean_state.shape)}")
     for name, table in (("cos", cos), ("sin", sin)):
         try:
-            ok = table.dim() <= 4 and torch.broadcast_shapes(table.shape, (1, num_new, 1, dim)) == (1, num_new, 1, dim)
+            ok = table.dim() <= 4 and torch.broadcast_shapes(table.shape, table_shape) == table_shape
         except RuntimeError:
             ok = False
         if not ok:
-            raise ValueError(f"{name} must broadcast to (1, s, 1, D) = {(1, num_new, 1, dim)}, got shape "
-                             f"{tuple(table.shape)}")
+            form = "(1, 1, 1, D) with key_roped (one rotation for every token)" if key_roped is not None else \
+                "(1, s, 1, D)"
+            raise ValueError(f"{name} must broadcast to {form} = {table_shape}, got shape {tuple(table.shape)}")
         if not table.is_floating_point():
             raise ValueError(f"{name} must be floating point, got {table.dtype}")
-    devices = {t.device for t in (kv_state, kmean_state, key_raw, value, cos, sin)}
+    tensors = (kv_state, kmean_state, key_raw, value, cos, sin, key_roped, projection)
+    devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     if isinstance(count, torch.Tensor) and count.numel() != 1:
@@ -54,6 +64,32 @@ def check_absorb_args(kv_state, kmean_state, count, key_raw, value, cos, sin) ->
     return count
 
 
+def check_absorb_out(out, kv_state: torch.Tensor, kmean_state: torch.Tensor, projection) -> None:
+    """Validates the `out` buffers of an absorption (shared by the reference and the kernel): contiguous float32 kv and
+    kmean (plus the projected state in the projection's dtype), on the state's device; they may be the state itself."""
+    shapes = [(kv_state.shape, torch.float32), (kmean_state.shape, torch.float32)]
+    if projection is not None:
+        shapes.append((kv_state.shape, projection.dtype))
+    if len(out) != len(shapes):
+        names = "kv, kmean" + (", projected" if projection is not None else "")
+        raise ValueError(f"out must hold {len(shapes)} tensors ({names}), got {len(out)}")
+    for t, (shape, dtype) in zip(out, shapes):
+        if t.shape != shape or t.dtype != dtype or not t.is_contiguous() or t.device != kv_state.device:
+            raise ValueError(f"out tensors must be contiguous {tuple(shape)} {dtype} on {kv_state.device}, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+def project_state(kv: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """`kv @ projection.T` in float32, rounded to the weight's dtype (the memory state with `linear_proj` folded)."""
+    return torch.matmul(kv.float(), projection.detach().float().t()).to(projection.dtype)
+
+
+def rotate_state_rows(kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`(B, H, D, D)` state whose key rows (dim -2) are rotated in pairs by one RoPE rotation `cos`/`sin`
+    (broadcastable to `(1, 1, 1, D)`, Wan's form): the state of the keys rotated that way (float32, no rounding)."""
+    return apply_rotary_emb(kv.float().transpose(-1, -2), cos, sin).transpose(-1, -2)
+
+
 def linear_memory_absorb_naive(
     kv_state: torch.Tensor,
     kmean_state: torch.Tensor,
@@ -62,7 +98,9 @@ def linear_memory_absorb_naive(
     value: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    key_roped: torch.Tensor | None = None,
+    projection: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """
     Folds `s` new tokens into the running means. The keys are RoPE'd here, with [`apply_rotary_emb`]: in float32 and
     rounded back to the dtype of `key_raw` (as the Triton kernel does before its tensor-core product), so the state
@@ -73,21 +111,34 @@ def linear_memory_absorb_naive(
         count (`int`): tokens absorbed so far (N).
         key_raw (`(B, s, H, D)`): the keys before RoPE (`D` even); `value` (`(B, s, H, D)`, same dtype).
         cos, sin (`torch.Tensor` broadcastable to `(1, s, 1, D)`): the RoPE tables of the keys' absorption positions,
-            Wan's `repeat_interleave`d form (`cos[..., 2i] == cos[..., 2i+1]`; see [`apply_rotary_emb`]).
+            Wan's `repeat_interleave`d form (`cos[..., 2i] == cos[..., 2i+1]`; see [`apply_rotary_emb`]). With
+            `key_roped`: one rotation, broadcastable to `(1, 1, 1, D)`.
+        key_roped (`(B, s, H, D)`, *optional*): the keys already RoPE'd at positions that all differ from their
+            absorption positions by the one rotation `cos`/`sin` (a temporal shift: relative RoPE moves the whole
+            window). `kv` then sums `key_roped ⊗ value` and rotates the sum's key rows once (the same state up to
+            the rounding of `key_roped`); `kmean` still uses `key_raw`.
+        projection (`(D, D)`, *optional*): a weight `W` (e.g. `linear_proj.weight`); also returns `kv @ W.T`, computed
+            in float32 and rounded to `W`'s dtype.
 
     Returns:
-        `(kv_state, kmean_state)` after absorption, float32 (new tensors; inputs are not modified).
+        `(kv_state, kmean_state)` after absorption, float32 (new tensors; inputs are not modified), plus the projected
+        state when `projection` is given.
     """
-    count = check_absorb_args(kv_state, kmean_state, count, key_raw, value, cos, sin)
+    count = check_absorb_args(kv_state, kmean_state, count, key_raw, value, cos, sin, key_roped, projection)
     if key_raw.shape[1] == 0:  # nothing to absorb: the state as it is (no 0/0 before anything was absorbed)
-        return kv_state.float().clone(), kmean_state.float().clone()
-    total = count + key_raw.shape[1]
-    key_roped = apply_rotary_emb(key_raw, cos, sin)
-    kv_sum = torch.einsum("bshd,bshe->bhde", key_roped.float(), value.float())
-    k_sum = torch.relu(key_raw.float()).sum(dim=1)
-    kv = (kv_sum + count * kv_state) / total
-    kmean = (k_sum + count * kmean_state) / total
-    return kv, kmean
+        kv, kmean = kv_state.float().clone(), kmean_state.float().clone()
+    else:
+        total = count + key_raw.shape[1]
+        if key_roped is None:
+            kv_sum = torch.einsum("bshd,bshe->bhde", apply_rotary_emb(key_raw, cos, sin).float(), value.float())
+        else:
+            kv_sum = rotate_state_rows(torch.einsum("bshd,bshe->bhde", key_roped.float(), value.float()), cos, sin)
+        k_sum = torch.relu(key_raw.float()).sum(dim=1)
+        kv = (kv_sum + count * kv_state) / total
+        kmean = (k_sum + count * kmean_state) / total
+    if projection is None:
+        return kv, kmean
+    return kv, kmean, project_state(kv, projection)
 
 
 def check_memory_query(query: torch.Tensor, query_raw, kmean_state, memory_denominator) -> None:

@@ -5,7 +5,7 @@ random inputs, poisoned output buffers; GPU tests at the real shapes are marked 
 import pytest
 import torch
 
-from diffusers_hybrid.ops import linear_memory_absorb, linear_memory_read, triton_available
+from diffusers_hybrid.ops import apply_rotary_emb, linear_memory_absorb, linear_memory_read, triton_available
 from diffusers_hybrid.ops.linear_memory.naive import linear_memory_absorb_naive, linear_memory_read_naive
 from diffusers_hybrid.ops.utils import poisoned_outputs
 
@@ -100,6 +100,67 @@ def test_absorb_strided_inputs(dtype):
         torch.testing.assert_close(g, d, rtol=0, atol=0)
 
 
+def _shifted_tables(seq, dim, device="cpu"):
+    """Per-token tables of the positions some keys were RoPE'd at, one extra rotation, and the tables of their
+    composition (the absorption positions): Wan's layout, `(1, seq, 1, dim)` and `(1, 1, 1, dim)`."""
+    key_angles = torch.rand(seq, dim // 2, device=device, dtype=torch.float64) * (2 * torch.pi)
+    shift = torch.rand(dim // 2, device=device, dtype=torch.float64) * (2 * torch.pi)
+
+    def tables(angles, shape):
+        return tuple(t.repeat_interleave(2, dim=-1).float().view(shape) for t in (angles.cos(), angles.sin()))
+
+    return (tables(key_angles, (1, seq, 1, dim)), tables(shift, (1, 1, 1, dim)),
+            tables(key_angles + shift, (1, seq, 1, dim)))
+
+
+# s = 75 over 1 or 3 splits (see test_absorb), head_dim 32 (rows rotated in pairs by the finish kernel)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_splits, count", [(None, 0), (3, 1234)])
+@pytest.mark.parametrize("project", [False, True])
+def test_absorb_roped_keys(dtype, num_splits, count, project):
+    """Keys given RoPE'd plus one rotation to their absorption positions: the kernel (loaded tiles, the rotation
+    applied to the sums) against the reference of that form, which in float32 equals the raw-key form at the
+    composed positions; with a projection weight, the projected state too."""
+    tk = _kernels()
+    batch, seq, heads, dim = 2, 75, 3, 32
+    kv, kmean = _state(batch, heads, dim)
+    key_raw, value = (torch.randn(batch, seq, heads, dim, dtype=dtype) for _ in range(2))
+    key_tables, shift, absorb_tables = _shifted_tables(seq, dim)
+    key_roped = apply_rotary_emb(key_raw, *key_tables)
+    weight = torch.randn(dim, dim, dtype=dtype) / dim**0.5 if project else None
+    want = linear_memory_absorb_naive(kv, kmean, count, key_raw, value, *shift, key_roped, weight)
+    with poisoned_outputs():
+        got = tk._absorb_launch(kv, kmean, count, key_raw, value, *shift, num_splits=num_splits, key_roped=key_roped,
+                                projection=weight)
+    _assert_absorbed(got[:2], want[:2])
+    if project:  # within one bf16 step of the exact product (the interpreter's cast truncates, the GPU's rounds)
+        exact = got[0] @ weight.float().t()
+        assert got[2].dtype == dtype
+        step = 2**-7 if dtype == torch.bfloat16 else 1e-5
+        assert ((got[2].float() - exact).abs() <= exact.abs() * step + 1e-6).all()
+    if dtype == torch.float32:  # one rotation of the sum == the composed rotation of every key
+        _assert_absorbed(want[:2], linear_memory_absorb_naive(kv, kmean, count, key_raw, value, *absorb_tables))
+
+
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+def test_absorb_into_the_state_itself(kernel):
+    """`out` = the state's own buffers (the layer cache's in-place commit), raw-key and RoPE'd-key forms, with the
+    projection: the results of the out-of-place call."""
+    batch, seq, heads, dim = 1, 40, 2, 32
+    kv, kmean, key_raw, value, cos, sin = _absorb_inputs(batch, seq, heads, dim, torch.bfloat16)
+    key_tables, shift, _ = _shifted_tables(seq, dim)
+    weight = torch.randn(dim, dim, dtype=torch.bfloat16)
+    for tables, key_roped in (((cos, sin), None), (shift, apply_rotary_emb(key_raw, *key_tables))):
+        want = linear_memory_absorb(kv, kmean, 50, key_raw, value, *tables, key_roped=key_roped, projection=weight,
+                                    kernel=kernel)
+        state = (kv.clone(), kmean.clone(), torch.full((batch, heads, dim, dim), float("nan"), dtype=torch.bfloat16))
+        got = linear_memory_absorb(state[0], state[1], 50, key_raw, value, *tables, key_roped=key_roped,
+                                   projection=weight, out=state, kernel=kernel)
+        assert all(g is t for g, t in zip(got, state))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kernel", ["reference", "triton"])
 def test_absorb_nothing(kernel):
     """No new tokens: the state comes back unchanged (also before anything was absorbed)."""
@@ -134,6 +195,12 @@ def test_absorb_bad_arguments(kernel):
         (dict(kmean_state=kmean[..., :8]), r"got \(1, 2, 16, 16\) / \(1, 2, 8\)"),
         (dict(count=-1), r"count must be >= 0, got -1"),
         (dict(count=2.5), r"count must be a whole number of tokens, got 2.5"),
+        (dict(key_roped=key_raw[:, :7]), r"key_roped must have the shape and dtype of key_raw \(1, 8, 2, 16\)"),
+        (dict(key_roped=key_raw, cos=cos[:, :1]), r"sin must broadcast to \(1, 1, 1, D\) with key_roped .* got "
+                                                  r"shape \(1, 8, 1, 16\)"),
+        (dict(projection=kv[0, 0, :8]), r"projection must be a floating \(D, D\) = \(16, 16\) weight, got \(8, 16\)"),
+        (dict(out=(kv.clone(),)), r"out must hold 2 tensors \(kv, kmean\), got 1"),
+        (dict(out=(kv.clone(), kmean.double())), r"out tensors must be contiguous \(1, 2, 16\) torch.float32"),
     ]
     for changes, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -168,7 +235,10 @@ def test_custom_op_registration():
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(tk._read_op, (q_num, q_raw, kv, kmean, 1e-6), test_utils=utils)
     key_raw, value = (torch.randn(1, 20, 2, 16) for _ in range(2))
-    torch.library.opcheck(tk._absorb_op, (kv, kmean, 7, key_raw, value, *_rope_tables(20, 16)),
+    torch.library.opcheck(tk._absorb_op, (kv, kmean, 7, key_raw, value, *_rope_tables(20, 16), None, None),
+                          test_utils=("test_schema", "test_faketensor"))
+    _, shift, _ = _shifted_tables(20, 16)  # RoPE'd keys and a projection
+    torch.library.opcheck(tk._absorb_op, (kv, kmean, 7, key_raw, value, *shift, key_raw.clone(), torch.randn(16, 16)),
                           test_utils=("test_schema", "test_faketensor"))
 
 

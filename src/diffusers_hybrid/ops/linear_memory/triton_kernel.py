@@ -24,7 +24,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from ..utils import last_contiguous, new_empty, new_empty_like  # noqa: E402
-from .naive import check_absorb_args  # noqa: E402
+from .naive import check_absorb_args, check_absorb_out  # noqa: E402
 
 
 def _interpret() -> bool:
@@ -180,9 +180,54 @@ def _absorb_kernel(KRAW, V, COS, SIN, KV_OLD, KM_OLD, KV_OUT, KM_OUT, PART_KV, P
 
 
 @triton.jit
-def _absorb_finish_kernel(KV_OLD, KM_OLD, KV_OUT, KM_OUT, PART_KV, PART_KM, n_split, w_old, w_new,
-                          D: tl.constexpr, BR: tl.constexpr):
-    """Grid (B*H, D // BR): sums the splits in order and folds in the old state."""
+def _absorb_roped_kernel(KROPED, KRAW, V, PART_KV, PART_KM, S, H, tokens_per_split,
+                         s_rb, s_rl, s_rh, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh,
+                         D: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr, F32: tl.constexpr,
+                         PREC: tl.constexpr):
+    """Grid (B*H, D // BE, splits), keys given RoPE'd: per split, `Σ key_roped ⊗ v` with both tiles loaded straight
+    into the tensor-core product (software-pipelined: no operand is computed in registers), and `Σ relu(k_raw)`
+    accumulated element-wise in a (BT, D) tile, reduced once at the end. Always partial sums: the finish kernel
+    rotates them (one rotation for every token commutes with the sum) and folds in the old state."""
+    bh = tl.program_id(0)
+    pe = tl.program_id(1)
+    sp = tl.program_id(2)
+    n_split = tl.num_programs(2)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    offs_e = pe * BE + tl.arange(0, BE)
+    offs_t = tl.arange(0, BT)
+    acc = tl.zeros((D, BE), dtype=tl.float32)
+    ksum_rows = tl.zeros((BT, D), dtype=tl.float32)
+    t0 = sp * tokens_per_split
+    t1 = tl.minimum(S, t0 + tokens_per_split)
+    for t in range(t0, t1, BT):
+        rows = t + offs_t
+        ok = rows < t1
+        kr = tl.load(KROPED + b * s_rb + h * s_rh + rows[:, None] * s_rl + offs_d[None, :], mask=ok[:, None],
+                     other=0.0)
+        v = tl.load(V + b * s_vb + h * s_vh + rows[:, None] * s_vl + offs_e[None, :], mask=ok[:, None], other=0.0)
+        if F32:
+            acc = tl.dot(tl.trans(kr.to(tl.float32)), v.to(tl.float32), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(tl.trans(kr), v, acc)
+        kw = tl.load(KRAW + b * s_kb + h * s_kh + rows[:, None] * s_kl + offs_d[None, :], mask=ok[:, None],
+                     other=0.0)
+        ksum_rows += tl.maximum(kw.to(tl.float32), 0.0)
+    part = (bh * n_split + sp) * D * D
+    tl.store(PART_KV + part + offs_d[:, None] * D + offs_e[None, :], acc)
+    if pe == 0:
+        tl.store(PART_KM + (bh * n_split + sp) * D + offs_d, tl.sum(ksum_rows, axis=0))
+
+
+@triton.jit
+def _absorb_finish_kernel(KV_OLD, KM_OLD, KV_OUT, KM_OUT, PART_KV, PART_KM, COS, SIN, W, PROJ, n_split, w_old,
+                          w_new, D: tl.constexpr, BR: tl.constexpr, ROTATE: tl.constexpr, PROJECT: tl.constexpr,
+                          PREC: tl.constexpr):
+    """Grid (B*H, D // BR): sums the splits in order; ROTATE: rotates the key rows in pairs by the one rotation
+    COS / SIN ((D,) float32, Wan's form); folds in the old state; PROJECT: also writes the rows times `W.T` (W
+    (D, D), row-major) in PROJ's dtype. Each program reads its old rows before writing them, so the outputs may be
+    the old state itself (an in-place update)."""
     bh = tl.program_id(0)
     pr = tl.program_id(1)
     offs_r = pr * BR + tl.arange(0, BR)
@@ -191,8 +236,17 @@ def _absorb_finish_kernel(KV_OLD, KM_OLD, KV_OUT, KM_OUT, PART_KV, PART_KM, n_sp
     acc = tl.zeros((BR, D), dtype=tl.float32)
     for sp in range(0, n_split):
         acc += tl.load(PART_KV + (bh * n_split + sp) * D * D + tile)
-    old = tl.load(KV_OLD + bh * D * D + tile)
-    tl.store(KV_OUT + bh * D * D + tile, acc * w_new + old * w_old)
+    if ROTATE:  # rows 2p and 2p + 1 are a key channel pair
+        even, odd = tl.split(tl.permute(tl.reshape(acc, (BR // 2, 2, D)), (0, 2, 1)))
+        offs_p = pr * BR + 2 * tl.arange(0, BR // 2)
+        c = tl.load(COS + offs_p)[:, None]
+        s = tl.load(SIN + offs_p + 1)[:, None]
+        acc = tl.reshape(tl.permute(tl.join(even * c - odd * s, even * s + odd * c), (0, 2, 1)), (BR, D))
+    new = acc * w_new + tl.load(KV_OLD + bh * D * D + tile) * w_old
+    tl.store(KV_OUT + bh * D * D + tile, new)
+    if PROJECT:
+        w_t = tl.load(W + offs_d[None, :] * D + offs_d[:, None]).to(tl.float32)  # W.T
+        tl.store(PROJ + bh * D * D + tile, tl.dot(new, w_t, input_precision=PREC).to(PROJ.dtype.element_ty))
     if pr == 0:
         ks = tl.zeros((D,), dtype=tl.float32)
         for sp in range(0, n_split):
@@ -295,20 +349,34 @@ _PAIR_WORD = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.flo
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
-def _absorb_launch(kv_state, kmean_state, count: int, key_raw, value, cos, sin, num_splits: int | None = None):
+def _absorb_outputs(kv_state, kmean_state, projection, out):
+    """The buffers the absorption writes: `out` (checked: may be the state itself) or new ones."""
+    if out is not None:
+        check_absorb_out(out, kv_state, kmean_state, projection)
+        return list(out)
+    outputs = [new_empty_like(kv_state), new_empty_like(kmean_state)]
+    if projection is not None:
+        outputs.append(new_empty(kv_state.shape, dtype=projection.dtype, device=kv_state.device))
+    return outputs
+
+
+def _absorb_launch(kv_state, kmean_state, count: int, key_raw, value, cos, sin, num_splits: int | None = None,
+                   key_roped=None, projection=None, out=None):
     key_raw, value = last_contiguous(key_raw), last_contiguous(value)  # slice views of a cache buffer: no copy
     kv_state = kv_state.float().contiguous()
     kmean_state = kmean_state.float().contiguous()
     batch, num_new, heads, dim = key_raw.shape
-    # tables as (s, D) views with their strides (a broadcast dimension has stride 0)
-    cos, sin = (t.expand(1, num_new, 1, dim)[0, :, 0] for t in (cos, sin))
+    outputs = _absorb_outputs(kv_state, kmean_state, projection, out)
+    kv_out, km_out = outputs[:2]
     total = count + num_new
-    kv_out = new_empty_like(kv_state)
-    km_out = new_empty_like(kmean_state)
     if num_new == 0:
-        kv_out.copy_(kv_state)
-        km_out.copy_(kmean_state)
-        return kv_out, km_out
+        if kv_out.data_ptr() != kv_state.data_ptr():
+            kv_out.copy_(kv_state)
+        if km_out.data_ptr() != kmean_state.data_ptr():
+            km_out.copy_(kmean_state)
+        if projection is not None:
+            outputs[2].copy_(torch.matmul(kv_state, projection.detach().float().t()))
+        return tuple(outputs)
     w_old, w_new = count / total, 1.0 / total
     f32, prec = _dot_mode(key_raw)
     be = min(dim, LM_CONFIG.get("absorb_be", 128))
@@ -323,31 +391,51 @@ def _absorb_launch(kv_state, kmean_state, count: int, key_raw, value, cos, sin, 
                                     slots // (batch * heads * (dim // be))))
     tokens_per_split = triton.cdiv(triton.cdiv(num_new, num_splits), bt) * bt
     num_splits = triton.cdiv(num_new, tokens_per_split)
-    direct = num_splits == 1
+    # the main kernel writes the new state itself only for one split, keys RoPE'd by it, and no projection
+    direct = num_splits == 1 and key_roped is None and projection is None
     if direct:
         part_kv = part_km = kv_out
     else:
         part_kv = new_empty((batch * heads, num_splits, dim, dim), device=kv_state.device, dtype=torch.float32)
         part_km = new_empty((batch * heads, num_splits, dim), device=kv_state.device, dtype=torch.float32)
-    # one integer word per channel pair (`_pair_halves`): views, no copies (the last dimension is contiguous)
-    key_pairs = key_raw.view(_PAIR_WORD[key_raw.dtype])
-    cos_pairs, sin_pairs = (last_contiguous(t.float()).view(torch.int64) for t in (cos, sin))
-    _absorb_kernel[(batch * heads, dim // be, num_splits)](
-        key_pairs, value, cos_pairs, sin_pairs, kv_state, kmean_state, kv_out, km_out, part_kv, part_km,
-        num_new, heads, tokens_per_split, w_old, w_new,
-        *key_pairs.stride()[:3], *value.stride()[:3], *cos_pairs.stride(), *sin_pairs.stride(),
-        D=dim, BE=be, BT=bt, DIRECT=direct, F32=f32, PREC=prec, KSUM_DOT=LM_CONFIG.get("absorb_ksum") == "dot",
-        BF16_BY_HAND=_interpret() and key_raw.dtype == torch.bfloat16, KEY_DTYPE=_TL_DTYPE[key_raw.dtype],
-        num_warps=LM_CONFIG.get("absorb_warps", 8),
-        num_stages=1 if _interpret() else LM_CONFIG.get("absorb_stages", 3),
-    )
-    if not direct:
-        br = min(dim, LM_CONFIG.get("absorb_finish_rows", 32))
-        _absorb_finish_kernel[(batch * heads, dim // br)](
-            kv_state, kmean_state, kv_out, km_out, part_kv, part_km, num_splits, w_old, w_new, D=dim, BR=br,
-            num_warps=4,
+    grid = (batch * heads, dim // be, num_splits)
+    warps = LM_CONFIG.get("absorb_warps", 8)
+    if key_roped is not None:
+        key_roped = last_contiguous(key_roped)
+        _absorb_roped_kernel[grid](
+            key_roped, key_raw, value, part_kv, part_km, num_new, heads, tokens_per_split,
+            *key_roped.stride()[:3], *key_raw.stride()[:3], *value.stride()[:3],
+            D=dim, BE=be, BT=bt, F32=f32, PREC=prec, num_warps=warps,
+            num_stages=1 if _interpret() else LM_CONFIG.get("absorb_roped_stages", 3),
         )
-    return kv_out, km_out
+    else:
+        # tables as (s, D) views with their strides (a broadcast dimension has stride 0)
+        cos_t, sin_t = (t.expand(1, num_new, 1, dim)[0, :, 0] for t in (cos, sin))
+        # one integer word per channel pair (`_pair_halves`): views, no copies (the last dimension is contiguous)
+        key_pairs = key_raw.view(_PAIR_WORD[key_raw.dtype])
+        cos_pairs, sin_pairs = (last_contiguous(t.float()).view(torch.int64) for t in (cos_t, sin_t))
+        _absorb_kernel[grid](
+            key_pairs, value, cos_pairs, sin_pairs, kv_state, kmean_state, kv_out, km_out, part_kv, part_km,
+            num_new, heads, tokens_per_split, w_old, w_new,
+            *key_pairs.stride()[:3], *value.stride()[:3], *cos_pairs.stride(), *sin_pairs.stride(),
+            D=dim, BE=be, BT=bt, DIRECT=direct, F32=f32, PREC=prec, KSUM_DOT=LM_CONFIG.get("absorb_ksum") == "dot",
+            BF16_BY_HAND=_interpret() and key_raw.dtype == torch.bfloat16, KEY_DTYPE=_TL_DTYPE[key_raw.dtype],
+            num_warps=warps, num_stages=1 if _interpret() else LM_CONFIG.get("absorb_stages", 3),
+        )
+    if not direct:
+        rotate = key_roped is not None
+        rotation = [t.reshape(-1).expand(dim).float().contiguous() for t in (cos, sin)] if rotate else [kv_out, kv_out]
+        br = min(dim, LM_CONFIG.get("absorb_finish_rows", 32))
+        if projection is not None:  # the projection is a tensor-core product: at least 16 rows
+            br = min(dim, max(br, 16))
+        weight = projection.detach().contiguous() if projection is not None else kv_out
+        proj_out = outputs[2] if projection is not None else kv_out
+        _absorb_finish_kernel[(batch * heads, dim // br)](
+            kv_state, kmean_state, kv_out, km_out, part_kv, part_km, *rotation, weight, proj_out, num_splits, w_old,
+            w_new, D=dim, BR=br, ROTATE=rotate, PROJECT=projection is not None, PREC="ieee" if _interpret() else
+            "tf32x3", num_warps=4,
+        )
+    return tuple(outputs)
 
 
 def _read_grid(seq: int, bm: int, batch_heads: int, device) -> tuple[int, int]:
@@ -409,17 +497,23 @@ def _read_bwd_launch(dout, query_numerator, query_raw, kv_state, kmean_state, ep
 
 
 def _absorb_impl(kv_state: torch.Tensor, kmean_state: torch.Tensor, count: int, key_raw: torch.Tensor,
-                 value: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _absorb_launch(kv_state, kmean_state, count, key_raw, value, cos, sin)
+                 value: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_roped: torch.Tensor | None,
+                 projection: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Always three outputs (an op's outputs are fixed): the projected state is empty without `projection`."""
+    out = _absorb_launch(kv_state, kmean_state, count, key_raw, value, cos, sin, key_roped=key_roped,
+                         projection=projection)
+    return out if projection is not None else (*out, kv_state.new_empty(0))
 
 
 _absorb_op = torch.library.custom_op("diffusers_hybrid::linear_memory_absorb", mutates_args=())(_absorb_impl)
 
 
 @_absorb_op.register_fake
-def _(kv_state, kmean_state, count, key_raw, value, cos, sin):
+def _(kv_state, kmean_state, count, key_raw, value, cos, sin, key_roped, projection):
+    projected = kv_state.new_empty(0) if projection is None else kv_state.new_empty(kv_state.shape,
+                                                                                   dtype=projection.dtype)
     return (kv_state.new_empty(kv_state.shape, dtype=torch.float32),
-            kmean_state.new_empty(kmean_state.shape, dtype=torch.float32))
+            kmean_state.new_empty(kmean_state.shape, dtype=torch.float32), projected)
 
 
 def _read_impl(query_numerator: torch.Tensor, query_raw: torch.Tensor, kv_state: torch.Tensor,
@@ -470,15 +564,27 @@ def linear_memory_absorb_triton(
     value: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    key_roped: torch.Tensor | None = None,
+    projection: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, ...] | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Triton version of `linear_memory_absorb_naive` (same arguments and results, up to the summation order; no
-    gradient), one launch (two with token splits). `key_raw` / `value` may be strided views (e.g. consecutive frames
-    of a cache buffer); only their last dimension needs to be contiguous, else they are copied."""
-    count = check_absorb_args(kv_state, kmean_state, count, key_raw, value, cos, sin)
+    gradient), one launch plus the split sum. `key_raw` / `key_roped` / `value` may be strided views (e.g.
+    consecutive frames of a cache buffer); only their last dimension needs to be contiguous, else they are copied.
+    `out` (eager only): contiguous float32 `(kv, kmean)` buffers (plus the projected state's, in the projection's
+    dtype) to write into; they may be `kv_state` / `kmean_state` themselves (updated in place)."""
+    count = check_absorb_args(kv_state, kmean_state, count, key_raw, value, cos, sin, key_roped, projection)
     _check_state(kv_state, kmean_state, key_raw)
+    detached = [None if t is None else t.detach() for t in (key_roped, projection)]
+    args = (kv_state.detach(), kmean_state.detach(), count, key_raw.detach(), value.detach(), cos.detach(),
+            sin.detach())
+    if out is not None:
+        if torch.compiler.is_compiling():
+            raise RuntimeError("linear_memory_absorb(out=...) runs eagerly only (it writes into its arguments)")
+        return _absorb_launch(*args, key_roped=detached[0], projection=detached[1], out=out)
     op = _absorb_op if torch.compiler.is_compiling() else _absorb_impl  # eager: skip the dispatcher
-    return op(kv_state.detach(), kmean_state.detach(), count, key_raw.detach(), value.detach(), cos.detach(),
-              sin.detach())
+    result = op(*args, *detached)
+    return result if projection is not None else result[:2]
 
 
 def linear_memory_read_triton(
