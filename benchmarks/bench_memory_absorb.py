@@ -16,7 +16,13 @@ are the model's at the absorbed frames' positions (12..14).
    (b) the fused op on slice views of the cache buffers (no copy);
    (c) (b) + what commit step 1 does next: copy into the state, `refresh_projected_memory` (`kv_state @ W.T`);
    (d) LM_CONFIG variants of (b), one knob at a time from the default (`--grid`: every combination of
-       absorb_tokens 128/256/512 x absorb_warps 4/8 x absorb_stages 2/3 x absorb_ksum reduce/dot), each checked first.
+       absorb_tokens 128/256/512 x absorb_warps 4/8 x absorb_stages 2/3 x absorb_ksum reduce/dot), each checked first;
+   (e) the keys given RoPE'd (`key_roped`: the layer cache's `key` buffer, which holds the history RoPE'd at the
+       positions the committing chunk saw, 15..17) with the one temporal rotation (3 frames) to the absorption
+       positions: loaded tiles, the rotation applied to the sums;
+   (f) (e) as `HybridLayerCache.commit` now runs it: written into the state in place, the projected state
+       (`kv @ W.T`) by the same split-sum kernel;
+   (g) LM_CONFIG variants of (e) (absorb_roped_stages, absorb_warps, absorb_tokens).
 3. HBM lower bound per row: the bytes its kernels must read from memory / 3.35e12 B/s (H100 SXM).
 
     PYTHONPATH=src python benchmarks/bench_memory_absorb.py [--json PATH] [--grid] [--inner N] [--reps N]
@@ -52,12 +58,16 @@ from diffusers_hybrid.ops.linear_memory import triton_kernel as tk  # noqa: E402
 from diffusers_hybrid.ops.linear_memory.naive import linear_memory_absorb_naive  # noqa: E402
 
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM
-MAIN = dict(batch=1, frames=3, height=30, width=52, heads=12, dim=128, count=9360, positions=[12, 13, 14])
-TINY = dict(batch=1, frames=3, height=4, width=5, heads=2, dim=32, count=120, positions=[12, 13, 14])
+# positions: the absorbed frames' absorption positions; cached_positions: those the cache's RoPE'd copy holds them at
+MAIN = dict(batch=1, frames=3, height=30, width=52, heads=12, dim=128, count=9360, positions=[12, 13, 14],
+            cached_positions=[15, 16, 17])
+TINY = dict(MAIN, height=4, width=5, heads=2, dim=32, count=120)
 DEFAULTS = {"absorb_tokens": 128, "absorb_warps": 8, "absorb_stages": 1, "absorb_ksum": "dot",
-            "absorb_finish_rows": 8}  # the module's LM_CONFIG defaults (checked at start)
+            "absorb_finish_rows": 8, "absorb_roped_stages": 3}  # the module's LM_CONFIG defaults (checked at start)
 KNOBS = {"absorb_tokens": (128, 256, 512), "absorb_warps": (4, 8), "absorb_stages": (1, 2, 3),
          "absorb_ksum": ("reduce", "dot"), "absorb_finish_rows": (32, 16, 8)}
+ROPED_KNOBS = {"absorb_roped_stages": (2, 3, 4), "absorb_warps": (4, 8), "absorb_tokens": (128, 256, 512),
+               "absorb_finish_rows": (8, 16, 32)}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -200,9 +210,16 @@ def make_inputs(shape: dict, device: str):
     rope = HybridForcingRotaryPosEmbed(d, (1, 2, 2), 1024).to(device)
     cos, sin = rope(shape["positions"], shape["height"], shape["width"])
     weight = (torch.randn(d, d, device=device, generator=g) / d**0.5).bfloat16()  # linear_proj.weight
+    # the layer cache's `key` buffer: the history RoPE'd at the positions the committing chunk saw; the rotation
+    # from there to the absorption positions (as the model's chunk plan builds it)
+    roped_cache = key_cache.clone()
+    roped_cache[:, absorbed] = apply_rotary_emb(key_cache[:, absorbed],
+                                                *rope(shape["cached_positions"], shape["height"], shape["width"]))
+    delta = shape["cached_positions"][0] - shape["positions"][0]
+    shift_cos, shift_sin = rope([delta], 1, 1)
     return dict(key_cache=key_cache, value_cache=value_cache, key=key_cache[:, absorbed],
                 value=value_cache[:, absorbed], frame_slices=frame_slices, kv=kv, kmean=kmean, cos=cos, sin=sin,
-                weight=weight)
+                weight=weight, key_roped=roped_cache[:, absorbed], shift=(shift_cos, -shift_sin))
 
 
 def hbm_bytes(x: dict) -> dict:
@@ -216,7 +233,9 @@ def hbm_bytes(x: dict) -> dict:
            + tokens + tables  # ... apply_rotary_emb reads the gathered keys and the tables ...
            + 3 * tokens + state)  # ... the old kernel reads RoPE'd keys, raw keys, values
     commit = fused + x["kv"].numel() * 4 + x["weight"].numel() * x["weight"].element_size()
-    return {"old_chain": old, "fused": fused, "fused_commit": commit}
+    roped = 3 * tokens + state  # RoPE'd keys, raw keys (their relu sums), values
+    return {"old_chain": old, "fused": fused, "fused_commit": commit, "roped": roped,
+            "roped_commit": roped + x["weight"].numel() * x["weight"].element_size()}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -273,7 +292,30 @@ def main(argv=None) -> dict:
         state_kmean.copy_(new_kmean)
         torch.matmul(state_kv, x["weight"].to(state_kv).t(), out=projected)
 
+    def roped():
+        return linear_memory_absorb(kv, kmean, count, key, value, *x["shift"], key_roped=x["key_roped"],
+                                    kernel="triton")
+
+    roped_state = (kv.clone(), kmean.clone(), torch.empty_like(kv, dtype=x["weight"].dtype))
+
+    def roped_commit():  # HybridLayerCache.commit step 1 now: in place, the projection in the split-sum kernel
+        linear_memory_absorb(roped_state[0], roped_state[1], count, key, value, *x["shift"], key_roped=x["key_roped"],
+                             projection=x["weight"], out=roped_state, kernel="triton")
+
     errors = {}
+    want_roped = linear_memory_absorb_naive(kv, kmean, count, key, value, *x["shift"], x["key_roped"], x["weight"])
+    got = linear_memory_absorb(kv, kmean, count, key, value, *x["shift"], key_roped=x["key_roped"],
+                               projection=x["weight"], kernel="triton")
+    exact_projection = got[0] @ x["weight"].float().t()
+    errors["roped"] = {"kv": rel_err(got[0], want_roped[0]), "kmean": rel_err(got[1], want_roped[1]),
+                       "kv_vs_raw_key_form": rel_err(got[0], want[0]),
+                       "projected_vs_float32": rel_err(got[2], exact_projection)}
+    log(f"check roped      rel. err. vs float32 reference of that form: kv {errors['roped']['kv']:.2e}  kmean "
+        f"{errors['roped']['kmean']:.2e}; kv vs the raw-key form {errors['roped']['kv_vs_raw_key_form']:.2e}; "
+        f"projected (bf16) vs float32 {errors['roped']['projected_vs_float32']:.2e}")
+    if not (errors["roped"]["kv"] < 1e-4 and errors["roped"]["kmean"] < 1e-5
+            and errors["roped"]["kv_vs_raw_key_form"] < 1e-2 and errors["roped"]["projected_vs_float32"] < 1e-2):
+        raise SystemExit(f"wrong results: roped ({errors['roped']})")
     for name, fn in (("fused", fused), ("old_chain", old_chain)):
         got = fn()
         errors[name] = {"kv": rel_err(got[0], want[0]), "kmean": rel_err(got[1], want[1]),
@@ -298,6 +340,8 @@ def main(argv=None) -> dict:
     time_row("a_old_chain", old_chain, "old_chain", "(a) cat + apply_rotary_emb + old 3-tensor kernel")
     time_row("b_fused", fused, "fused", "(b) fused op on slice views")
     time_row("c_fused_commit", fused_commit, "fused_commit", "(c) (b) + state copy + kv @ W.T")
+    time_row("e_roped", roped, "roped", "(e) RoPE'd keys + one rotation of the sums")
+    time_row("f_roped_commit", roped_commit, "roped_commit", "(f) (e) in place + projected state")
 
     # ---- (d) LM_CONFIG variants ----------------------------------------------------------------------------------
     if args.grid:
@@ -325,6 +369,23 @@ def main(argv=None) -> dict:
             except Exception as exc:  # a variant that fails to compile or is wrong is reported, not timed
                 variants.append({"config": cfg, "error": f"{type(exc).__name__}: {exc}"})
                 log(f"variant {label:70s} FAILED: {type(exc).__name__}: {exc}")
+        roped_configs = [{k: v} for k, vs in ROPED_KNOBS.items() for v in vs]
+        for cfg in roped_configs:
+            tk.LM_CONFIG = {**saved, **cfg}
+            label = "roped " + " ".join(f"{k.removeprefix('absorb_')}={v}" for k, v in cfg.items())
+            try:
+                got = roped()
+                err = (rel_err(got[0], want_roped[0]), rel_err(got[1], want_roped[1]))
+                if not (err[0] < 1e-4 and err[1] < 1e-5):
+                    raise RuntimeError(f"wrong result: rel. err. kv {err[0]:.2e}, kmean {err[1]:.2e}")
+                hot = graph_median_us(roped, inner=inner, reps=reps, dry_run=dry)
+                cold = graph_median_us(roped, inner=inner, reps=reps, flush=flush, dry_run=dry)
+                variants.append({"form": "roped", "config": cfg, "hot_us": hot, "cold_us": cold, "err_kv": err[0],
+                                 "err_kmean": err[1]})
+                log(f"variant {label:70s} hot {hot:8.2f} us  cold {cold:8.2f} us  err {err[0]:.1e}")
+            except Exception as exc:
+                variants.append({"form": "roped", "config": cfg, "error": f"{type(exc).__name__}: {exc}"})
+                log(f"variant {label:70s} FAILED: {type(exc).__name__}: {exc}")
     finally:
         tk.LM_CONFIG = saved
 
@@ -346,7 +407,7 @@ def main(argv=None) -> dict:
     log(f"{'':52s} {'hot us':>8s} {'cold us':>8s} {'HBM us':>8s}")
     for row in rows:
         log(f"{row['label']:52s} {row['hot_us']:8.2f} {row['cold_us']:8.2f} {row['hbm_bound_us']:8.2f}")
-    timed = [v for v in variants if "error" not in v]
+    timed = [v for v in variants if "error" not in v and "form" not in v]
     if timed:
         best = min(timed, key=lambda v: v["cold_us"] if v["cold_us"] == v["cold_us"] else float("inf"))
         label = "(d) best: " + " ".join(f"{k.removeprefix('absorb_')}={v}" for k, v in best["config"].items())

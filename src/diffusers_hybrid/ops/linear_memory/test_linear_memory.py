@@ -267,6 +267,33 @@ def test_gpu_absorb_real_shape(ksum, monkeypatch):
 
 @pytest.mark.gpu
 @requires_cuda
+def test_gpu_absorb_roped_real_shape():
+    """The layer cache's commit at the real shape: 4,680 history tokens given RoPE'd (frames of a cache buffer) with
+    one rotation to their absorption positions, written into the state in place, with the projected state (bf16)."""
+    batch, seq, heads, dim, count = 1, 4680, 12, 128, 9360
+    kv, kmean = _state(batch, heads, dim, "cuda")
+    kv = kv / dim
+    key_buf, value_buf = (torch.randn(batch, 3 * seq, heads, dim, dtype=torch.bfloat16, device="cuda")
+                          for _ in range(2))
+    key_raw, value = key_buf[:, seq : 2 * seq], value_buf[:, seq : 2 * seq]
+    key_tables, shift, _ = _shifted_tables(seq, dim, "cuda")
+    roped_buf = key_buf.clone()
+    roped_buf[:, seq : 2 * seq] = apply_rotary_emb(key_raw, *key_tables)
+    key_roped = roped_buf[:, seq : 2 * seq]
+    weight = (torch.randn(dim, dim, device="cuda") / dim**0.5).bfloat16()
+    want = linear_memory_absorb_naive(kv, kmean, count, key_raw, value, *shift, key_roped, weight)
+    state = (kv.clone(), kmean.clone(), torch.full_like(kv, float("nan"), dtype=torch.bfloat16))
+    with poisoned_outputs():
+        got = linear_memory_absorb(state[0], state[1], count, key_raw, value, *shift, key_roped=key_roped,
+                                   projection=weight, out=state, kernel="triton")
+    assert _rel_err(got[0], want[0]) < 1e-5
+    assert _rel_err(got[1], want[1]) < 1e-5
+    exact = got[0] @ weight.float().t()
+    assert ((got[2].float() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()  # rounded to the nearest bf16
+
+
+@pytest.mark.gpu
+@requires_cuda
 def test_gpu_read_real_shapes():
     """The read-out of one 3-frame chunk of Wan2.1-1.3B at 832x480 (4,680 queries, 12 heads of 128), bf16."""
     batch, seq, heads, dim = 1, 4680, 12, 128

@@ -51,8 +51,10 @@ def _split_state(x: torch.Tensor) -> bool:
 # Absorption (session 8, fused RoPE on pair words; benchmarks/RESULTS.md round 9): no software pipelining (55 us vs
 # 66 us with 3 stages: its operands are computed in registers, so the loads cannot be prefetched into shared memory
 # anyway), 8 state rows per program of the split sum, key sums on the tensor cores (41.5 us vs 49.2 us).
+# Keys given RoPE'd (`_absorb_roped_kernel`): loaded tiles, so the loads are software-pipelined
+# (absorb_roped_stages).
 LM_CONFIG: dict = {"absorb_tokens": 128, "absorb_stages": 1, "absorb_finish_rows": 8, "absorb_ksum": "dot",
-                   "read_bm": 128, "read_warps": 8, "read_progs_per_sm": 8}
+                   "absorb_roped_stages": 3, "read_bm": 128, "read_warps": 8, "read_progs_per_sm": 8}
 # absorb_ksum: "reduce" (a cross-thread sum of relu(k_raw) per token tile) | "dot" (tensor cores: ones @ relu(k_raw)).
 # Rows of the ones matrix of the "dot" sums: the smallest M of a tensor-core product.
 KSUM_ROWS = tl.constexpr(16)
