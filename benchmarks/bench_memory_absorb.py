@@ -138,8 +138,8 @@ def old_absorb_launch(kv_state, kmean_state, count, key_roped, key_raw, value):
     )
     if not direct:
         tk._absorb_finish_kernel[(batch * heads, dim // 32)](
-            kv_state, kmean_state, kv_out, km_out, part_kv, part_km, num_splits, w_old, w_new, D=dim, BR=32,
-            num_warps=4,
+            kv_state, kmean_state, kv_out, km_out, part_kv, part_km, kv_out, kv_out, kv_out, kv_out, num_splits, w_old,
+            w_new, D=dim, BR=32, ROTATE=False, PROJECT=False, PREC="ieee", num_warps=4,
         )
     return kv_out, km_out
 
