@@ -66,8 +66,9 @@ DEFAULTS = {"absorb_tokens": 128, "absorb_warps": 8, "absorb_stages": 1, "absorb
             "absorb_finish_rows": 8, "absorb_roped_stages": 3}  # the module's LM_CONFIG defaults (checked at start)
 KNOBS = {"absorb_tokens": (128, 256, 512), "absorb_warps": (4, 8), "absorb_stages": (1, 2, 3),
          "absorb_ksum": ("reduce", "dot"), "absorb_finish_rows": (32, 16, 8)}
-ROPED_KNOBS = {"absorb_roped_stages": (2, 3, 4), "absorb_warps": (4, 8), "absorb_tokens": (128, 256, 512),
-               "absorb_finish_rows": (8, 16, 32)}
+ROPED_KNOBS = {"absorb_roped_stages": (2, 3, 4), "absorb_warps": (4, 8), "absorb_tokens": (128, 512, 1024, 2048),
+               "absorb_progs_per_sm": (2,), "absorb_finish_rows": (8, 16, 32), "absorb_finish_warps": (2, 4, 8),
+               "absorb_roped_bt": (32, 128)}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -142,6 +143,33 @@ def old_absorb_launch(kv_state, kmean_state, count, key_roped, key_raw, value):
             w_new, D=dim, BR=32, ROTATE=False, PROJECT=False, PREC="ieee", num_warps=4,
         )
     return kv_out, km_out
+
+
+def roped_main_kernel(x: dict, count: int):
+    """A launch of `_absorb_roped_kernel` alone as `_absorb_launch` makes it (default LM_CONFIG; partial sums into a
+    preallocated buffer, no split sum), to split (e)'s time between its two kernels."""
+    key, key_roped, value = x["key"], x["key_roped"], x["value"]
+    batch, num_new, heads, dim = key.shape
+    bt = 32 if tk._interpret() else tk.LM_CONFIG.get("absorb_roped_bt", 64)
+    if tk._interpret():
+        splits = 1
+    else:
+        sms = torch.cuda.get_device_properties(key.device).multi_processor_count
+        splits = max(1, min(triton.cdiv(num_new, tk.LM_CONFIG["absorb_tokens"]), sms // (batch * heads)))
+    tokens_per_split = triton.cdiv(triton.cdiv(num_new, splits), bt) * bt
+    splits = triton.cdiv(num_new, tokens_per_split)
+    part_kv = torch.empty((batch * heads, splits, dim, dim), device=key.device)
+    part_km = torch.empty((batch * heads, splits, dim), device=key.device)
+    f32, prec = tk._dot_mode(key)
+
+    def launch():
+        tk._absorb_roped_kernel[(batch * heads, 1, splits)](
+            key_roped, key, value, part_kv, part_km, num_new, heads, tokens_per_split,
+            *key_roped.stride()[:3], *key.stride()[:3], *value.stride()[:3],
+            D=dim, BE=dim, BT=bt, F32=f32, PREC=prec, num_warps=tk.LM_CONFIG.get("absorb_warps", 8),
+            num_stages=1 if tk._interpret() else tk.LM_CONFIG["absorb_roped_stages"])
+
+    return launch
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -341,6 +369,7 @@ def main(argv=None) -> dict:
     time_row("b_fused", fused, "fused", "(b) fused op on slice views")
     time_row("c_fused_commit", fused_commit, "fused_commit", "(c) (b) + state copy + kv @ W.T")
     time_row("e_roped", roped, "roped", "(e) RoPE'd keys + one rotation of the sums")
+    time_row("e1_roped_main", roped_main_kernel(x, count), "roped", "(e1) (e)'s main kernel alone (partial sums)")
     time_row("f_roped_commit", roped_commit, "roped_commit", "(f) (e) in place + projected state")
 
     # ---- (d) LM_CONFIG variants ----------------------------------------------------------------------------------

@@ -382,7 +382,7 @@ def _absorb_launch(kv_state, kmean_state, count: int, key_raw, value, cos, sin, 
     w_old, w_new = count / total, 1.0 / total
     f32, prec = _dot_mode(key_raw)
     be = min(dim, LM_CONFIG.get("absorb_be", 128))
-    bt = 32 if _interpret() else 64
+    bt = 32 if _interpret() else LM_CONFIG.get("absorb_roped_bt" if key_roped is not None else "absorb_bt", 64)
     if num_splits is None:
         if _interpret():
             num_splits = 1
@@ -435,7 +435,7 @@ def _absorb_launch(kv_state, kmean_state, count: int, key_raw, value, cos, sin, 
         _absorb_finish_kernel[(batch * heads, dim // br)](
             kv_state, kmean_state, kv_out, km_out, part_kv, part_km, *rotation, weight, proj_out, num_splits, w_old,
             w_new, D=dim, BR=br, ROTATE=rotate, PROJECT=projection is not None, PREC="ieee" if _interpret() else
-            "tf32x3", num_warps=4,
+            "tf32x3", num_warps=LM_CONFIG.get("absorb_finish_warps", 4),
         )
     return tuple(outputs)
 
