@@ -4,8 +4,12 @@
 - Absorption: per (batch, head, column block of D, token split) a program loads each tile of raw keys once (as its
   even and odd channels), RoPEs it in registers (fp32, rounded to the key dtype as `apply_rotary_emb` does) and
   accumulates `R(k)ᵀ v` (tensor cores, fp32 accumulators) and `Σ relu(k_raw)` over its tokens: it reads the raw keys,
-  the values and the small RoPE tables, no RoPE'd copy of the keys. With one split it writes the new running means directly, otherwise a second small
-  launch sums the splits in a fixed order (deterministic, no atomics) and folds in the old state.
+  the values and the small RoPE tables, no RoPE'd copy of the keys. With one split it writes the new running means
+  directly, otherwise a second small launch sums the splits in a fixed order (deterministic, no atomics) and folds in
+  the old state.
+- Absorption of keys given RoPE'd (`key_roped`, e.g. a cache's history one temporal shift away from its absorption
+  positions): the RoPE'd tiles go into the product as loaded, and the split sum rotates the sums' key rows once. The
+  split sum can write into the old state's own buffers and also write the state times a projection weight.
 - Read-out: per (batch, head, run of token blocks) `(q_num · kv) / (relu(q_raw) · kmean + eps)`, the D×D state loaded
   once per program; backward gives the gradients w.r.t. `query_numerator` and `query_raw` (the state is detached).
 
