@@ -382,39 +382,29 @@ def main(argv=None) -> dict:
         configs += [{**DEFAULTS, "absorb_progs_per_sm": n} for n in (2, 4)]  # the split count's other bound
     saved = tk.LM_CONFIG
     variants = []
-    try:
+
+    def time_variants(configs, fn, reference, form):
+        """Each LM_CONFIG variant checked against `reference`, then timed; failures are reported, not timed."""
         for cfg in configs:
             tk.LM_CONFIG = {**saved, **cfg}
-            label = " ".join(f"{k.removeprefix('absorb_')}={v}" for k, v in cfg.items())
+            label = ("roped " if form else "") + " ".join(f"{k.removeprefix('absorb_')}={v}" for k, v in cfg.items())
+            entry = {"form": form, "config": cfg} if form else {"config": cfg}
             try:
-                got = fused()
-                err = (rel_err(got[0], want[0]), rel_err(got[1], want[1]))
+                got = fn()
+                err = (rel_err(got[0], reference[0]), rel_err(got[1], reference[1]))
                 if not (err[0] < 1e-4 and err[1] < 1e-5):
                     raise RuntimeError(f"wrong result: rel. err. kv {err[0]:.2e}, kmean {err[1]:.2e}")
-                hot = graph_median_us(fused, inner=inner, reps=reps, dry_run=dry)
-                cold = graph_median_us(fused, inner=inner, reps=reps, flush=flush, dry_run=dry)
-                variants.append({"config": cfg, "hot_us": hot, "cold_us": cold, "err_kv": err[0], "err_kmean": err[1]})
+                hot = graph_median_us(fn, inner=inner, reps=reps, dry_run=dry)
+                cold = graph_median_us(fn, inner=inner, reps=reps, flush=flush, dry_run=dry)
+                variants.append({**entry, "hot_us": hot, "cold_us": cold, "err_kv": err[0], "err_kmean": err[1]})
                 log(f"variant {label:70s} hot {hot:8.2f} us  cold {cold:8.2f} us  err {err[0]:.1e}")
             except Exception as exc:  # a variant that fails to compile or is wrong is reported, not timed
-                variants.append({"config": cfg, "error": f"{type(exc).__name__}: {exc}"})
+                variants.append({**entry, "error": f"{type(exc).__name__}: {exc}"})
                 log(f"variant {label:70s} FAILED: {type(exc).__name__}: {exc}")
-        roped_configs = [{k: v} for k, vs in ROPED_KNOBS.items() for v in vs]
-        for cfg in roped_configs:
-            tk.LM_CONFIG = {**saved, **cfg}
-            label = "roped " + " ".join(f"{k.removeprefix('absorb_')}={v}" for k, v in cfg.items())
-            try:
-                got = roped()
-                err = (rel_err(got[0], want_roped[0]), rel_err(got[1], want_roped[1]))
-                if not (err[0] < 1e-4 and err[1] < 1e-5):
-                    raise RuntimeError(f"wrong result: rel. err. kv {err[0]:.2e}, kmean {err[1]:.2e}")
-                hot = graph_median_us(roped, inner=inner, reps=reps, dry_run=dry)
-                cold = graph_median_us(roped, inner=inner, reps=reps, flush=flush, dry_run=dry)
-                variants.append({"form": "roped", "config": cfg, "hot_us": hot, "cold_us": cold, "err_kv": err[0],
-                                 "err_kmean": err[1]})
-                log(f"variant {label:70s} hot {hot:8.2f} us  cold {cold:8.2f} us  err {err[0]:.1e}")
-            except Exception as exc:
-                variants.append({"form": "roped", "config": cfg, "error": f"{type(exc).__name__}: {exc}"})
-                log(f"variant {label:70s} FAILED: {type(exc).__name__}: {exc}")
+
+    try:
+        time_variants(configs, fused, want, None)
+        time_variants([{k: v} for k, vs in ROPED_KNOBS.items() for v in vs], roped, want_roped, "roped")
     finally:
         tk.LM_CONFIG = saved
 

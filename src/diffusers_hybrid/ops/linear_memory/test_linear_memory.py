@@ -242,6 +242,16 @@ def test_custom_op_registration():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def _real_shape_absorb_inputs():
+    """One 3-frame chunk of Wan2.1-1.3B at 832x480 (4,680 tokens, 12 heads of 128, bf16) as frames of cache buffers
+    (strided views), and a state after 9,360 absorbed tokens: `(kv, kmean, count, key_buf, key_raw, value)`."""
+    batch, seq, heads, dim, count = 1, 4680, 12, 128, 9360
+    kv, kmean = _state(batch, heads, dim, "cuda")
+    key_buf, value_buf = (torch.randn(batch, 3 * seq, heads, dim, dtype=torch.bfloat16, device="cuda")
+                          for _ in range(2))
+    return kv / dim, kmean, count, key_buf, key_buf[:, seq : 2 * seq], value_buf[:, seq : 2 * seq]
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("ksum", ["reduce", "dot"])
@@ -251,13 +261,8 @@ def test_gpu_absorb_real_shape(ksum, monkeypatch):
     fused multiply-adds, so a few RoPE'd keys round to the neighbouring bf16 value: 1e-4, not 1e-5, for the state."""
     tk = _kernels()
     monkeypatch.setattr(tk, "LM_CONFIG", {**tk.LM_CONFIG, "absorb_ksum": ksum})
-    batch, seq, heads, dim, count = 1, 4680, 12, 128, 9360
-    kv, kmean = _state(batch, heads, dim, "cuda")
-    kv = kv / dim
-    key_buf, value_buf = (torch.randn(batch, 3 * seq, heads, dim, dtype=torch.bfloat16, device="cuda")
-                          for _ in range(2))
-    key_raw, value = key_buf[:, seq : 2 * seq], value_buf[:, seq : 2 * seq]
-    cos, sin = _rope_tables(seq, dim, "cuda")
+    kv, kmean, count, _, key_raw, value = _real_shape_absorb_inputs()
+    cos, sin = _rope_tables(key_raw.shape[1], key_raw.shape[-1], "cuda")
     with poisoned_outputs():
         got = linear_memory_absorb(kv, kmean, count, key_raw, value, cos, sin, kernel="triton")
     want = linear_memory_absorb_naive(kv, kmean, count, key_raw, value, cos, sin)
@@ -270,12 +275,8 @@ def test_gpu_absorb_real_shape(ksum, monkeypatch):
 def test_gpu_absorb_roped_real_shape():
     """The layer cache's commit at the real shape: 4,680 history tokens given RoPE'd (frames of a cache buffer) with
     one rotation to their absorption positions, written into the state in place, with the projected state (bf16)."""
-    batch, seq, heads, dim, count = 1, 4680, 12, 128, 9360
-    kv, kmean = _state(batch, heads, dim, "cuda")
-    kv = kv / dim
-    key_buf, value_buf = (torch.randn(batch, 3 * seq, heads, dim, dtype=torch.bfloat16, device="cuda")
-                          for _ in range(2))
-    key_raw, value = key_buf[:, seq : 2 * seq], value_buf[:, seq : 2 * seq]
+    kv, kmean, count, key_buf, key_raw, value = _real_shape_absorb_inputs()
+    seq, dim = key_raw.shape[1], key_raw.shape[-1]
     key_tables, shift, _ = _shifted_tables(seq, dim, "cuda")
     roped_buf = key_buf.clone()
     roped_buf[:, seq : 2 * seq] = apply_rotary_emb(key_raw, *key_tables)
