@@ -118,8 +118,8 @@ class HybridForcingAttnProcessor:
         cache_pooled_keys (`bool`, defaults to `True`): keep the pooled key blocks of the cached window in the cache.
         fuse_rope (`bool`, defaults to `True`): with a cache and no gradient, RoPE the chunk, write its keys and
             values into the cache, pool the block selection's blocks and compute the fused memory read-out's
-            denominators in one step (`rope_chunk_into_window`; one launch with `"triton"`); `False` runs the plain-PyTorch RoPE and copies and lets the selection pool (for
-            comparisons).
+            denominators in one step (`rope_chunk_into_window`; one launch with `"triton"`); `False` runs the
+            plain-PyTorch RoPE and copies and lets the selection pool (for comparisons).
     """
 
     _attention_backend = None

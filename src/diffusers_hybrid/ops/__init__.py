@@ -292,10 +292,11 @@ def linear_memory_absorb(
 
         return linear_memory_absorb_triton(kv_state, kmean_state, count, key_raw, value, cos, sin, key_roped,
                                            projection, out)
+    if out is not None:
+        check_absorb_out(out, kv_state, kmean_state, projection)
     result = linear_memory_absorb_naive(kv_state, kmean_state, count, key_raw, value, cos, sin, key_roped, projection)
     if out is None:
         return result
-    check_absorb_out(out, kv_state, kmean_state, projection)
     for buffer, value_ in zip(out, result):
         buffer.copy_(value_)
     return tuple(out)

@@ -163,12 +163,19 @@ def test_absorb_into_the_state_itself(kernel):
 
 @pytest.mark.parametrize("kernel", ["reference", "triton"])
 def test_absorb_nothing(kernel):
-    """No new tokens: the state comes back unchanged (also before anything was absorbed)."""
+    """No new tokens: the state comes back unchanged (also before anything was absorbed); with a projection weight,
+    the unchanged state's projection, also when written in place."""
     kv, kmean, key_raw, value, cos, sin = _absorb_inputs(1, 0, 2, 16, torch.float32)
     for count in (0, 5):
         got = linear_memory_absorb(kv, kmean, count, key_raw, value, cos, sin, kernel=kernel)
         torch.testing.assert_close(got[0], kv, rtol=0, atol=0)
         torch.testing.assert_close(got[1], kmean, rtol=0, atol=0)
+    weight = torch.randn(16, 16, dtype=torch.bfloat16)
+    state = (kv.clone(), kmean.clone(), torch.full((1, 2, 16, 16), float("nan"), dtype=torch.bfloat16))
+    got = linear_memory_absorb(state[0], state[1], 5, key_raw, value, cos, sin, projection=weight, out=state,
+                               kernel=kernel)
+    torch.testing.assert_close(got[0], kv, rtol=0, atol=0)
+    torch.testing.assert_close(got[2], (kv @ weight.float().t()).bfloat16(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kernel", ["reference", "triton"])

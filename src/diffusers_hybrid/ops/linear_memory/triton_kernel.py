@@ -28,7 +28,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from ..utils import last_contiguous, new_empty, new_empty_like  # noqa: E402
-from .naive import check_absorb_args, check_absorb_out  # noqa: E402
+from .naive import check_absorb_args, check_absorb_out, project_state  # noqa: E402
 
 
 def _interpret() -> bool:
@@ -381,7 +381,7 @@ def _absorb_launch(kv_state, kmean_state, count: int, key_raw, value, cos, sin, 
         if km_out.data_ptr() != kmean_state.data_ptr():
             km_out.copy_(kmean_state)
         if projection is not None:
-            outputs[2].copy_(torch.matmul(kv_state, projection.detach().float().t()))
+            outputs[2].copy_(project_state(kv_state, projection))
         return tuple(outputs)
     w_old, w_new = count / total, 1.0 / total
     f32, prec = _dot_mode(key_raw)
