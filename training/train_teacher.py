@@ -118,6 +118,13 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--high_sigma_min", type=float, default=0.97)
     parser.add_argument(
+        "--frame_noise_fraction",
+        type=float,
+        default=0.0,
+        help="Fraction of clips whose latent frames get independent noise levels (diffusion forcing); the rest share "
+        "one level per clip. A clean frame next to a noisy one leaves the caption to say where the object goes.",
+    )
+    parser.add_argument(
         "--motion_weight",
         type=float,
         default=0.0,
@@ -181,6 +188,8 @@ def parse_args(input_args=None):
     if not 0 <= args.high_sigma_fraction <= 1 or not 0 <= args.high_sigma_min < 1:
         parser.error(f"--high_sigma_fraction must lie in [0, 1] and --high_sigma_min in [0, 1), got "
                      f"{args.high_sigma_fraction} and {args.high_sigma_min}")
+    if not 0 <= args.frame_noise_fraction <= 1:
+        parser.error(f"--frame_noise_fraction must lie in [0, 1], got {args.frame_noise_fraction}")
     args.local_rank = int(os.environ.get("LOCAL_RANK", -1))
     return args
 
@@ -272,6 +281,32 @@ def sample_sigmas(n, args, generator, device):
     return sigma.to(device)
 
 
+def sample_frame_sigmas(n, num_frames, args, generator, device):
+    """Noise levels (n, num_frames), one per clip and latent frame: each clip, with probability
+    `--frame_noise_fraction`, draws an independent level per frame (`sample_sigmas`), otherwise one for all its
+    frames."""
+    shared = sample_sigmas(n, args, generator, "cpu")
+    sigma = shared[:, None].expand(n, num_frames).clone()
+    if args.frame_noise_fraction > 0:
+        per_frame = sample_sigmas(n * num_frames, args, generator, "cpu").view(n, num_frames)
+        pick = torch.rand(n, generator=generator) < args.frame_noise_fraction
+        sigma[pick] = per_frame[pick]
+    return sigma.to(device)
+
+
+def token_timesteps(sigma: torch.Tensor, latent_shape, patch_size) -> torch.Tensor:
+    """Wan timesteps for noise levels `sigma` (n, frames): (n,) when every clip has one level (the stock path),
+    else one per patch token, (n, frames * height/p_h * width/p_w), which `WanTransformer3DModel` accepts."""
+    if bool((sigma == sigma[:, :1]).all()):
+        return sigma[:, 0] * 1000
+    _, _, frames, height, width = latent_shape
+    p_t, p_h, p_w = patch_size
+    if p_t != 1:
+        raise ValueError(f"per-frame noise needs a temporal patch size of 1, got patch_size={list(patch_size)}")
+    per_frame = sigma * 1000
+    return per_frame.repeat_interleave((height // p_h) * (width // p_w), dim=1)
+
+
 def motion_weights(x0: torch.Tensor, strength: float) -> torch.Tensor:
     """Per-element loss weights `1 + strength * m` for clean latents `x0` (B, C, T, H, W): `m` is how much each
     latent position changes to its neighbouring latent frames (the larger of the two absolute differences, mean
@@ -343,7 +378,7 @@ write_video(video, "video.mp4")
 Training: {measurements.get("steps")} steps of batch {args.train_batch_size} ({measurements.get("train_seconds", 0):.0f} s on
 {measurements.get("device")}), learning rate {args.learning_rate}, {args.mixed_precision or "fp32"}, EMA {args.use_ema}
 (decay {args.ema_decay}), caption dropout {args.caption_dropout}, flow shift {args.flow_shift}, motion weight
-{args.motion_weight}, clips of {args.num_frames} frames at {args.resolution}x{args.resolution}. Weights stored in {args.save_dtype}.
+{args.motion_weight}, per-frame noise for a fraction {args.frame_noise_fraction} of clips, clips of {args.num_frames} frames at {args.resolution}x{args.resolution}. Weights stored in {args.save_dtype}.
 
 Final validation (held-out prompts: colour-shape pairs never seen in training; scores of the shapes evaluation
 suite, `python -m diffusers_hybrid.shapes score`):
@@ -591,13 +626,14 @@ def main(args):
             with torch.set_grad_enabled(args.train_text_encoder), accelerator.autocast():
                 text = encode_prompts(tokenizer, text_encoder_p, prompts, args.max_sequence_length, device=device)
             noise = torch.randn(x0.shape, generator=generator).to(device)
-            sigma = sample_sigmas(x0.shape[0], args, generator, device)
-            s = sigma.view(-1, 1, 1, 1, 1)
+            sigma = sample_frame_sigmas(x0.shape[0], x0.shape[2], args, generator, device)
+            s = sigma.view(x0.shape[0], 1, x0.shape[2], 1, 1)
             xt = (1 - s) * x0 + s * noise
+            timestep = token_timesteps(sigma, x0.shape, accelerator.unwrap_model(transformer_p).config.patch_size)
             with accelerator.autocast():
                 pred = transformer_p(
                     hidden_states=xt.to(weight_dtype),
-                    timestep=sigma * 1000,
+                    timestep=timestep,
                     encoder_hidden_states=text.to(weight_dtype),
                     return_dict=False,
                 )[0]

@@ -69,6 +69,8 @@ def test_train_teacher_two_steps_checkpoints_and_resume(repo_root, accelerate_co
             "0",
             "--motion_weight",
             "2",
+            "--frame_noise_fraction",
+            "1",
         ],
     )
     # checkpoint rotation (limit 1: only the last), EMA of both trained models, final pipeline, card, validation
@@ -282,3 +284,54 @@ def test_teacher_high_sigma_fraction(repo_root):
     assert (sigma_mixed[changed] >= 0.98).all() and 0.2 < changed.float().mean().item() < 0.3
     with pytest.raises(SystemExit):
         script.parse_args(base + ["--high_sigma_fraction", "1.5"])
+
+
+def test_teacher_frame_noise_fraction(repo_root):
+    """`--frame_noise_fraction F`: about F of the clips get an independent noise level per latent frame, the others
+    one level for all frames (with F = 0 the same draws as `sample_sigmas`); the per-frame levels reach Wan as one
+    timestep per patch token in the transformer's (frame, row, column) token order, and a clip whose frames share
+    a level gives the same output either way."""
+    import importlib.util
+
+    from diffusers import WanTransformer3DModel
+
+    spec = importlib.util.spec_from_file_location("train_teacher", os.path.join(repo_root, "training", "train_teacher.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    base = ["--pretrained_model_name_or_path", "unused"]
+    plain = script.parse_args(base)
+    mixed = script.parse_args(base + ["--frame_noise_fraction", "0.3"])
+    n, frames = 4000, 5
+    sigma_plain = script.sample_frame_sigmas(n, frames, plain, torch.Generator().manual_seed(3), "cpu")
+    assert sigma_plain.shape == (n, frames) and (sigma_plain == sigma_plain[:, :1]).all()
+    assert torch.equal(sigma_plain[:, 0], script.sample_sigmas(n, plain, torch.Generator().manual_seed(3), "cpu"))
+    sigma_mixed = script.sample_frame_sigmas(n, frames, mixed, torch.Generator().manual_seed(3), "cpu")
+    varied = (sigma_mixed != sigma_mixed[:, :1]).any(1).float().mean().item()
+    assert 0.27 < varied < 0.33 and ((sigma_mixed > 0) & (sigma_mixed < 1)).all(), varied
+    with pytest.raises(SystemExit):
+        script.parse_args(base + ["--frame_noise_fraction", "-0.1"])
+
+    latent_shape = (2, 4, 3, 6, 10)  # (batch, channels, frames, height, width); patch (1, 2, 2): 15 tokens per frame
+    sigma = torch.tensor([[0.9, 0.5, 0.1], [0.3, 0.3, 0.3]])
+    steps = script.token_timesteps(sigma, latent_shape, (1, 2, 2))
+    assert steps.shape == (2, 45)
+    for f in range(3):
+        assert torch.allclose(steps[:, f * 15 : (f + 1) * 15], sigma[:, f : f + 1] * 1000)
+    shared = torch.tensor([[0.4] * 3, [0.7] * 3])
+    assert torch.allclose(script.token_timesteps(shared, latent_shape, (1, 2, 2)), torch.tensor([400.0, 700.0]))
+    with pytest.raises(ValueError, match="temporal patch size"):
+        script.token_timesteps(sigma, latent_shape, (2, 2, 2))
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+    ).eval()
+    x = torch.randn(latent_shape)
+    text = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        scalar = model(x, timestep=torch.tensor([400.0, 700.0]), encoder_hidden_states=text).sample
+        per_token = model(x, timestep=torch.tensor([400.0, 700.0])[:, None].expand(2, 45), encoder_hidden_states=text).sample
+        varied_out = model(x, timestep=steps, encoder_hidden_states=text).sample
+    assert torch.allclose(scalar, per_token, atol=1e-5)
+    assert varied_out.shape == x.shape and not torch.allclose(varied_out[0], scalar[0], atol=1e-3)
