@@ -154,12 +154,21 @@ def steady(chunks, start, key="total"):
 def configure(pipe, mode, kernel):
     """`kernel` is "reference" or "triton", optionally followed by "+graphs" (denoising passes replayed from a CUDA
     graph) and "+torch-rope" (the cached passes' RoPE step in plain PyTorch, the selection pooling on its own: the
-    processor's `fuse_rope=False`)."""
+    processor's `fuse_rope=False`) and "+compile" (the blocks compiled by inductor, `compile_repeated_blocks`; once
+    compiled they stay compiled, so list these rows last)."""
     base, *extras = kernel.split("+")
-    unknown = set(extras) - {"graphs", "torch-rope"}
+    unknown = set(extras) - {"graphs", "torch-rope", "compile"}
     if unknown:
         raise ValueError(f"unknown kernel options {sorted(unknown)} in {kernel!r}")
     transformer = pipe.transformer
+    compiled = getattr(pipe, "_bench_compiled", False)
+    if compiled and "compile" not in extras:
+        raise ValueError(f"{kernel!r} after a '+compile' row: the blocks are compiled; list '+compile' rows last")
+    if "compile" in extras and not compiled:
+        # every block shares one compiled graph per input signature; chunk shapes vary until the window is full
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        transformer.compile_repeated_blocks(dynamic=False)
+        pipe._bench_compiled = True
     transformer.set_attention_mode(mode)
     transformer.set_attention_kernel(base)
     if transformer.attention_kernel != base:
@@ -170,18 +179,24 @@ def configure(pipe, mode, kernel):
 
 
 @torch.no_grad()
-def check_graphs(pipe, prompt_embeds, args, device, mode="hybrid", chunks=8) -> dict:
-    """Latents of a session with CUDA-graph replay vs the same session eager (same seed)."""
+def check_graphs(pipe, prompt_embeds, args, device, mode="hybrid", chunks=8,
+                 kernels=("triton", "triton+graphs")) -> dict:
+    """Latents of a session with the second kernel option (default: CUDA-graph replay) vs the first (default: eager),
+    same seed."""
     outputs = {}
-    for kernel in ("triton", "triton+graphs"):
+    for kernel in kernels:
         configure(pipe, mode, kernel)
         session = open_stream(pipe, prompt_embeds, args, output_type="latent")
         with session:
             outputs[kernel] = [chunk.latents.float().clone() for _, chunk in zip(range(chunks), session)]
             replays = getattr(session._read_graph, "replays", 0)
-    diffs = [(a - b).abs().max().item() for a, b in zip(outputs["triton"], outputs["triton+graphs"])]
-    result = {"mode": mode, "chunks": chunks, "max_abs_diff_per_chunk": diffs, "graph_replays": replays}
-    log(f"[graphs check {mode}] max |eager - graph| per chunk {diffs}, {replays} replays")
+    first, second = (outputs[k] for k in kernels)
+    diffs = [(a - b).abs().max().item() for a, b in zip(first, second)]
+    scale = max(a.abs().max().item() for a in first)
+    result = {"mode": mode, "kernels": list(kernels), "chunks": chunks, "max_abs_diff_per_chunk": diffs,
+              "max_abs_latent": scale, "graph_replays": replays}
+    log(f"[check {mode}] max |{kernels[0]} - {kernels[1]}| per chunk {diffs} (max |latent| {scale:.3g}), "
+        f"{replays} replays")
     return result
 
 
@@ -431,6 +446,10 @@ def main():
         RESULTS["vae"] = attempt("vae", lambda: bench_vae(pipe, args, device, dtype))
     RESULTS["long"] = []
     for index, kernel in enumerate(args.kernels.split(",")):
+        if "compile" in kernel.split("+") and "compile_check" not in RESULTS:  # eager first, then it compiles
+            eager = "+".join(part for part in kernel.split("+") if part != "compile")
+            RESULTS["compile_check"] = attempt("compile check", lambda: check_graphs(
+                pipe, prompt_embeds, args, device, kernels=(eager, kernel)))
         for mode in args.modes.split(","):
             result = attempt(f"{mode}/{kernel}", lambda: bench_config(pipe, prompt_embeds, args, device, mode, kernel))
             if result is not None:
