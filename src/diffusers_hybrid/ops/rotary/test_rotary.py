@@ -107,6 +107,37 @@ def test_rope_chunk_into_window_rejects_bad_arguments():
         rope_chunk_into_window(q, k, v, cos[:, :5], sin[:, :5], window_key, window_value, kernel="triton")
 
 
+@pytest.mark.parametrize("pool, kmean", [(None, False), (16, True)])
+def test_rope_chunk_into_window_custom_op(pool, kmean):
+    """The launcher is the opaque custom op `diffusers_hybrid::rope_chunk_into_window` under torch.compile (inductor
+    would otherwise recompile the kernel from the traced launch): schema, fake shapes, and a compiled call (window
+    views written in place) equal to the eager one."""
+    from diffusers_hybrid.ops.rotary import triton_kernel as tk
+
+    inputs, window_key, window_value = _case(2, 37, 61, 3, 32, torch.bfloat16)
+    memory_kmean = torch.rand(2, 3, 32) if kmean else None
+    args = (*inputs, window_key.clone(), window_value.clone(), pool, "heads", 0, memory_kmean, 1e-3)
+    torch.library.opcheck(tk._rope_window_op, args, test_utils=("test_schema", "test_faketensor"))
+
+    def step(window_key, window_value):
+        # the cache passes views of its buffers: the op writes through them
+        out = tk.rope_chunk_into_window_triton(*inputs, window_key[:, 1:], window_value[:, 1:], pool, "heads", 0,
+                                               memory_kmean, 1e-3)
+        return tuple(t for t in out if t is not None)
+
+    buffers_eager = (torch.cat([window_key[:, :1], window_key], 1), torch.cat([window_value[:, :1], window_value], 1))
+    buffers_compiled = tuple(b.clone() for b in buffers_eager)
+    eager = step(*buffers_eager)
+    with poisoned_outputs():
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*buffers_compiled)
+    assert len(compiled) == len(eager) == 1 + 2 * (pool is not None) + kmean
+    for got, want in zip(compiled, eager):
+        assert torch.equal(got, want)
+    for got, want in zip(buffers_compiled, buffers_eager):
+        assert torch.equal(got, want)
+    assert not torch.equal(buffers_eager[0][:, -37:], torch.cat([window_key[:, :1], window_key], 1)[:, -37:])
+
+
 def test_selection_from_rope_pools_matches_pooling_in_the_selection():
     """`pooled_blocks` from the RoPE step (with a pooled prefix for the first cached blocks) give the same attention
     as the selection pooling the keys itself, for the Triton and the reference kernels."""

@@ -111,24 +111,25 @@ def _rope_window_kernel(Q, K, V, COS, SIN, QO, KW, VW, PQ, PK, KMS, DEN,
                      mask=(offs_h < H)[:, None])
 
 
-@torch.no_grad()
-def rope_chunk_into_window_triton(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    window_key: torch.Tensor,
-    window_value: torch.Tensor,
-    pool_block_size: int | None = None,
-    key_centering: str = "heads",
-    first_pooled_key_block: int = 0,
-    memory_kmean: torch.Tensor | None = None,
-    memory_eps: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Triton version of [`rope_chunk_into_window_naive`] (same arguments and results), one launch. `window_key` /
-    `window_value` need a contiguous last dimension (they are written in place); `head_dim` a power of two, and
-    `pool_block_size` a power of two >= 16."""
+def _window_result_shapes(query, window_key, pool_block_size, first_pooled_key_block, memory_kmean):
+    """Shapes of the launcher's outputs: RoPE'd queries, pooled query and key blocks, denominators (`None` when
+    not computed)."""
+    batch, length, heads, dim = query.shape
+    window = window_key.shape[1]
+    pooled_q = pooled_k = denominator = None
+    if pool_block_size is not None:
+        first = first_pooled_key_block
+        pooled_q = (batch, heads, triton.cdiv(length, pool_block_size), dim)
+        pooled_k = (batch, heads, triton.cdiv(window, pool_block_size) - first, dim)
+    if memory_kmean is not None:
+        denominator = (batch, length, heads)
+    return tuple(query.shape), pooled_q, pooled_k, denominator
+
+
+def _rope_window_launch(query, key, value, cos, sin, window_key, window_value, pool_block_size, key_centering,
+                        first_pooled_key_block, memory_kmean, memory_eps):
+    """Validates, allocates and launches; returns `(query_roped, pooled_q, pooled_k, denominator)` (`None` for what
+    was not asked for)."""
     start = check_window_args(query, key, value, window_key, window_value, pool_block_size, key_centering,
                               first_pooled_key_block, memory_kmean)
     if window_key.stride(-1) != 1 or window_value.stride(-1) != 1:
@@ -169,6 +170,63 @@ def rope_chunk_into_window_triton(
         num_warps=ROPE_CONFIG.get("num_warps", 4), num_stages=1,
     )
     return query_roped, pooled_q, pooled_k, denominator
+
+
+def _rope_window_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, window_key: torch.Tensor, window_value: torch.Tensor,
+                      pool_block_size: int | None, key_centering: str, first_pooled_key_block: int,
+                      memory_kmean: torch.Tensor | None, memory_eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Always four outputs (an op's outputs are fixed): empty float32 tensors stand for what was not asked for."""
+    results = _rope_window_launch(query, key, value, cos, sin, window_key, window_value, pool_block_size,
+                                  key_centering, first_pooled_key_block, memory_kmean, memory_eps)
+    return tuple(query.new_empty(0, dtype=torch.float32) if r is None else r for r in results)
+
+
+# An opaque op for torch.compile: inductor would otherwise recompile the kernel itself from the traced launch, with
+# its own typing of the scalar arguments (it typed `memory_eps` float64, which the kernel's loop does not accept).
+_rope_window_op = torch.library.custom_op("diffusers_hybrid::rope_chunk_into_window",
+                                          mutates_args=("window_key", "window_value"))(_rope_window_impl)
+
+
+@_rope_window_op.register_fake
+def _(query, key, value, cos, sin, window_key, window_value, pool_block_size, key_centering, first_pooled_key_block,
+      memory_kmean, memory_eps):
+    shapes = _window_result_shapes(query, window_key, pool_block_size, first_pooled_key_block, memory_kmean)
+    dtypes = (query.dtype, torch.float32, torch.float32, torch.float32)
+    return tuple(query.new_empty(0 if shape is None else shape, dtype=dtype) for shape, dtype in zip(shapes, dtypes))
+
+
+@torch.no_grad()
+def rope_chunk_into_window_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    window_key: torch.Tensor,
+    window_value: torch.Tensor,
+    pool_block_size: int | None = None,
+    key_centering: str = "heads",
+    first_pooled_key_block: int = 0,
+    memory_kmean: torch.Tensor | None = None,
+    memory_eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Triton version of [`rope_chunk_into_window_naive`] (same arguments and results), one launch. `window_key` /
+    `window_value` need a contiguous last dimension (they are written in place); `head_dim` a power of two, and
+    `pool_block_size` a power of two >= 16. Under torch.compile it runs as the custom op
+    `diffusers_hybrid::rope_chunk_into_window`."""
+    args = (query, key, value, cos, sin, window_key, window_value, pool_block_size, key_centering,
+            first_pooled_key_block, memory_kmean, float(memory_eps))
+    if not torch.compiler.is_compiling():  # eager: skip the dispatcher
+        return _rope_window_launch(*args)
+    # errors name the bad value at trace time, as in eager mode
+    check_window_args(query, key, value, window_key, window_value, pool_block_size, key_centering,
+                      first_pooled_key_block, memory_kmean)
+    query_roped, pooled_q, pooled_k, denominator = _rope_window_op(*args)
+    pool = pool_block_size is not None
+    return (query_roped, pooled_q if pool else None, pooled_k if pool else None,
+            denominator if memory_kmean is not None else None)
 
 
 __all__ = ["ROPE_CONFIG", "rope_chunk_into_window_triton"]
