@@ -279,10 +279,14 @@ class HybridLayerCache:
     # --- linear memory with the output projection folded in (fused Triton read-out) -------------------------------
     def projected_memory_state(self, weight: torch.Tensor) -> torch.Tensor | None:
         """`projected_kv_state` when it was folded with this very `weight`, unchanged since (same storage, no in-place
-        update: an optimizer step bumps the version), else `None` (the caller folds the projection itself)."""
+        update: an optimizer step bumps the version), else `None` (the caller folds the projection itself). Under
+        torch.compile only the identity is checked (see below)."""
         if self.projected_kv_state is None or self._projection is not weight:
             return None
-        if self._projection_key != (weight.data_ptr(), weight._version):
+        # Dynamo cannot trace data-pointer comparisons (a graph break in every pass) and misreads `_version`; a
+        # compiled pass trusts the identity check (every commit refolds the projection eagerly, so only an in-place
+        # weight update between a commit and the passes of that chunk would go unseen there).
+        if not torch.compiler.is_compiling() and self._projection_key != (weight.data_ptr(), weight._version):
             return None
         return self.projected_kv_state
 

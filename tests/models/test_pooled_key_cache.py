@@ -269,13 +269,13 @@ _TRITON_STREAM = textwrap.dedent(
             args = (x[:, :, start:start + 3], t[:, start:start + 3], text)
             outs.append(model(*args, cache=cache, frame_offset=start, cache_mode="read").sample)
             outs.append(model(*args, cache=cache, frame_offset=start, cache_mode="write").sample)
-        return torch.cat(outs, dim=2).double()
+        return torch.cat(outs, dim=2).double(), cache
 
     with torch.no_grad(), poisoned_outputs():
         model.set_attention_kernel("reference")
-        ref = stream()
+        ref, _ = stream()
         model.set_attention_kernel("triton")
-        got = stream()
+        got, cache = stream()
     err = ((got - ref).norm() / ref.norm()).item()
     # memory ready from chunk 2 (frames 6-8): 3 chunks x 2 passes x 2 layers fused, all with the cached prefix, the
     # layer cache's projected memory state (kept since the first commit) and the RoPE step's pooled blocks; the RoPE
@@ -287,6 +287,16 @@ _TRITON_STREAM = textwrap.dedent(
     assert calls == {"fused": 12, "prefix": 12, "projected": 12, "pooled": 12, "den": 12, "rope": 16,
                      "rope_pooled": 16, "rope_den": 12, "absorb": 8, "absorb_roped": 6, "absorb_projecting": 8}, calls
     assert got.isfinite().all() and err < 3e-2, err
+
+    # the next chunk's read pass (steady state; its input reused) through the Triton ops traces whole (no graph
+    # break) and runs the same kernels
+    tk.block_sparse_attention_with_memory_triton, rk.rope_chunk_into_window_triton = fused, rope
+    args = (x[:, :, 12:15], t[:, 12:15], text)
+    with torch.no_grad():
+        eager = model(*args, cache=cache, frame_offset=15, cache_mode="read").sample
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        traced = compiled(*args, cache=cache, frame_offset=15, cache_mode="read").sample
+    assert torch.equal(traced, eager)
     print("OK", err)
     """
 )
