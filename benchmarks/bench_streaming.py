@@ -179,7 +179,7 @@ def configure(pipe, mode, kernel):
 
 
 @torch.no_grad()
-def check_graphs(pipe, prompt_embeds, args, device, mode="hybrid", chunks=8,
+def check_graphs(pipe, prompt_embeds, args, device, mode="hybrid", chunks=10,
                  kernels=("triton", "triton+graphs")) -> dict:
     """Latents of a session with the second kernel option (default: CUDA-graph replay) vs the first (default: eager),
     same seed."""
@@ -189,7 +189,7 @@ def check_graphs(pipe, prompt_embeds, args, device, mode="hybrid", chunks=8,
         session = open_stream(pipe, prompt_embeds, args, output_type="latent")
         with session:
             outputs[kernel] = [chunk.latents.float().clone() for _, chunk in zip(range(chunks), session)]
-            replays = getattr(session._read_graph, "replays", 0)
+            replays = {mode: graph.replays for mode, graph in session._graphs.items()}
     first, second = (outputs[k] for k in kernels)
     diffs = [(a - b).abs().max().item() for a, b in zip(first, second)]
     scale = max(a.abs().max().item() for a in first)

@@ -195,6 +195,8 @@ class HybridLayerCache:
         self.projected_kv_state: torch.Tensor | None = None
         self._projection: torch.Tensor | None = None  # the `linear_proj` weight folded into projected_kv_state
         self._projection_key: tuple[int, int] | None = None  # (data_ptr, version) of that weight when folded
+        self._defer_commits = False
+        self.pending_commit: tuple | None = None  # (key_raw, value, kernel, options) of a deferred commit
 
     # --- slot arithmetic -------------------------------------------------------------------------------------
     def _frames(self, first_frame: int, num_frames: int) -> slice:
@@ -325,6 +327,10 @@ class HybridLayerCache:
         keep the memory state with it folded in (see `projected_kv_state`). Once kept, both are recomputed by every
         commit.
         """
+        if self._defer_commits:  # kept for [`HybridCache.commit_pending`] (a CUDA-graph-captured write pass)
+            self.pending_commit = (key_raw, value, kernel,
+                                   dict(pooled_keys=pooled_keys, memory_projection=memory_projection))
+            return
         layout, tpf = self.layout, self.tokens_per_frame
         f0, chunk = plan.chunk_start, layout.chunk_frames
         key_raw, value = key_raw.detach(), value.detach()
@@ -574,6 +580,33 @@ class HybridCache:
 
     # --- bookkeeping ----------------------------------------------------------------------------------------
     def advance(self, plan: ChunkPlan) -> None:
-        """Called once after all layers committed a chunk."""
+        """Called once after all layers committed a chunk (nothing while commits are deferred: see
+        [`commit_pending`])."""
+        if self.layers and self.layers[0]._defer_commits:
+            return
         self.memory_tokens += len(plan.absorb_frames) * self.tokens_per_frame
         self.frames_written = plan.chunk_start + self.layout.chunk_frames
+
+    def defer_commits(self, enabled: bool = True) -> None:
+        """While enabled, a write pass leaves the cache unchanged: each layer keeps its chunk's raw keys and values
+        (`pending_commit`) instead of committing them, and the counters stay. [`commit_pending`] then commits. This
+        is how a write pass is replayed from a CUDA graph: the graph computes the K/V into static buffers, and the
+        commits, whose slots and counts change from chunk to chunk, run eagerly after each replay."""
+        for layer in self.layers:
+            layer._defer_commits = bool(enabled)
+
+    @torch.no_grad()
+    def commit_pending(self, plan: ChunkPlan) -> None:
+        """Commits every layer's pending K/V with `plan` (the write plan of the chunk they belong to, e.g.
+        `model.write_plan(cache)` before this call), then advances the counters; the pending K/V stay referenced (a
+        graph replay refills the same buffers)."""
+        if any(layer._defer_commits for layer in self.layers):
+            raise RuntimeError("commit_pending() while commits are deferred; call defer_commits(False) first.")
+        if any(layer.pending_commit is None for layer in self.layers):
+            raise RuntimeError("No pending commit: run a write pass under defer_commits(True) first.")
+        if plan.chunk_start != self.frames_written:
+            raise ValueError(f"the plan starts at frame {plan.chunk_start}, but the cache holds {self.frames_written}")
+        for layer in self.layers:
+            key_raw, value, kernel, options = layer.pending_commit
+            layer.commit(plan, key_raw, value, kernel, **options)
+        self.advance(plan)

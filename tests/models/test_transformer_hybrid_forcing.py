@@ -704,3 +704,46 @@ def test_torch_compile_full_graph_and_no_recompiles_in_steady_state():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+
+
+@pytest.mark.parametrize("mode", ["window", "hybrid"])
+def test_deferred_commits_equal_immediate_commits(mode):
+    """A write pass under `cache.defer_commits()` leaves the cache untouched and keeps each layer's K/V; committing
+    them afterwards with `model.write_plan(cache)` (what a CUDA-graph-replayed write pass does) gives exactly the
+    stream of immediate commits, through absorption, the RoPE clamp and a full window."""
+    model = _hybrid(mode)
+    x, t, text = _inputs(frames=24)
+    immediate, deferred = model.init_cache(2, LATENT_H, LATENT_W), model.init_cache(2, LATENT_H, LATENT_W)
+    with torch.no_grad():
+        for start in range(0, 24, 3):
+            args = (x[:, :, start:start + 3], t[:, start:start + 3], text)
+            for cache in (immediate, deferred):
+                read = model(*args, cache=cache, frame_offset=start, cache_mode="read").sample
+                if cache is immediate:
+                    expected = read
+                else:
+                    torch.testing.assert_close(read, expected, atol=0, rtol=0)
+            model(*args, cache=immediate, frame_offset=start, cache_mode="write")
+            before = [t.clone() for layer in deferred.layers for t in layer.tensors()]
+            deferred.defer_commits(True)
+            model(*args, cache=deferred, frame_offset=start, cache_mode="write")
+            with pytest.raises(RuntimeError, match="deferred"):
+                deferred.commit_pending(model.write_plan(deferred))
+            deferred.defer_commits(False)
+            assert deferred.frames_written == start
+            after = [t for layer in deferred.layers for t in layer.tensors()]
+            assert all(torch.equal(a, b) for a, b in zip(before, after))
+            deferred.commit_pending(model.write_plan(deferred))
+            assert (deferred.frames_written, deferred.memory_tokens) == (immediate.frames_written,
+                                                                        immediate.memory_tokens)
+            for a, b in zip(deferred.layers, immediate.layers):
+                for got, want in zip(a.tensors(), b.tensors()):
+                    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert mode == "window" or immediate.memory_tokens > 0
+    stale = model.write_plan(deferred)
+    deferred.frames_written += 3
+    with pytest.raises(ValueError, match="plan starts at frame"):
+        deferred.commit_pending(stale)
+    fresh = model.init_cache(2, LATENT_H, LATENT_W)
+    with pytest.raises(RuntimeError, match="No pending commit"):
+        fresh.commit_pending(model.write_plan(fresh))

@@ -662,6 +662,11 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
         if cache.dtype != param_dtype:
             raise ValueError(f"Cache dtype {cache.dtype} differs from the model's {param_dtype}; use `cache.to()`.")
 
+    def write_plan(self, cache: HybridCache) -> ChunkPlan:
+        """The plan of the cache-write pass of the chunk `cache` holds next: what [`HybridCache.commit_pending`] takes
+        after a write pass whose commits were deferred ([`HybridCache.defer_commits`])."""
+        return self._chunk_plan(cache, True, self._tokens_grid(cache.latent_height, cache.latent_width))
+
     def _chunk_plan(self, cache: HybridCache, write: bool, grid: tuple[int, int]) -> ChunkPlan:
         layout, f0 = cache.layout, cache.frames_written
         chunk, sink = layout.chunk_frames, layout.sink_frames

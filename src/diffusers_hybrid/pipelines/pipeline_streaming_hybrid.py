@@ -283,11 +283,11 @@ class StreamingHybridSession:
         if output_type != "latent":
             self.decoder = StreamingWanDecoder(pipe.vae, frames_per_call=vae_frames_per_call)
         self._recache = None
-        self._read_graph = None
+        self._graphs = {}  # cache mode -> CUDAGraphPass
         if getattr(pipe, "_use_cuda_graphs", False) and self.cache.device.type == "cuda":
-            from ..utils.cuda_graphs import CUDAGraphReadPass
+            from ..utils.cuda_graphs import CUDAGraphPass
 
-            self._read_graph = CUDAGraphReadPass(transformer, self.cache)
+            self._graphs = {mode: CUDAGraphPass(transformer, self.cache, mode) for mode in ("read", "write")}
         if recache_on_switch:
             self.cache.check_rewindable()
             layout = self.cache.layout
@@ -356,7 +356,7 @@ class StreamingHybridSession:
         if self._closed:
             return
         self._closed = True
-        self._read_graph = None
+        self._graphs = {}
         self.cache = None
         self.decoder = None
         self._recache = None
@@ -390,8 +390,9 @@ class StreamingHybridSession:
 
     def _transformer(self, latents, timestep: float, cache_mode: str) -> torch.Tensor:
         t = torch.full((self.batch_size,), timestep, device=self.device, dtype=torch.float32)
-        if cache_mode == "read" and self._read_graph is not None:
-            return self._read_graph(latents.to(self.transformer_dtype), t, self.prompt_embeds, self.attention_kwargs)
+        graph = self._graphs.get(cache_mode)
+        if graph is not None:
+            return graph(latents.to(self.transformer_dtype), t, self.prompt_embeds, self.attention_kwargs)
         return self.pipe.transformer(
             hidden_states=latents.to(self.transformer_dtype),
             timestep=t,
@@ -616,9 +617,10 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         self._use_cuda_graphs = False
 
     def enable_cuda_graphs(self, enabled: bool = True) -> None:
-        """Replays the transformer's denoising passes from a CUDA graph once a stream reaches its steady state (window
-        full, RoPE positions clamped): same outputs, far fewer kernel launches. Only used on CUDA devices; each
-        session captures its own graph (and recaptures after a prompt switch)."""
+        """Replays the transformer's denoising passes and its cache-write pass from CUDA graphs once a stream reaches
+        its steady state (window full, RoPE positions clamped): same outputs, far fewer kernel launches (the write
+        pass's commits run eagerly after each replay). Only used on CUDA devices; each session captures its own
+        graphs (and recaptures after a prompt switch)."""
         self._use_cuda_graphs = bool(enabled)
 
     # ------------------------------------------------------------------------------------------------------------
