@@ -35,8 +35,8 @@ def mean_pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
         return x.new_zeros((batch, heads, 0, dim), dtype=torch.float32)
     padded = F.pad(x.float(), (0, 0, 0, 0, 0, num_blocks * block_size - length))
     sums = padded.view(batch, num_blocks, block_size, heads, dim).sum(dim=2)
-    counts = torch.full((num_blocks,), float(block_size), device=x.device)
-    counts[-1] = length - (num_blocks - 1) * block_size
+    # rows per block, built on the device (no host-to-device copy: CUDA-graph capturable)
+    counts = (length - block_size * torch.arange(num_blocks, device=x.device)).clamp(max=block_size).float()
     return (sums / counts.view(1, -1, 1, 1)).permute(0, 2, 1, 3)
 
 
