@@ -108,3 +108,80 @@ def test_offload_hook_is_triggered_and_bad_input():
     vae.enable_tiling()
     with pytest.raises(ValueError, match="tiling"):
         StreamingWanDecoder(vae)
+
+
+def _vae_with_random_norms(name, dtype=torch.float32):
+    """A VAE whose RMS-norm gammas and biases are random (at init they are ones and zeros, which would hide a wrong
+    scale or a dropped bias)."""
+    vae = _vae(name)
+    with torch.no_grad():
+        for param_name, param in vae.named_parameters():
+            if param_name.endswith("gamma"):
+                param.copy_(1 + 0.5 * torch.randn_like(param))
+            elif param_name.endswith("bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+    return vae.to(dtype)
+
+
+@pytest.mark.parametrize("frames_per_call, sizes", [(None, [3, 3, 3, 3]), (1, [1, 5, 2, 1, 3])])
+@torch.no_grad()
+def test_fused_decoder_matches_diffusers_path(frames_per_call, sizes):
+    vae = _vae_with_random_norms("wan21_shape")
+    latents = torch.randn(1, 16, 12, 4, 6, generator=torch.Generator().manual_seed(4))
+    reference = StreamingWanDecoder(vae, frames_per_call=frames_per_call)
+    fused = StreamingWanDecoder(vae, frames_per_call=frames_per_call, fused=True)
+    chunks = _chunks(latents, sizes)
+    expected = [reference.decode(chunk) for chunk in chunks]
+    # once the cache is full, diffusers' decoder forward must not run any more
+    got = [fused.decode(chunks[0])]
+    forward = vae.decoder.forward
+    steady_calls = []
+    vae.decoder.forward = lambda *a, **k: (steady_calls.append(1), forward(*a, **k))[1]
+    for chunk in chunks[1:]:
+        got.append(fused.decode(chunk))
+    del vae.decoder.forward
+    assert fused._steady is not None
+    assert len(steady_calls) <= 1  # at most the call that fills the cache (the second latent frame of the stream)
+    for a, b in zip(got, expected):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    assert fused.nbytes() == reference.nbytes()
+    # the cache lives in fixed buffers, updated in place
+    pointers = [t.data_ptr() for t in fused._steady.cache]
+    fused.decode(torch.randn(1, 16, 3, 4, 6))
+    assert [t.data_ptr() for t in fused._steady.cache] == pointers
+    fused.reset()
+    assert fused._steady is None and fused.nbytes() == 0
+    torch.testing.assert_close(fused.decode(chunks[0]), expected[0], atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_fused_decoder_bf16_is_as_close_to_float32_as_diffusers():
+    vae32 = _vae_with_random_norms("wan21_shape")
+    vae16 = _vae_with_random_norms("wan21_shape", torch.bfloat16)
+    latents = torch.randn(1, 16, 9, 4, 6, generator=torch.Generator().manual_seed(6))
+    exact = StreamingWanDecoder(vae32, frames_per_call=None)
+    stock = StreamingWanDecoder(vae16, frames_per_call=None)
+    fused = StreamingWanDecoder(vae16, frames_per_call=None, fused=True)
+    for chunk in _chunks(latents, [3, 3, 3]):
+        want = exact.decode(chunk)
+        err_stock = (stock.decode(chunk.bfloat16()).float() - want).norm() / want.norm()
+        err_fused = (fused.decode(chunk.bfloat16()).float() - want).norm() / want.norm()
+        assert err_fused < 1.25 * err_stock + 1e-3 and err_fused < 0.1
+    assert fused._steady is not None
+
+
+def test_fused_decoder_options_and_fallback():
+    vae = _vae("tiny")
+    with pytest.raises(ValueError, match="fused=True"):
+        StreamingWanDecoder(vae).compile()
+    with pytest.raises(ValueError, match="fused=True"):
+        StreamingWanDecoder(vae).enable_cuda_graph()
+    # a decoder with residual up blocks (Wan2.2's layout) keeps the diffusers path
+    torch.manual_seed(0)
+    residual = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True).eval()
+    decoder = StreamingWanDecoder(residual, fused=True)
+    with torch.no_grad():
+        for _ in range(3):
+            decoder.decode(torch.randn(1, 16, 3, 4, 4))
+    assert decoder._steady is None

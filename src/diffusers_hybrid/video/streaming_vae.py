@@ -15,14 +15,142 @@ checks it.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["StreamingWanDecoder"]
+
+CACHE_FRAMES = 2  # a causal 3-tap temporal convolution sees the two frames before its input
 
 
 def _causal_conv_count(decoder: torch.nn.Module) -> int:
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
     return sum(isinstance(m, WanCausalConv3d) for m in decoder.modules())
+
+
+def _norm_silu_with_cache(x: torch.Tensor, weight: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """`cat([cache, silu(rms_norm(x) * weight)], time)`: a residual block's normalisation and activation, with the
+    causal cache prepended, as the next causal convolution reads it. One kernel under `torch.compile`."""
+    y = F.silu(F.normalize(x.float(), dim=1) * weight)
+    return torch.cat([cache, y.to(x.dtype)], dim=2)
+
+
+def _causal_conv(conv, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A `WanCausalConv3d` on an input that already starts with its cache frames (no temporal padding left): the
+    spatial zero padding is the convolution's own, not a padded copy."""
+    pad_w, _, pad_h = conv._padding[:3]
+    return F.conv3d(x, weight, conv.bias, conv.stride, (0, pad_h, pad_w))
+
+
+class _SteadyStateDecoder:
+    """
+    The Wan2.1 decoder's forward for a stream whose causal cache is full (every entry holds the last two time steps of
+    its convolution's input): the same modules and weights and the same math as diffusers' `WanDecoder3d` with a
+    cache, but written for streaming speed. The cache is updated in place (fixed buffers, so a CUDA graph can replay
+    the call), each normalisation + SiLU writes the next convolution's input with the cache frames in front (one
+    function, fused by `torch.compile`), convolutions pad spatially themselves, and the nearest-neighbour upsampling
+    runs in the VAE's dtype (it copies values, so the float32 round trip of `WanUpsample` changes nothing).
+    Not bit-exact with diffusers: the normalisation is rounded once instead of three times.
+    """
+
+    def __init__(self, vae, feat_cache: list, memory_format=torch.contiguous_format):
+        decoder = vae.decoder
+        self.decoder = decoder
+        self.memory_format = memory_format
+        self.norm_silu = _norm_silu_with_cache
+        frame_format = torch.channels_last if memory_format == torch.channels_last_3d else torch.contiguous_format
+        self._weights = {}
+        self._norms = {}
+        for module in decoder.modules():
+            if isinstance(module, torch.nn.Conv3d):
+                self._weights[module] = module.weight.detach().contiguous(memory_format=memory_format)
+            elif isinstance(module, torch.nn.Conv2d):
+                self._weights[module] = module.weight.detach().contiguous(memory_format=frame_format)
+        # the entries diffusers' forward consumes, in its order: each is the last CACHE_FRAMES time steps of the input
+        # of one causal convolution; copied once into fixed buffers that the calls below update in place
+        self.cache = [
+            t.contiguous(memory_format=memory_format).clone() for t in feat_cache if isinstance(t, torch.Tensor)
+        ]
+        self._index = 0
+
+    @staticmethod
+    def supports(vae, feat_cache: list) -> bool:
+        """True for a Wan2.1-layout decoder (no residual up blocks, no patching) whose cache is full."""
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanUpBlock
+
+        used = [t for t in feat_cache if t is not None]
+        return (
+            vae.config.patch_size is None
+            and all(isinstance(block, WanUpBlock) for block in vae.decoder.up_blocks)
+            and len(used) > 0
+            and all(isinstance(t, torch.Tensor) and t.shape[2] == CACHE_FRAMES for t in used)
+        )
+
+    def _next_cache(self) -> torch.Tensor:
+        cache = self.cache[self._index]
+        self._index += 1
+        return cache
+
+    def _conv_with_cache(self, conv, x_with_cache: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        out = _causal_conv(conv, x_with_cache, self._weights[conv])
+        cache.copy_(x_with_cache[:, :, -CACHE_FRAMES:])  # after the convolution has read the old frames
+        return out
+
+    def _input_conv(self, conv, x: torch.Tensor) -> torch.Tensor:
+        cache = self._next_cache()
+        return self._conv_with_cache(conv, torch.cat([cache, x], dim=2), cache)
+
+    def _norm_conv(self, norm, conv, x: torch.Tensor) -> torch.Tensor:
+        cache = self._next_cache()
+        weight = self._norms.get(norm)
+        if weight is None:
+            weight = self._norms[norm] = (norm.gamma.detach().float() * norm.scale).to(x.device)
+        return self._conv_with_cache(conv, self.norm_silu(x, weight, cache), cache)
+
+    def _residual_block(self, block, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(block.conv_shortcut, torch.nn.Conv3d):
+            shortcut = F.conv3d(x, self._weights[block.conv_shortcut], block.conv_shortcut.bias)
+        else:
+            shortcut = x
+        h = self._norm_conv(block.norm1, block.conv1, x)
+        h = self._norm_conv(block.norm2, block.conv2, h)
+        return h.add_(shortcut)
+
+    def _upsample(self, resample, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        if resample.mode == "upsample3d":
+            x = self._input_conv(resample.time_conv, x)  # (b, 2c, t, h, w): two output frames per input frame
+            x = torch.stack((x[:, :c], x[:, c:]), dim=3).reshape(b, c, 2 * t, h, w)
+            t = 2 * t
+        elif resample.mode != "upsample2d":
+            raise ValueError(f"unexpected resample mode {resample.mode!r} in a Wan decoder")
+        upsample, conv = resample.resample
+        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        frames = F.interpolate(frames, scale_factor=upsample.scale_factor, mode=upsample.mode)
+        frames = F.conv2d(frames, self._weights[conv], conv.bias, padding=conv.padding)
+        return frames.view(b, t, *frames.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, z_dim, t, h, w) after `post_quant_conv` -> (b, 3, 4t, 8h, 8w), the cache advanced by t frames."""
+        decoder = self.decoder
+        self._index = 0
+        x = x.contiguous(memory_format=self.memory_format)
+        x = self._input_conv(decoder.conv_in, x)
+        mid = decoder.mid_block
+        x = self._residual_block(mid.resnets[0], x)
+        for attention, block in zip(mid.attentions, mid.resnets[1:]):
+            x = attention(x)
+            x = self._residual_block(block, x)
+        for up_block in decoder.up_blocks:
+            for block in up_block.resnets:
+                x = self._residual_block(block, x)
+            if up_block.upsamplers is not None:
+                x = self._upsample(up_block.upsamplers[0], x)
+        x = self._norm_conv(decoder.norm_out, decoder.conv_out, x)
+        if self._index != len(self.cache):
+            raise RuntimeError(f"the steady-state decoder used {self._index} of {len(self.cache)} cache entries")
+        return x
 
 
 class StreamingWanDecoder:
@@ -39,6 +167,12 @@ class StreamingWanDecoder:
             `AutoencoderKLWan.decode` (bit-exact with it); `None` decodes each chunk in one call (the first latent
             frame of the stream alone), which is mathematically the same and faster on GPUs, but not bit-exact
             because convolutions see different batch shapes.
+        fused (`bool`, defaults to `False`): once the causal cache is full (from the stream's second decoder call on),
+            run the decoder through this module's own forward of the Wan2.1 decoder: the same modules, weights and
+            math, with each normalisation + SiLU writing the next convolution's input (cache frames in front) in one
+            function, no padded copies, and the cache updated in place, so that [`compile`] and
+            [`enable_cuda_graph`] can speed it up. Equal to the diffusers path up to float rounding. Decoders other
+            than Wan2.1's layout keep the diffusers path.
 
     Example:
 
@@ -50,21 +184,47 @@ class StreamingWanDecoder:
     ```
     """
 
-    def __init__(self, vae, frames_per_call: int | None = 1):
+    def __init__(self, vae, frames_per_call: int | None = 1, fused: bool = False):
         if frames_per_call is not None and frames_per_call < 1:
             raise ValueError(f"`frames_per_call` must be >= 1 or None, got {frames_per_call}.")
         if getattr(vae, "use_tiling", False):
             raise ValueError("StreamingWanDecoder does not support a VAE with tiling enabled; call `vae.disable_tiling()`.")
         self.vae = vae
         self.frames_per_call = frames_per_call
+        self.fused = bool(fused)
+        self.memory_format = torch.contiguous_format
         self._num_convs = _causal_conv_count(vae.decoder)
-        self._feat_cache: list = [None] * self._num_convs
-        self.latent_frames_decoded = 0
+        self._compile_kwargs: dict | None = None
+        self._use_cuda_graph = False
+        self.graph_replays = 0
+        self.reset()
+
+    def compile(self, **compile_kwargs) -> None:
+        """Compiles the fused path's normalisation + activation + cache concatenation with `torch.compile` (one kernel
+        per call instead of about ten). Only used with `fused=True`."""
+        if not self.fused:
+            raise ValueError("`compile()` applies to the fused path; create the decoder with `fused=True`.")
+        self._compile_kwargs = dict(compile_kwargs)
+        if self._steady is not None:
+            self._steady.norm_silu = torch.compile(_norm_silu_with_cache, **self._compile_kwargs)
+
+    def enable_cuda_graph(self, enabled: bool = True) -> None:
+        """Replays the fused path's decoder calls from a CUDA graph: the first steady-state call of a shape runs
+        eagerly (it autotunes and compiles), the next one captures, and every later call of that shape replays. Only
+        used with `fused=True` on CUDA."""
+        if enabled and not self.fused:
+            raise ValueError("CUDA-graph replay applies to the fused path; create the decoder with `fused=True`.")
+        self._use_cuda_graph = bool(enabled)
+        self._graph = None
 
     # ------------------------------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forgets the causal cache: the next chunk starts a new video."""
-        self._feat_cache = [None] * self._num_convs
+        self._feat_cache: list = [None] * self._num_convs
+        self._steady: _SteadyStateDecoder | None = None
+        self._graph = None
+        self._graph_input = self._graph_output = None
+        self._graph_warm_shape = None
         self.latent_frames_decoded = 0
 
     def nbytes(self) -> int:
@@ -132,9 +292,14 @@ class StreamingWanDecoder:
         outputs = []
         for start, stop in self._calls(x.shape[2]):
             first = self.latent_frames_decoded == 0
-            outputs.append(
-                vae.decoder(x[:, :, start:stop], feat_cache=self._feat_cache, feat_idx=[0], first_chunk=first)
-            )
+            if self.fused and self._steady is None and not first and _SteadyStateDecoder.supports(vae, self._feat_cache):
+                self._start_steady_state()
+            if self._steady is not None:
+                outputs.append(self._steady_call(x[:, :, start:stop]))
+            else:
+                outputs.append(
+                    vae.decoder(x[:, :, start:stop], feat_cache=self._feat_cache, feat_idx=[0], first_chunk=first)
+                )
             self.latent_frames_decoded += stop - start
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         if vae.config.patch_size is not None:
@@ -144,4 +309,35 @@ class StreamingWanDecoder:
         return out.clamp_(-1.0, 1.0)
 
     def _move_cache(self, device) -> None:
+        if self._steady is not None:
+            raise RuntimeError("the fused decoder's cache cannot move between devices mid-stream; call `reset()` first.")
         self._feat_cache = [t.to(device) if isinstance(t, torch.Tensor) else t for t in self._feat_cache]
+
+    def _start_steady_state(self) -> None:
+        self._steady = _SteadyStateDecoder(self.vae, self._feat_cache, self.memory_format)
+        if self._compile_kwargs is not None:
+            self._steady.norm_silu = torch.compile(_norm_silu_with_cache, **self._compile_kwargs)
+        # the list keeps pointing at the live buffers (nbytes, and the entries' order)
+        buffers = iter(self._steady.cache)
+        self._feat_cache = [next(buffers) if isinstance(t, torch.Tensor) else t for t in self._feat_cache]
+
+    def _steady_call(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self._use_cuda_graph and x.is_cuda):
+            return self._steady(x)
+        if self._graph is not None and self._graph_input.shape == x.shape:
+            self._graph_input.copy_(x)
+            self._graph.replay()
+            self.graph_replays += 1
+            return self._graph_output.clone()
+        if self._graph_warm_shape != x.shape:  # the first call of a shape runs eagerly (autotuning, compiling)
+            self._graph_warm_shape = x.shape
+            return self._steady(x)
+        # capture records the kernels without running them, so only the replay below advances the cache
+        self._graph_input = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._graph_output = self._steady(self._graph_input)
+        self._graph = graph
+        graph.replay()
+        self.graph_replays += 1
+        return self._graph_output.clone()
