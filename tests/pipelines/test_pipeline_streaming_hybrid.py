@@ -71,6 +71,23 @@ def test_stream_equals_call(pipe, components):
     np.testing.assert_array_equal(np.concatenate(first, axis=1), full)
 
 
+def test_fused_vae_decode(pipe, components):
+    """`enable_fused_vae_decode` decodes the same frames up to float rounding, through the fused path."""
+    kwargs = dict(num_frames=21, output_type="pt", **components.call_kwargs)
+    expected = pipe(PROMPT, generator=_gen(3), **kwargs).frames
+    pipe.enable_fused_vae_decode()
+    try:
+        with pipe.stream(PROMPT, generator=_gen(3), **kwargs) as session:
+            chunks = [chunk.frames for chunk in session]
+            assert session.decoder.fused and session.decoder._steady is not None
+    finally:
+        pipe.enable_fused_vae_decode(False)
+    got = torch.cat(chunks, dim=1)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(got, torch.zeros_like(got))
+
+
 def test_seed_and_prompt_matter(pipe, components):
     kwargs = dict(num_frames=9, output_type="latent", **components.call_kwargs)
     a = pipe(PROMPT, generator=_gen(0), **kwargs).frames
