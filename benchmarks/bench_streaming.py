@@ -155,8 +155,8 @@ def configure(pipe, mode, kernel):
     """`kernel` is "reference" or "triton", optionally followed by "+graphs" (denoising passes replayed from a CUDA
     graph) and "+torch-rope" (the cached passes' RoPE step in plain PyTorch, the selection pooling on its own: the
     processor's `fuse_rope=False`) and "+compile" (the blocks compiled by inductor, `compile_repeated_blocks`; once
-    compiled they stay compiled, so list these rows last) and "+fusedvae" (`enable_fused_vae_decode`, its
-    normalisation compiled with "+compile", replayed from a graph with "+graphs")."""
+    compiled they stay compiled, so list these rows last) and "+fusedvae" (`enable_fused_vae_decode`: the
+    fused decode with the Triton normalisation, channels-last, replayed from a graph with "+graphs")."""
     base, *extras = kernel.split("+")
     unknown = set(extras) - {"graphs", "torch-rope", "compile", "fusedvae"}
     if unknown:
@@ -177,7 +177,7 @@ def configure(pipe, mode, kernel):
     for block in transformer.blocks:
         block.attn1.processor.fuse_rope = "torch-rope" not in extras
     pipe.enable_cuda_graphs("graphs" in extras)
-    pipe.enable_fused_vae_decode("fusedvae" in extras, compile="compile" in extras)
+    pipe.enable_fused_vae_decode("fusedvae" in extras)
 
 
 @torch.no_grad()

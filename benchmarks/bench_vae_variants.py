@@ -1,7 +1,7 @@
 # Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
 """Wan VAE streaming decode at 832x480 (Wan2.1 VAE configuration, random weights, bf16, a whole 3-latent-frame chunk
-per decoder call): diffusers' decoder path against `StreamingWanDecoder(fused=True)` eager, channels-last, with its
-normalisation compiled, and replayed from a CUDA graph. Every variant decodes the same latent chunks from a fresh
+per decoder call): diffusers' decoder path against `StreamingWanDecoder(fused=True)` with its normalisation in PyTorch,
+compiled by inductor or as the Triton kernel, channels-first or channels-last, eager or replayed from a CUDA graph. Every variant decodes the same latent chunks from a fresh
 stream; the first chunks are warm-up (the stream's first chunk, the first steady-state call, the graph capture), the
 rest are timed; outputs are compared with the diffusers path's and with a float32 decode. Needs CUDA.
 
@@ -23,11 +23,10 @@ LATENT_SHAPE = (1, 16, 3, 60, 104)  # one chunk of 3 latent frames at 832x480
 
 
 def _decoder(vae, variant):
-    decoder = StreamingWanDecoder(vae, frames_per_call=None, fused=variant.get("fused", False))
-    if variant.get("channels_last"):
-        decoder.memory_format = torch.channels_last_3d
-    if variant.get("compile"):
-        decoder.compile()
+    decoder = StreamingWanDecoder(
+        vae, frames_per_call=None, fused=variant.get("fused", False), norm_kernel=variant.get("norm"),
+        memory_format=torch.channels_last_3d if variant.get("channels_last") else torch.contiguous_format,
+    )
     if variant.get("graph"):
         decoder.enable_cuda_graph()
     return decoder
@@ -61,13 +60,16 @@ def _run(vae, latents, variant, profile=False):
 VARIANTS = [
     ("diffusers path (cudnn.benchmark off)", dict(cudnn_benchmark=False)),
     ("diffusers path", dict()),
-    ("fused, eager", dict(fused=True)),
-    ("fused, eager, channels_last_3d", dict(fused=True, channels_last=True)),
-    ("fused + compiled norm", dict(fused=True, compile=True)),
-    ("fused + CUDA graph", dict(fused=True, graph=True)),
-    ("fused + compiled norm + CUDA graph", dict(fused=True, compile=True, graph=True)),
-    ("fused + compiled norm + CUDA graph, channels_last_3d", dict(fused=True, compile=True, graph=True,
-                                                                  channels_last=True)),
+    ("fused, PyTorch norm", dict(fused=True, norm="reference")),
+    ("fused, PyTorch norm, channels_last_3d", dict(fused=True, norm="reference", channels_last=True)),
+    ("fused, compiled norm, channels_last_3d", dict(fused=True, norm="compiled", channels_last=True)),
+    ("fused, Triton norm", dict(fused=True, norm="triton")),
+    ("fused, Triton norm, channels_last_3d", dict(fused=True, norm="triton", channels_last=True)),
+    ("fused, compiled norm, CUDA graph, channels_last_3d", dict(fused=True, norm="compiled", graph=True,
+                                                                channels_last=True)),
+    ("fused, Triton norm, CUDA graph", dict(fused=True, norm="triton", graph=True)),
+    ("fused, Triton norm, CUDA graph, channels_last_3d (pipeline default)", dict(fused=True, norm="triton",
+                                                                                 graph=True, channels_last=True)),
 ]
 
 

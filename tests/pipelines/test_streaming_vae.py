@@ -123,13 +123,22 @@ def _vae_with_random_norms(name, dtype=torch.float32):
     return vae.to(dtype)
 
 
-@pytest.mark.parametrize("frames_per_call, sizes", [(None, [3, 3, 3, 3]), (1, [1, 5, 2, 1, 3])])
+@pytest.mark.parametrize(
+    "frames_per_call, sizes, norm_kernel, memory_format",
+    [
+        (None, [3, 3, 3, 3], None, None),
+        (1, [1, 5, 2, 1, 3], None, None),
+        # (the Triton normalisation is tested against this one in ops/, and inside the decoder on the GPU)
+        (None, [3, 3, 3, 3], "reference", torch.channels_last_3d),
+    ],
+)
 @torch.no_grad()
-def test_fused_decoder_matches_diffusers_path(frames_per_call, sizes):
+def test_fused_decoder_matches_diffusers_path(frames_per_call, sizes, norm_kernel, memory_format):
     vae = _vae_with_random_norms("wan21_shape")
     latents = torch.randn(1, 16, 12, 4, 6, generator=torch.Generator().manual_seed(4))
     reference = StreamingWanDecoder(vae, frames_per_call=frames_per_call)
-    fused = StreamingWanDecoder(vae, frames_per_call=frames_per_call, fused=True)
+    fused = StreamingWanDecoder(vae, frames_per_call=frames_per_call, fused=True, norm_kernel=norm_kernel,
+                                memory_format=memory_format)
     chunks = _chunks(latents, sizes)
     expected = [reference.decode(chunk) for chunk in chunks]
     # once the cache is full, diffusers' decoder forward must not run any more
@@ -173,8 +182,10 @@ def test_fused_decoder_bf16_is_as_close_to_float32_as_diffusers():
 
 def test_fused_decoder_options_and_fallback():
     vae = _vae("tiny")
-    with pytest.raises(ValueError, match="fused=True"):
-        StreamingWanDecoder(vae).compile()
+    with pytest.raises(ValueError, match="norm_kernel"):
+        StreamingWanDecoder(vae, fused=True, norm_kernel="cuda")
+    with pytest.raises(ValueError, match="memory_format"):
+        StreamingWanDecoder(vae, fused=True, memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="fused=True"):
         StreamingWanDecoder(vae).enable_cuda_graph()
     # a decoder with residual up blocks (Wan2.2's layout) keeps the diffusers path

@@ -1,5 +1,5 @@
 # Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
-"""Attention ops of Hybrid Forcing. No diffusers imports here.
+"""Ops of Hybrid Forcing: the attention ops, and the streaming VAE decode's normalisation. No diffusers imports here.
 
 Each op has a plain-PyTorch reference (`<op>/naive.py`, the ground truth, runs anywhere) and a Triton kernel
 (`<op>/triton_kernel.py`, CUDA, or CPU through `TRITON_INTERPRET=1`). Models call only the public functions below and
@@ -23,6 +23,7 @@ from .linear_memory.naive import (
     linear_memory_absorb_naive,
     linear_memory_read_naive,
 )
+from .rms_norm_silu.naive import rms_norm_silu_with_cache_naive
 from .rotary import apply_rotary_emb, rope_chunk_into_window_naive
 
 KERNELS = ("reference", "triton")
@@ -321,6 +322,20 @@ def linear_memory_read(
     return linear_memory_read_naive(query_numerator, query_raw, kv_state, kmean_state, eps)
 
 
+def rms_norm_silu_with_cache(
+    x: torch.Tensor, weight: torch.Tensor, cache: torch.Tensor, *, kernel: str = "reference"
+) -> torch.Tensor:
+    """`cat([cache, silu(rms_norm(x) * weight)], dim=2)` over channels of `(B, C, T, H, W)` tensors: the Wan VAE's
+    normalisation + activation in front of a causal convolution. See `rms_norm_silu/naive.py`. The Triton kernel
+    keeps `x`'s memory format (channels-first or channels-last 3D)."""
+    _check_kernel(kernel)
+    if kernel == "triton":
+        from .rms_norm_silu.triton_kernel import rms_norm_silu_with_cache_triton
+
+        return rms_norm_silu_with_cache_triton(x, weight, cache)
+    return rms_norm_silu_with_cache_naive(x, weight, cache)
+
+
 __all__ = [
     "KERNELS",
     "apply_rotary_emb",
@@ -331,6 +346,7 @@ __all__ = [
     "linear_memory_read",
     "num_selected_blocks",
     "pool_key_blocks",
+    "rms_norm_silu_with_cache",
     "rope_chunk_into_window",
     "select_key_blocks_naive",
     "triton_available",

@@ -282,9 +282,8 @@ class StreamingHybridSession:
         self.decoder = None
         if output_type != "latent":
             fused = getattr(pipe, "_fused_vae_decode", None)
-            self.decoder = StreamingWanDecoder(pipe.vae, frames_per_call=vae_frames_per_call, fused=fused is not None)
-            if fused is not None and fused["compile"]:
-                self.decoder.compile()
+            self.decoder = StreamingWanDecoder(pipe.vae, frames_per_call=vae_frames_per_call, fused=fused is not None,
+                                               norm_kernel=fused["norm_kernel"] if fused else None)
             if fused is not None and getattr(pipe, "_use_cuda_graphs", False):
                 self.decoder.enable_cuda_graph()
         self._recache = None
@@ -630,13 +629,17 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         graphs (and recaptures after a prompt switch)."""
         self._use_cuda_graphs = bool(enabled)
 
-    def enable_fused_vae_decode(self, enabled: bool = True, compile: bool = False) -> None:
+    def enable_fused_vae_decode(self, enabled: bool = True, norm_kernel: str | None = None) -> None:
         """Decodes the stream's chunks, once the VAE's causal cache is full, with [`StreamingWanDecoder`]'s fused
-        forward of the Wan2.1 decoder (`fused=True`): the same result up to float rounding, fewer memory passes, and
-        with `compile=True` each normalisation + activation compiled into one kernel by `torch.compile`. Under
-        [`enable_cuda_graphs`] the fused decode is replayed from a CUDA graph. Takes effect for sessions opened
-        afterwards."""
-        self._fused_vae_decode = {"compile": bool(compile)} if enabled else None
+        forward of the Wan2.1 decoder (`fused=True`): the same result up to float rounding, with fewer memory passes
+        (each normalisation + activation is one kernel, `norm_kernel` as in [`StreamingWanDecoder`]) and, on CUDA,
+        channels-last convolutions. Under [`enable_cuda_graphs`] the fused decode is replayed from a CUDA graph.
+        Takes effect for sessions opened afterwards."""
+        from ..video.streaming_vae import NORM_KERNELS
+
+        if norm_kernel not in NORM_KERNELS:
+            raise ValueError(f"`norm_kernel` must be one of {NORM_KERNELS}, got {norm_kernel!r}.")
+        self._fused_vae_decode = {"norm_kernel": norm_kernel} if enabled else None
 
     # ------------------------------------------------------------------------------------------------------------
     # text

@@ -17,22 +17,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops import rms_norm_silu_with_cache, rms_norm_silu_with_cache_naive, triton_available
+
 __all__ = ["StreamingWanDecoder"]
 
 CACHE_FRAMES = 2  # a causal 3-tap temporal convolution sees the two frames before its input
+NORM_KERNELS = (None, "reference", "triton", "compiled")
 
 
 def _causal_conv_count(decoder: torch.nn.Module) -> int:
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
     return sum(isinstance(m, WanCausalConv3d) for m in decoder.modules())
-
-
-def _norm_silu_with_cache(x: torch.Tensor, weight: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """`cat([cache, silu(rms_norm(x) * weight)], time)`: a residual block's normalisation and activation, with the
-    causal cache prepended, as the next causal convolution reads it. One kernel under `torch.compile`."""
-    y = F.silu(F.normalize(x.float(), dim=1) * weight)
-    return torch.cat([cache, y.to(x.dtype)], dim=2)
 
 
 def _causal_conv(conv, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -48,16 +44,16 @@ class _SteadyStateDecoder:
     its convolution's input): the same modules and weights and the same math as diffusers' `WanDecoder3d` with a
     cache, but written for streaming speed. The cache is updated in place (fixed buffers, so a CUDA graph can replay
     the call), each normalisation + SiLU writes the next convolution's input with the cache frames in front (one
-    function, fused by `torch.compile`), convolutions pad spatially themselves, and the nearest-neighbour upsampling
+    kernel: `ops.rms_norm_silu_with_cache`), convolutions pad spatially themselves, and the nearest-neighbour upsampling
     runs in the VAE's dtype (it copies values, so the float32 round trip of `WanUpsample` changes nothing).
     Not bit-exact with diffusers: the normalisation is rounded once instead of three times.
     """
 
-    def __init__(self, vae, feat_cache: list, memory_format=torch.contiguous_format):
+    def __init__(self, vae, feat_cache: list, memory_format, norm_silu):
         decoder = vae.decoder
         self.decoder = decoder
         self.memory_format = memory_format
-        self.norm_silu = _norm_silu_with_cache
+        self.norm_silu = norm_silu  # (x, weight, cache) -> cat([cache, silu(rms_norm(x) * weight)], time)
         frame_format = torch.channels_last if memory_format == torch.channels_last_3d else torch.contiguous_format
         self._weights = {}
         self._norms = {}
@@ -170,9 +166,15 @@ class StreamingWanDecoder:
         fused (`bool`, defaults to `False`): once the causal cache is full (from the stream's second decoder call on),
             run the decoder through this module's own forward of the Wan2.1 decoder: the same modules, weights and
             math, with each normalisation + SiLU writing the next convolution's input (cache frames in front) in one
-            function, no padded copies, and the cache updated in place, so that [`compile`] and
-            [`enable_cuda_graph`] can speed it up. Equal to the diffusers path up to float rounding. Decoders other
-            than Wan2.1's layout keep the diffusers path.
+            kernel, no padded copies, and the cache updated in place, so that [`enable_cuda_graph`] can replay it.
+            Equal to the diffusers path up to float rounding. Decoders other than Wan2.1's layout keep the diffusers
+            path.
+        norm_kernel (`str`, *optional*): the fused path's normalisation + SiLU: `"triton"` (one kernel; the default on
+            CUDA), `"reference"` (PyTorch ops; the default elsewhere) or `"compiled"` (the reference through
+            `torch.compile`).
+        memory_format (`torch.memory_format`, *optional*): the fused path's activation and weight layout:
+            `torch.channels_last_3d` (the default on CUDA, faster cuDNN convolutions) or `torch.contiguous_format`
+            (the default elsewhere).
 
     Example:
 
@@ -184,29 +186,26 @@ class StreamingWanDecoder:
     ```
     """
 
-    def __init__(self, vae, frames_per_call: int | None = 1, fused: bool = False):
+    def __init__(self, vae, frames_per_call: int | None = 1, fused: bool = False, norm_kernel: str | None = None,
+                 memory_format: torch.memory_format | None = None):
         if frames_per_call is not None and frames_per_call < 1:
             raise ValueError(f"`frames_per_call` must be >= 1 or None, got {frames_per_call}.")
         if getattr(vae, "use_tiling", False):
             raise ValueError("StreamingWanDecoder does not support a VAE with tiling enabled; call `vae.disable_tiling()`.")
+        if norm_kernel not in NORM_KERNELS:
+            raise ValueError(f"`norm_kernel` must be one of {NORM_KERNELS}, got {norm_kernel!r}.")
+        if memory_format not in (None, torch.contiguous_format, torch.channels_last_3d):
+            raise ValueError(f"`memory_format` must be None, torch.contiguous_format or torch.channels_last_3d, got "
+                             f"{memory_format}.")
         self.vae = vae
         self.frames_per_call = frames_per_call
         self.fused = bool(fused)
-        self.memory_format = torch.contiguous_format
+        self.norm_kernel = norm_kernel
+        self.memory_format = memory_format
         self._num_convs = _causal_conv_count(vae.decoder)
-        self._compile_kwargs: dict | None = None
         self._use_cuda_graph = False
         self.graph_replays = 0
         self.reset()
-
-    def compile(self, **compile_kwargs) -> None:
-        """Compiles the fused path's normalisation + activation + cache concatenation with `torch.compile` (one kernel
-        per call instead of about ten). Only used with `fused=True`."""
-        if not self.fused:
-            raise ValueError("`compile()` applies to the fused path; create the decoder with `fused=True`.")
-        self._compile_kwargs = dict(compile_kwargs)
-        if self._steady is not None:
-            self._steady.norm_silu = torch.compile(_norm_silu_with_cache, **self._compile_kwargs)
 
     def enable_cuda_graph(self, enabled: bool = True) -> None:
         """Replays the fused path's decoder calls from a CUDA graph: the first steady-state call of a shape runs
@@ -314,9 +313,15 @@ class StreamingWanDecoder:
         self._feat_cache = [t.to(device) if isinstance(t, torch.Tensor) else t for t in self._feat_cache]
 
     def _start_steady_state(self) -> None:
-        self._steady = _SteadyStateDecoder(self.vae, self._feat_cache, self.memory_format)
-        if self._compile_kwargs is not None:
-            self._steady.norm_silu = torch.compile(_norm_silu_with_cache, **self._compile_kwargs)
+        cuda = next(self.vae.decoder.parameters()).is_cuda
+        memory_format = self.memory_format or (torch.channels_last_3d if cuda else torch.contiguous_format)
+        kernel = self.norm_kernel or ("triton" if cuda and triton_available() else "reference")
+        if kernel == "compiled":
+            norm_silu = torch.compile(rms_norm_silu_with_cache_naive)
+        else:
+            def norm_silu(x, weight, cache):
+                return rms_norm_silu_with_cache(x, weight, cache, kernel=kernel)
+        self._steady = _SteadyStateDecoder(self.vae, self._feat_cache, memory_format, norm_silu)
         # the list keeps pointing at the live buffers (nbytes, and the entries' order)
         buffers = iter(self._steady.cache)
         self._feat_cache = [next(buffers) if isinstance(t, torch.Tensor) else t for t in self._feat_cache]
