@@ -48,7 +48,8 @@ def _run(vae, latents, variant, profile=False):
     ms = (time.perf_counter() - start) / frames * 1e3
     table = None
     if profile:  # one more chunk under the profiler
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
 
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             decoder.decode(latents[-1])
