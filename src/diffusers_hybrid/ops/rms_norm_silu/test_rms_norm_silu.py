@@ -4,7 +4,7 @@
 On CPU the kernel runs through Triton's interpreter at small awkward shapes (channel counts that are not powers of
 two, several frames, batch 2, channels-first and channels-last), fresh random inputs per run, the output poisoned
 before the launch. The interpreter rounds float32 to bfloat16 by truncation, so bf16 results are compared within
-one bf16 step.
+one bf16 step. With CUDA the same cases run on the GPU.
 """
 
 import pytest
@@ -15,9 +15,10 @@ from diffusers_hybrid.ops.rms_norm_silu.naive import rms_norm_silu_with_cache_na
 from diffusers_hybrid.ops.utils import poisoned_outputs
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton cannot run here")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter without CUDA
 
 
-def _case(batch, channels, frames, height, width, cache_frames, dtype, memory_format, device="cpu"):
+def _case(batch, channels, frames, height, width, cache_frames, dtype, memory_format, device=DEVICE):
     x = (torch.randn(batch, channels, frames, height, width, device=device) * 3 + 0.5).to(dtype)
     cache = torch.randn(batch, channels, cache_frames, height, width, device=device).to(dtype)
     weight = 1 + 0.5 * torch.randn(channels, device=device)
