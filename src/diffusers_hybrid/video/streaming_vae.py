@@ -23,12 +23,20 @@ __all__ = ["StreamingWanDecoder"]
 
 CACHE_FRAMES = 2  # a causal 3-tap temporal convolution sees the two frames before its input
 NORM_KERNELS = (None, "reference", "triton", "compiled")
+SUBPIXEL_UPSAMPLING = True  # the fused path's upsampling in sub-pixel form (benchmarks switch it off to compare)
 
 
 def _causal_conv_count(decoder: torch.nn.Module) -> int:
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
     return sum(isinstance(m, WanCausalConv3d) for m in decoder.modules())
+
+
+def _is_2x_nearest(upsample) -> bool:
+    """A nearest (or nearest-exact) 2x upsampling: output pixel (2i + a, 2j + b) copies input pixel (i, j)."""
+    scale = upsample.scale_factor
+    scale = tuple(scale) if isinstance(scale, (tuple, list)) else (scale, scale)
+    return upsample.mode in ("nearest", "nearest-exact") and tuple(float(v) for v in scale) == (2.0, 2.0)
 
 
 def _causal_conv(conv, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -38,15 +46,42 @@ def _causal_conv(conv, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.conv3d(x, weight, conv.bias, conv.stride, (0, pad_h, pad_w))
 
 
+# Rows (or columns) of a 3x3 kernel that act on input row i-1, i, i+1 of a 2x nearest-upsampled grid, folded onto the
+# two input rows an output row of parity 0 (rows i-1, i) or parity 1 (rows i, i+1) reads.
+_SUBPIXEL_FOLD = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+
+
+def _subpixel_kernels(weight: torch.Tensor) -> list[list[torch.Tensor]]:
+    """`conv3x3(nearest_upsample_2x(x))` equals, at output pixel (2i + a, 2j + b), a 2x2 convolution of `x` around
+    (i, j): `kernels[a][b]` (out, in, 2, 2), folded in float32 from the 3x3 `weight`."""
+    fold = torch.tensor(_SUBPIXEL_FOLD, dtype=torch.float32, device=weight.device)  # (parity, 2, 3)
+    w = weight.float()
+    return [[torch.einsum("pr,oirs,qs->oipq", fold[a], w, fold[b]).to(weight.dtype) for b in (0, 1)] for a in (0, 1)]
+
+
+def _upsample_conv_subpixel(frames: torch.Tensor, kernels, bias: torch.Tensor | None, memory_format) -> torch.Tensor:
+    """`conv3x3(nearest_upsample_2x(frames), padding=1)` without the upsampled tensor: four 2x2 convolutions on the
+    input grid (4/9 of the multiply-adds), interleaved into the output."""
+    n, _, h, w = frames.shape
+    out = torch.empty((n, kernels[0][0].shape[0], 2 * h, 2 * w), dtype=frames.dtype, device=frames.device,
+                      memory_format=memory_format)
+    for a in (0, 1):
+        for b in (0, 1):
+            # padding 1 on a 2x2 kernel: output (h+1, w+1), whose [a:a+h, b:b+w] window reads input rows i-1+a, i+a
+            out[:, :, a::2, b::2] = F.conv2d(frames, kernels[a][b], bias, padding=1)[:, :, a : a + h, b : b + w]
+    return out
+
+
 class _SteadyStateDecoder:
     """
     The Wan2.1 decoder's forward for a stream whose causal cache is full (every entry holds the last two time steps of
     its convolution's input): the same modules and weights and the same math as diffusers' `WanDecoder3d` with a
     cache, but written for streaming speed. The cache is updated in place (fixed buffers, so a CUDA graph can replay
     the call), each normalisation + SiLU writes the next convolution's input with the cache frames in front (one
-    kernel: `ops.rms_norm_silu_with_cache`), convolutions pad spatially themselves, and the nearest-neighbour upsampling
-    runs in the VAE's dtype (it copies values, so the float32 round trip of `WanUpsample` changes nothing).
-    Not bit-exact with diffusers: the normalisation is rounded once instead of three times.
+    kernel: `ops.rms_norm_silu_with_cache`), convolutions pad spatially themselves, and each 2x nearest upsampling with
+    its 3x3 convolution runs as four 2x2 convolutions on the input grid (sub-pixel form: the same sums without the
+    upsampled tensor; other upsamplings run as diffusers does, in the VAE's dtype, which copies values exactly).
+    Not bit-exact with diffusers: the normalisation is rounded once instead of three times, the folded kernels once.
     """
 
     def __init__(self, vae, feat_cache: list, memory_format, norm_silu):
@@ -55,13 +90,20 @@ class _SteadyStateDecoder:
         self.memory_format = memory_format
         self.norm_silu = norm_silu  # (x, weight, cache) -> cat([cache, silu(rms_norm(x) * weight)], time)
         frame_format = torch.channels_last if memory_format == torch.channels_last_3d else torch.contiguous_format
+        self.frame_format = frame_format  # of the per-frame 2D convolutions of the upsampling
         self._weights = {}
         self._norms = {}
+        self._subpixel = {}
         for module in decoder.modules():
             if isinstance(module, torch.nn.Conv3d):
                 self._weights[module] = module.weight.detach().contiguous(memory_format=memory_format)
             elif isinstance(module, torch.nn.Conv2d):
                 self._weights[module] = module.weight.detach().contiguous(memory_format=frame_format)
+            if SUBPIXEL_UPSAMPLING and getattr(module, "mode", None) in ("upsample2d", "upsample3d"):
+                upsample, conv = module.resample
+                if _is_2x_nearest(upsample) and conv.kernel_size == (3, 3) and conv.padding == (1, 1):
+                    self._subpixel[conv] = [[k.contiguous(memory_format=frame_format) for k in row]
+                                            for row in _subpixel_kernels(conv.weight.detach())]
         # the entries diffusers' forward consumes, in its order: each is the last CACHE_FRAMES time steps of the input
         # of one causal convolution; copied once into fixed buffers that the calls below update in place
         self.cache = [
@@ -122,8 +164,11 @@ class _SteadyStateDecoder:
             raise ValueError(f"unexpected resample mode {resample.mode!r} in a Wan decoder")
         upsample, conv = resample.resample
         frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-        frames = F.interpolate(frames, scale_factor=upsample.scale_factor, mode=upsample.mode)
-        frames = F.conv2d(frames, self._weights[conv], conv.bias, padding=conv.padding)
+        if conv in self._subpixel:
+            frames = _upsample_conv_subpixel(frames, self._subpixel[conv], conv.bias, self.frame_format)
+        else:
+            frames = F.interpolate(frames, scale_factor=upsample.scale_factor, mode=upsample.mode)
+            frames = F.conv2d(frames, self._weights[conv], conv.bias, padding=conv.padding)
         return frames.view(b, t, *frames.shape[1:]).permute(0, 2, 1, 3, 4)
 
     @torch.no_grad()
