@@ -158,12 +158,15 @@ class _SteadyStateDecoder:
         b, c, t, h, w = x.shape
         if resample.mode == "upsample3d":
             x = self._input_conv(resample.time_conv, x)  # (b, 2c, t, h, w): two output frames per input frame
-            x = torch.stack((x[:, :c], x[:, c:]), dim=3).reshape(b, c, 2 * t, h, w)
+            # frame 2t' + k of the output is channels [k*c, (k+1)*c) of input frame t': one copy into the frames
+            frames = torch.empty((b * 2 * t, c, h, w), dtype=x.dtype, device=x.device, memory_format=self.frame_format)
+            frames.view(b, t, 2, c, h, w).copy_(x.view(b, 2, c, t, h, w).permute(0, 3, 1, 2, 4, 5))
             t = 2 * t
-        elif resample.mode != "upsample2d":
+        elif resample.mode == "upsample2d":
+            frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)  # a view for channels-last
+        else:
             raise ValueError(f"unexpected resample mode {resample.mode!r} in a Wan decoder")
         upsample, conv = resample.resample
-        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
         if conv in self._subpixel:
             frames = _upsample_conv_subpixel(frames, self._subpixel[conv], conv.bias, self.frame_format)
         else:
