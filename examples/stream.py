@@ -53,6 +53,9 @@ def parse_args(argv=None):
     parser.add_argument("--fps", type=int, default=16)
     parser.add_argument("--max-sequence-length", type=int, default=512)
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--fast", action="store_true",
+                        help="the fused VAE decode; on CUDA also CUDA-graph replay and blocks compiled by torch.compile "
+                             "(the fastest setting in benchmarks/RESULTS.md; the first chunks compile for a minute)")
     return parser.parse_args(argv)
 
 
@@ -95,6 +98,13 @@ def _load(args):
     pipe = StreamingHybridPipeline.from_pretrained(args.model, **kwargs)
     pipe.transformer.set_attention_kernel(args.kernel)
     pipe.set_progress_bar_config(disable=True)
+    if args.fast:
+        pipe.enable_fused_vae_decode()
+        if torch.device(args.device).type == "cuda":
+            pipe.enable_cuda_graphs()
+            # chunk shapes change until the window is full: one compiled graph per shape, then no more recompiles
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            pipe.transformer.compile_repeated_blocks(dynamic=False)
     return pipe.to(args.device)
 
 

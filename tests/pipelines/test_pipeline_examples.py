@@ -40,7 +40,7 @@ def test_stream_with_switches(model_dir, tmp_path, capsys):
     output = tmp_path / "stream.mp4"
     frames = _script("stream.py")["main"](
         ["--model", model_dir, "--prompt", "a red panda walks", "--switches", str(switches), "--num-chunks", "4",
-         "--output", str(output), "--recache", "--kernel", "reference", *TINY]
+         "--output", str(output), "--recache", "--kernel", "reference", "--fast", *TINY]
     )
     assert frames == 9 + 3 * 12
     printed = capsys.readouterr().out
