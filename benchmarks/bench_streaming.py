@@ -156,10 +156,9 @@ def configure(pipe, mode, kernel):
     graph) and "+torch-rope" (the cached passes' RoPE step in plain PyTorch, the selection pooling on its own: the
     processor's `fuse_rope=False`) and "+compile" (the blocks compiled by inductor, `compile_repeated_blocks`; once
     compiled they stay compiled, so list these rows last) and "+fusedvae" (`enable_fused_vae_decode`: the
-    fused decode with the Triton normalisation, channels-last, replayed from a graph with "+graphs") and "+overlap"
-    (`enable_write_decode_overlap`: the cache-write pass concurrent with the decode)."""
+    fused decode with the Triton normalisation, channels-last, replayed from a graph with "+graphs")."""
     base, *extras = kernel.split("+")
-    unknown = set(extras) - {"graphs", "torch-rope", "compile", "fusedvae", "overlap"}
+    unknown = set(extras) - {"graphs", "torch-rope", "compile", "fusedvae"}
     if unknown:
         raise ValueError(f"unknown kernel options {sorted(unknown)} in {kernel!r}")
     transformer = pipe.transformer
@@ -179,7 +178,6 @@ def configure(pipe, mode, kernel):
         block.attn1.processor.fuse_rope = "torch-rope" not in extras
     pipe.enable_cuda_graphs("graphs" in extras)
     pipe.enable_fused_vae_decode("fusedvae" in extras)
-    pipe.enable_write_decode_overlap("overlap" in extras)
 
 
 @torch.no_grad()

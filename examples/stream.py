@@ -102,7 +102,6 @@ def _load(args):
         pipe.enable_fused_vae_decode()
         if torch.device(args.device).type == "cuda":
             pipe.enable_cuda_graphs()
-            pipe.enable_write_decode_overlap()
             # chunk shapes change until the window is full: one compiled graph per shape, then no more recompiles
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             pipe.transformer.compile_repeated_blocks(dynamic=False)

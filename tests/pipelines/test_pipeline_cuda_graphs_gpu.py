@@ -45,36 +45,3 @@ def test_graphed_stream_equals_eager_through_a_recached_switch(components, kerne
     for index, (got, want) in enumerate(zip(graphed, eager)):
         assert torch.equal(got, want), (index, (got - want).abs().max().item())
     assert not torch.equal(eager[9], _stream(pipe, components, False, switch_at=20, num_chunks=10)[0][9])
-
-
-def _decoded_stream(pipe, components, num_chunks: int):
-    with pipe.stream(PROMPT_A, generator=torch.Generator().manual_seed(6), output_type="pt",
-                     **components.call_kwargs) as session:
-        chunks = [(chunk.frames.float().clone(), chunk.latents.float().clone())
-                  for _, chunk in zip(range(num_chunks), session)]
-        overlapped = session._write_stream is not None
-    return chunks, overlapped
-
-
-def test_write_pass_overlapped_with_decode_changes_nothing(components):
-    """`enable_write_decode_overlap`: the cache-write pass on its own stream, concurrently with the (fused, graphed)
-    VAE decode. Frames and latents equal the sequential session's bit for bit, chunk after chunk (a write pass that
-    raced the next chunk's denoising, or a freed input, would show in the later chunks)."""
-    pipe = components.make_pipeline(attention_head_dim=32, sparse_block_size=16).to("cuda")
-    pipe.transformer.to(torch.bfloat16)
-    pipe.transformer.set_attention_kernel("triton")
-    pipe.enable_cuda_graphs()
-    pipe.enable_fused_vae_decode()
-    try:
-        sequential, overlapped = _decoded_stream(pipe, components, 10)
-        assert not overlapped
-        pipe.enable_write_decode_overlap()
-        concurrent, overlapped = _decoded_stream(pipe, components, 10)
-        assert overlapped
-    finally:
-        pipe.enable_write_decode_overlap(False)
-        pipe.enable_fused_vae_decode(False)
-        pipe.enable_cuda_graphs(False)
-    for index, ((frames, latents), (want_frames, want_latents)) in enumerate(zip(concurrent, sequential)):
-        assert torch.equal(latents, want_latents), index
-        assert torch.equal(frames, want_frames), index

@@ -292,9 +292,6 @@ class StreamingHybridSession:
             from ..utils.cuda_graphs import CUDAGraphPass
 
             self._graphs = {mode: CUDAGraphPass(transformer, self.cache, mode) for mode in ("read", "write")}
-        self._write_stream = None
-        if getattr(pipe, "_overlap_write_and_decode", False) and self.cache.device.type == "cuda":
-            self._write_stream = torch.cuda.Stream(device=self.cache.device)
         if recache_on_switch:
             self.cache.check_rewindable()
             layout = self.cache.layout
@@ -467,19 +464,12 @@ class StreamingHybridSession:
             clean = latents
 
         # 2. The clean cache-write pass at t = context_noise
-        write_stream = self._write_stream if not self.profile and self.output_type != "latent" else None
         with timer.section("cache_write"):
             context = clean
             if self.context_noise > 0:
                 sigma_c = self.context_noise / NUM_TRAIN_TIMESTEPS
                 context = (1.0 - sigma_c) * clean + sigma_c * self._noise(shape)
-            if write_stream is None:
-                self._write(context)
-            else:  # the write pass and the decode below are independent: run them concurrently
-                write_stream.wait_stream(torch.cuda.current_stream())
-                context.record_stream(write_stream)  # allocated here, freed here, read there
-                with torch.cuda.stream(write_stream):
-                    self._write(context)
+            self._write(context)
 
         # 3. Streaming decode
         with timer.section("decode"):
@@ -489,8 +479,6 @@ class StreamingHybridSession:
                 vae = pipe.vae
                 video = self.decoder.decode(self.decoder.denormalize(clean.to(vae.dtype)))
                 frames = pipe.video_processor.postprocess_video(video, output_type=self.output_type)
-        if write_stream is not None:
-            torch.cuda.current_stream().wait_stream(write_stream)
         timer.sync()
         end = time.perf_counter()
 
@@ -632,7 +620,6 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         self._current_timestep = None
         self._use_cuda_graphs = False
         self._fused_vae_decode: dict | None = None
-        self._overlap_write_and_decode = False
 
     def enable_cuda_graphs(self, enabled: bool = True) -> None:
         """Replays the transformer's denoising passes and its cache-write pass from CUDA graphs once a stream reaches
@@ -641,13 +628,6 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         steady-state chunks is replayed from a graph too. Only used on CUDA devices; each session captures its own
         graphs (and recaptures after a prompt switch)."""
         self._use_cuda_graphs = bool(enabled)
-
-    def enable_write_decode_overlap(self, enabled: bool = True) -> None:
-        """Runs each chunk's cache-write pass on a second CUDA stream, concurrently with the chunk's VAE decode: both
-        only read the chunk's clean latents, so the outputs are the same, and the GPU fills the gaps of one with the
-        other. Not used with `profile=True` (whose timings separate the two) or `output_type="latent"`. Only used on
-        CUDA devices; takes effect for sessions opened afterwards."""
-        self._overlap_write_and_decode = bool(enabled)
 
     def enable_fused_vae_decode(self, enabled: bool = True, norm_kernel: str | None = None) -> None:
         """Decodes the stream's chunks, once the VAE's causal cache is full, with [`StreamingWanDecoder`]'s fused
