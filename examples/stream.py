@@ -54,8 +54,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-sequence-length", type=int, default=512)
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--fast", action="store_true",
-                        help="the fused VAE decode; on CUDA also CUDA-graph replay and blocks compiled by torch.compile "
-                             "(the fastest setting in benchmarks/RESULTS.md; the first chunks compile for a minute)")
+                        help="the fused VAE decode of whole chunks; on CUDA also CUDA-graph replay and blocks compiled by "
+                             "torch.compile (the fastest setting in benchmarks/RESULTS.md; the first chunks compile "
+                             "for a minute)")
     return parser.parse_args(argv)
 
 
@@ -126,7 +127,8 @@ def main(argv=None):
     start = time.perf_counter()
     session = pipe.stream(args.prompt, height=args.height, width=args.width, num_frames=None,
                           generator=torch.Generator("cpu").manual_seed(args.seed), recache_on_switch=args.recache,
-                          max_sequence_length=args.max_sequence_length)
+                          max_sequence_length=args.max_sequence_length,
+                          vae_frames_per_call=None if args.fast else 1)  # a whole chunk per decoder call: faster
     print(f"streaming '{args.prompt}' ({pipe.transformer.config.attention_mode}, {pipe.transformer.attention_kernel} "
           f"kernels, {args.width}x{args.height}); Ctrl-C to stop", flush=True)
     frames_written, log = 0, []
