@@ -103,6 +103,11 @@ def test_offload_hook_is_triggered_and_bad_input():
     decoder = StreamingWanDecoder(vae)
     decoder.decode(torch.randn(1, 16, 1, 2, 2))
     assert calls == [vae]
+    # the fused path does not run under offloading (it would pin re-laid-out weights on the device)
+    fused = StreamingWanDecoder(vae, fused=True)
+    for _ in range(3):
+        fused.decode(torch.randn(1, 16, 3, 2, 2))
+    assert fused._steady is None and fused._warned_offload
     with pytest.raises(ValueError, match="latents"):
         decoder.decode(torch.randn(1, 8, 1, 2, 2))
     vae.enable_tiling()

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils import logging
 
 from ..ops import rms_norm_silu_with_cache, rms_norm_silu_with_cache_naive, triton_available
 
 __all__ = ["StreamingWanDecoder"]
+
+logger = logging.get_logger(__name__)
 
 CACHE_FRAMES = 2  # a causal 3-tap temporal convolution sees the two frames before its input
 NORM_KERNELS = (None, "reference", "triton", "compiled")
@@ -252,6 +255,7 @@ class StreamingWanDecoder:
         self.memory_format = memory_format
         self._num_convs = _causal_conv_count(vae.decoder)
         self._use_cuda_graph = False
+        self._warned_offload = False
         self.graph_replays = 0
         self.reset()
 
@@ -328,6 +332,10 @@ class StreamingWanDecoder:
         hook = getattr(vae, "_hf_hook", None)
         if hook is not None and hasattr(hook, "pre_forward"):
             hook.pre_forward(vae)
+        if hook is not None and self.fused and not self._warned_offload:
+            # the fused path keeps references to (re-laid-out) weights, which would pin them on the device
+            logger.warning("StreamingWanDecoder(fused=True) does not run with model offloading; using diffusers' path.")
+            self._warned_offload = True
         device = next(vae.decoder.parameters()).device
         latents = latents.to(device=device, dtype=vae.dtype)
         for entry in self._feat_cache:
@@ -339,7 +347,8 @@ class StreamingWanDecoder:
         outputs = []
         for start, stop in self._calls(x.shape[2]):
             first = self.latent_frames_decoded == 0
-            if self.fused and self._steady is None and not first and _SteadyStateDecoder.supports(vae, self._feat_cache):
+            if (self.fused and self._steady is None and not first and hook is None
+                    and _SteadyStateDecoder.supports(vae, self._feat_cache)):
                 self._start_steady_state()
             if self._steady is not None:
                 outputs.append(self._steady_call(x[:, :, start:stop]))
