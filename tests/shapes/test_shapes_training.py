@@ -71,6 +71,8 @@ def test_train_teacher_two_steps_checkpoints_and_resume(repo_root, accelerate_co
             "2",
             "--frame_noise_fraction",
             "1",
+            "--start_away_fraction",
+            "1",
         ],
     )
     # checkpoint rotation (limit 1: only the last), EMA of both trained models, final pipeline, card, validation
@@ -335,3 +337,44 @@ def test_teacher_frame_noise_fraction(repo_root):
         varied_out = model(x, timestep=steps, encoder_hidden_states=text).sample
     assert torch.allclose(scalar, per_token, atol=1e-5)
     assert varied_out.shape == x.shape and not torch.allclose(varied_out[0], scalar[0], atol=1e-3)
+
+
+def test_teacher_start_away_from_heading_walls(repo_root):
+    """`--start_away_fraction`: objects start at the end of their range away from the wall they head to, so that the
+    clip's motion follows the caption's direction for longer (the fraction of frame transitions that move as the caption
+    says rises); axes an object does not move along keep their start; the caption is unchanged."""
+    import importlib.util
+
+    import numpy as np
+
+    from diffusers_hybrid.shapes.domain import DIRECTIONS, SceneSpec, sample_scene
+
+    spec = importlib.util.spec_from_file_location("train_teacher", os.path.join(repo_root, "training", "train_teacher.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rng = np.random.default_rng(0)
+    agree = {"uniform": [], "away": []}
+    for seed in range(120):
+        scene = SceneSpec(sample_scene(rng, "train", two_object_prob=0.5), seed=seed)
+        moved = script.start_away_from_heading_walls(scene, 0.3)
+        assert moved.prompt == scene.prompt and len(moved.starts) == len(scene.starts)
+        if moved.starts == scene.starts:  # two objects whose moved starts would meet
+            assert len(scene.starts) == 2
+            continue
+        for obj, before, after in zip(scene.attrs.objects, scene.starts, moved.starts):
+            for step, b, a in zip(DIRECTIONS[obj.direction], before, after):
+                assert a == b if step == 0 else (a <= 0.3 if step > 0 else a >= 0.7)
+        for label, which in (("uniform", scene), ("away", moved)):
+            track, obj = which.object_tracks(33, 128, 128)[0], which.attrs.objects[0]
+            motion = np.diff(track["centers"], axis=0)
+            ok = np.ones(len(motion), bool)
+            for axis, step in enumerate(DIRECTIONS[obj.direction]):
+                if step:
+                    ok &= np.sign(motion[:, axis]) == np.sign(step)
+            agree[label].append(ok.mean())
+    assert np.mean(agree["away"]) > np.mean(agree["uniform"]) + 0.15, {k: np.mean(v) for k, v in agree.items()}
+    base = ["--pretrained_model_name_or_path", "unused"]
+    with pytest.raises(SystemExit):
+        script.parse_args(base + ["--start_away_fraction", "1.5"])
+    with pytest.raises(SystemExit):
+        script.parse_args(base + ["--start_away_span", "0"])
