@@ -86,6 +86,8 @@ def test_fused_vae_decode(pipe, components):
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert not torch.equal(got, torch.zeros_like(got))
+    with pytest.raises(ValueError, match="norm_kernel"):
+        pipe.enable_fused_vae_decode(norm_kernel="cuda")
 
 
 def test_seed_and_prompt_matter(pipe, components):
