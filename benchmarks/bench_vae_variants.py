@@ -72,6 +72,8 @@ VARIANTS = [
         fused=True, norm="triton", graph=True, channels_last=True, no_subpixel=True)),
     ("fused, Triton norm, CUDA graph, channels_last_3d, sub-pixel (pipeline default)", dict(
         fused=True, norm="triton", graph=True, channels_last=True)),
+    ("the same, cudnn.benchmark off globally (the fused path autotunes its own convolutions)", dict(
+        fused=True, norm="triton", graph=True, channels_last=True, cudnn_benchmark=False)),
 ]
 
 

@@ -323,17 +323,22 @@ def linear_memory_read(
 
 
 def rms_norm_silu_with_cache(
-    x: torch.Tensor, weight: torch.Tensor, cache: torch.Tensor, *, kernel: str = "reference"
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cache: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    kernel: str = "reference",
 ) -> torch.Tensor:
-    """`cat([cache, silu(rms_norm(x) * weight)], dim=2)` over channels of `(B, C, T, H, W)` tensors: the Wan VAE's
-    normalisation + activation in front of a causal convolution. See `rms_norm_silu/naive.py`. The Triton kernel
-    keeps `x`'s memory format (channels-first or channels-last 3D)."""
+    """`cat([cache, silu(rms_norm(x + bias) * weight)], dim=2)` over channels of `(B, C, T, H, W)` tensors: the Wan
+    VAE's normalisation + activation in front of a causal convolution (`bias`: the previous convolution's). See
+    `rms_norm_silu/naive.py`. The Triton kernel keeps `x`'s memory format (channels-first or channels-last 3D)."""
     _check_kernel(kernel)
     if kernel == "triton":
         from .rms_norm_silu.triton_kernel import rms_norm_silu_with_cache_triton
 
-        return rms_norm_silu_with_cache_triton(x, weight, cache)
-    return rms_norm_silu_with_cache_naive(x, weight, cache)
+        return rms_norm_silu_with_cache_triton(x, weight, cache, bias)
+    return rms_norm_silu_with_cache_naive(x, weight, cache, bias)
 
 
 __all__ = [

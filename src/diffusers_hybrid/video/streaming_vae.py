@@ -42,11 +42,11 @@ def _is_2x_nearest(upsample) -> bool:
     return upsample.mode in ("nearest", "nearest-exact") and tuple(float(v) for v in scale) == (2.0, 2.0)
 
 
-def _causal_conv(conv, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _causal_conv(conv, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A `WanCausalConv3d` on an input that already starts with its cache frames (no temporal padding left): the
     spatial zero padding is the convolution's own, not a padded copy."""
     pad_w, _, pad_h = conv._padding[:3]
-    return F.conv3d(x, weight, conv.bias, conv.stride, (0, pad_h, pad_w))
+    return F.conv3d(x, weight, bias, conv.stride, (0, pad_h, pad_w))
 
 
 # Rows (or columns) of a 3x3 kernel that act on input row i-1, i, i+1 of a 2x nearest-upsampled grid, folded onto the
@@ -91,7 +91,7 @@ class _SteadyStateDecoder:
         decoder = vae.decoder
         self.decoder = decoder
         self.memory_format = memory_format
-        self.norm_silu = norm_silu  # (x, weight, cache) -> cat([cache, silu(rms_norm(x) * weight)], time)
+        self.norm_silu = norm_silu  # (x, weight, cache, bias) -> cat([cache, silu(rms_norm(x + bias) * weight)], time)
         frame_format = torch.channels_last if memory_format == torch.channels_last_3d else torch.contiguous_format
         self.frame_format = frame_format  # of the per-frame 2D convolutions of the upsampling
         self._weights = {}
@@ -132,8 +132,8 @@ class _SteadyStateDecoder:
         self._index += 1
         return cache
 
-    def _conv_with_cache(self, conv, x_with_cache: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-        out = _causal_conv(conv, x_with_cache, self._weights[conv])
+    def _conv_with_cache(self, conv, x_with_cache: torch.Tensor, cache: torch.Tensor, add_bias: bool = True):
+        out = _causal_conv(conv, x_with_cache, self._weights[conv], conv.bias if add_bias else None)
         cache.copy_(x_with_cache[:, :, -CACHE_FRAMES:])  # after the convolution has read the old frames
         return out
 
@@ -141,20 +141,22 @@ class _SteadyStateDecoder:
         cache = self._next_cache()
         return self._conv_with_cache(conv, torch.cat([cache, x], dim=2), cache)
 
-    def _norm_conv(self, norm, conv, x: torch.Tensor) -> torch.Tensor:
+    def _norm_conv(self, norm, conv, x: torch.Tensor, x_bias=None, add_bias: bool = True) -> torch.Tensor:
+        """`conv(silu(norm(x + x_bias)))` with the cache; `add_bias=False` leaves `conv`'s bias to the caller."""
         cache = self._next_cache()
         weight = self._norms.get(norm)
         if weight is None:
             weight = self._norms[norm] = (norm.gamma.detach().float() * norm.scale).to(x.device)
-        return self._conv_with_cache(conv, self.norm_silu(x, weight, cache), cache)
+        return self._conv_with_cache(conv, self.norm_silu(x, weight, cache, x_bias), cache, add_bias)
 
     def _residual_block(self, block, x: torch.Tensor) -> torch.Tensor:
         if isinstance(block.conv_shortcut, torch.nn.Conv3d):
             shortcut = F.conv3d(x, self._weights[block.conv_shortcut], block.conv_shortcut.bias)
         else:
             shortcut = x
-        h = self._norm_conv(block.norm1, block.conv1, x)
-        h = self._norm_conv(block.norm2, block.conv2, h)
+        # conv1's bias goes into the next normalisation kernel instead of a pass of its own
+        h = self._norm_conv(block.norm1, block.conv1, x, add_bias=False)
+        h = self._norm_conv(block.norm2, block.conv2, h, x_bias=block.conv1.bias)
         return h.add_(shortcut)
 
     def _upsample(self, resample, x: torch.Tensor) -> torch.Tensor:
@@ -180,6 +182,14 @@ class _SteadyStateDecoder:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(b, z_dim, t, h, w) after `post_quant_conv` -> (b, 3, 4t, 8h, 8w), the cache advanced by t frames."""
+        cudnn = torch.backends.cudnn
+        # cuDNN's heuristics pick slower channels-last 3D kernels than its autotuning does (the first call of a shape
+        # autotunes; later calls and graph captures reuse the choice)
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=True, benchmark_limit=cudnn.benchmark_limit,
+                         deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         decoder = self.decoder
         self._index = 0
         x = x.contiguous(memory_format=self.memory_format)
@@ -376,8 +386,8 @@ class StreamingWanDecoder:
         if kernel == "compiled":
             norm_silu = torch.compile(rms_norm_silu_with_cache_naive)
         else:
-            def norm_silu(x, weight, cache):
-                return rms_norm_silu_with_cache(x, weight, cache, kernel=kernel)
+            def norm_silu(x, weight, cache, bias=None):
+                return rms_norm_silu_with_cache(x, weight, cache, bias=bias, kernel=kernel)
         self._steady = _SteadyStateDecoder(self.vae, self._feat_cache, memory_format, norm_silu)
         # the list keeps pointing at the live buffers (nbytes, and the entries' order)
         buffers = iter(self._steady.cache)

@@ -25,14 +25,16 @@ def _case(batch, channels, frames, height, width, cache_frames, dtype, memory_fo
     return x.contiguous(memory_format=memory_format), weight, cache.contiguous(memory_format=memory_format)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
 @pytest.mark.parametrize("shape", [(2, 24, 3, 5, 7, 2), (1, 70, 1, 3, 9, 2), (2, 5, 4, 2, 3, 1)])
-def test_rms_norm_silu_with_cache_matches_reference(dtype, memory_format, shape):
+def test_rms_norm_silu_with_cache_matches_reference(dtype, memory_format, shape, with_bias):
     x, weight, cache = _case(*shape, dtype, memory_format)
-    want = rms_norm_silu_with_cache_naive(x, weight, cache)
+    bias = torch.randn(shape[1], device=x.device).to(dtype) if with_bias else None
+    want = rms_norm_silu_with_cache_naive(x, weight, cache, bias)
     with poisoned_outputs():
-        got = rms_norm_silu_with_cache(x, weight, cache, kernel="triton")
+        got = rms_norm_silu_with_cache(x, weight, cache, bias=bias, kernel="triton")
     assert got.shape == want.shape and got.dtype == dtype and got.isfinite().all()
     assert got.is_contiguous(memory_format=memory_format)
     step = {torch.bfloat16: 2.0**-7, torch.float32: 1e-6}[dtype]
@@ -46,6 +48,13 @@ def test_rms_norm_silu_with_cache_reference_and_errors():
     norm = x / x.pow(2).sum(1, keepdim=True).sqrt()
     y = norm * weight.view(1, -1, 1, 1, 1)
     torch.testing.assert_close(got[:, :, 2:], y * torch.sigmoid(y))
+    bias = torch.randn(6)
+    got = rms_norm_silu_with_cache(x, weight, cache, bias=bias, kernel="reference")
+    shifted = x + bias.view(1, -1, 1, 1, 1)
+    y = shifted / shifted.pow(2).sum(1, keepdim=True).sqrt() * weight.view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(got[:, :, 2:], y * torch.sigmoid(y))
+    with pytest.raises(ValueError, match="bias"):
+        rms_norm_silu_with_cache(x, weight, cache, bias=bias[:4])
     with pytest.raises(ValueError, match="weight"):
         rms_norm_silu_with_cache(x, weight[:5], cache)
     with pytest.raises(ValueError, match="cache"):
