@@ -48,7 +48,7 @@ def test_rms_norm_silu_with_cache_reference_and_errors():
     norm = x / x.pow(2).sum(1, keepdim=True).sqrt()
     y = norm * weight.view(1, -1, 1, 1, 1)
     torch.testing.assert_close(got[:, :, 2:], y * torch.sigmoid(y))
-    bias = torch.randn(6)
+    bias = torch.randn(6, device=x.device)
     got = rms_norm_silu_with_cache(x, weight, cache, bias=bias, kernel="reference")
     shifted = x + bias.view(1, -1, 1, 1, 1)
     y = shifted / shifted.pow(2).sum(1, keepdim=True).sqrt() * weight.view(1, -1, 1, 1, 1)
