@@ -156,9 +156,10 @@ def configure(pipe, mode, kernel):
     graph) and "+torch-rope" (the cached passes' RoPE step in plain PyTorch, the selection pooling on its own: the
     processor's `fuse_rope=False`) and "+compile" (the blocks compiled by inductor, `compile_repeated_blocks`; once
     compiled they stay compiled, so list these rows last) and "+fusedvae" (`enable_fused_vae_decode`: the
-    fused decode with the Triton normalisation, channels-last, replayed from a graph with "+graphs")."""
+    fused decode with the Triton normalisation, channels-last, replayed from a graph with "+graphs") and "+fuseqkv"
+    (`fuse_qkv_projections`: one Q/K/V matmul per self-attention)."""
     base, *extras = kernel.split("+")
-    unknown = set(extras) - {"graphs", "torch-rope", "compile", "fusedvae"}
+    unknown = set(extras) - {"graphs", "torch-rope", "compile", "fusedvae", "fuseqkv"}
     if unknown:
         raise ValueError(f"unknown kernel options {sorted(unknown)} in {kernel!r}")
     transformer = pipe.transformer
@@ -170,6 +171,10 @@ def configure(pipe, mode, kernel):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         transformer.compile_repeated_blocks(dynamic=False)
         pipe._bench_compiled = True
+    if "fuseqkv" in extras:
+        transformer.fuse_qkv_projections()
+    else:
+        transformer.unfuse_qkv_projections()
     transformer.set_attention_mode(mode)
     transformer.set_attention_kernel(base)
     if transformer.attention_kernel != base:
@@ -312,9 +317,8 @@ def trace_config(pipe, prompt_embeds, args, device, mode, kernel, num_chunks=2) 
     """torch.profiler over `num_chunks` steady-state chunks: where a chunk's time goes, and how busy the GPU is."""
     from torch.profiler import ProfilerActivity, profile
 
-    transformer = pipe.transformer
-    transformer.register_to_config(attention_mode=mode)
-    transformer.set_attention_kernel(kernel)
+    configure(pipe, mode, kernel)
+    run_session(pipe, prompt_embeds, args, device, args.warmup)  # compile / autotune / capture every chunk shape
     out = {"mode": mode, "kernel": kernel}
     for output_type in ("latent", "pt"):
         session = open_stream(pipe, prompt_embeds, args, output_type)
@@ -334,7 +338,7 @@ def trace_config(pipe, prompt_embeds, args, device, mode, kernel, num_chunks=2) 
         device_us = sum(e.self_device_time_total for e in events
                         if e.device_type == torch.autograd.DeviceType.CUDA) if device.type == "cuda" else 0
         table = events.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total",
-                             row_limit=25, max_name_column_width=70)
+                             row_limit=40, max_name_column_width=70)
         out[output_type] = {"wall_ms_per_chunk": wall / num_chunks * 1e3,
                             "gpu_busy_ms_per_chunk": device_us / 1e3 / num_chunks,
                             "gpu_busy_fraction": device_us / 1e6 / wall if wall else 0.0, "table": table}
@@ -392,6 +396,7 @@ def main():
     parser.add_argument("--skip-offload-check", action="store_true")
     parser.add_argument("--skip-vae", action="store_true", help="skip the VAE-alone measurement")
     parser.add_argument("--trace", default=None, help="only profile MODE:KERNEL with torch.profiler (no benchmark)")
+    parser.add_argument("--trace-chunks", type=int, default=2, help="steady-state chunks per profiled session")
     parser.add_argument("--quick", action="store_true", help="fewer chunks, no long stream")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny models: checks the script only")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -436,7 +441,8 @@ def main():
     if args.trace:
         pipe, prompt_embeds = build(args, device, dtype)
         mode, kernel = args.trace.split(":")
-        RESULTS["trace"] = attempt("trace", lambda: trace_config(pipe, prompt_embeds, args, device, mode, kernel))
+        RESULTS["trace"] = attempt("trace", lambda: trace_config(pipe, prompt_embeds, args, device, mode, kernel,
+                                                                   args.trace_chunks))
         save()
         return
     if not args.skip_offload_check:
