@@ -45,6 +45,7 @@ from bench_common import commit, log  # noqa: E402
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 from diffusers_hybrid import HybridForcingTransformer3DModel, StreamingHybridPipeline  # noqa: E402
+from diffusers_hybrid import cache as cache_module  # noqa: E402
 from diffusers_hybrid.video.streaming_vae import StreamingWanDecoder  # noqa: E402
 
 RESULTS: dict = {"runs": [], "errors": []}
@@ -151,15 +152,23 @@ def steady(chunks, start, key="total"):
     return sum(c["frames"] for c in part) / sum(c[key] for c in part), sum(c[key] for c in part) / len(part)
 
 
+_APPLY_ROPE = cache_module.apply_rope
+
+
+def _reference_rope(*args, kernel="reference", **kwargs):
+    return _APPLY_ROPE(*args, kernel="reference", **kwargs)
+
+
 def configure(pipe, mode, kernel):
     """`kernel` is "reference" or "triton", optionally followed by "+graphs" (denoising passes replayed from a CUDA
     graph) and "+torch-rope" (the cached passes' RoPE step in plain PyTorch, the selection pooling on its own: the
     processor's `fuse_rope=False`) and "+compile" (the blocks compiled by inductor, `compile_repeated_blocks`; once
     compiled they stay compiled, so list these rows last) and "+fusedvae" (`enable_fused_vae_decode`: the
     fused decode with the Triton normalisation, channels-last, replayed from a graph with "+graphs") and "+fuseqkv"
-    (`fuse_qkv_projections`: one Q/K/V matmul per self-attention)."""
+    (`fuse_qkv_projections`: one Q/K/V matmul per self-attention) and "+torch-commit-rope" (the commit's RoPE of the
+    cached keys through the plain-PyTorch reference instead of the Triton `apply_rope` kernel)."""
     base, *extras = kernel.split("+")
-    unknown = set(extras) - {"graphs", "torch-rope", "compile", "fusedvae", "fuseqkv"}
+    unknown = set(extras) - {"graphs", "torch-rope", "compile", "fusedvae", "fuseqkv", "torch-commit-rope"}
     if unknown:
         raise ValueError(f"unknown kernel options {sorted(unknown)} in {kernel!r}")
     transformer = pipe.transformer
@@ -181,6 +190,7 @@ def configure(pipe, mode, kernel):
         raise RuntimeError(f"kernel {base!r} is not available here (got {transformer.attention_kernel!r})")
     for block in transformer.blocks:
         block.attn1.processor.fuse_rope = "torch-rope" not in extras
+    cache_module.apply_rope = _reference_rope if "torch-commit-rope" in extras else _APPLY_ROPE
     pipe.enable_cuda_graphs("graphs" in extras)
     pipe.enable_fused_vae_decode("fusedvae" in extras)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ops import apply_rotary_emb, linear_memory_absorb, pool_key_blocks
+from .ops import apply_rope, linear_memory_absorb, pool_key_blocks
 from .ops.linear_memory.naive import project_state
 
 ATTENTION_MODES = ("dense", "window", "hybrid")
@@ -382,7 +382,7 @@ class HybridLayerCache:
             dst = self._frames(f0, num_sink_new)
             src = self._frames(0, num_sink_new)
             self.key_raw[:, dst] = key_raw[:, src]
-            self.key[:, dst] = apply_rotary_emb(key_raw[:, src], *plan.sink_rope)
+            apply_rope(key_raw[:, src], *plan.sink_rope, out=self.key[:, dst], kernel=kernel)
             self.value[:, dst] = value[:, src]
 
         # 3. history = the last `history_frames` frames up to this chunk's end, right-aligned before the scratch slot
@@ -392,13 +392,15 @@ class HybridLayerCache:
             hist = slice(self._history_slot * tpf, self._current_slot * tpf)
             if keep:
                 moved = slice(hist.stop - keep * tpf, hist.stop)
-                self.key_raw[:, hist.start : hist.start + keep * tpf] = self.key_raw[:, moved].clone()
-                self.value[:, hist.start : hist.start + keep * tpf] = self.value[:, moved].clone()
+                kept = slice(hist.start, hist.start + keep * tpf)
+                overlap = kept.stop > moved.start  # a copy of overlapping rows needs a temporary
+                for buffer in (self.key_raw, self.value):
+                    buffer[:, kept] = buffer[:, moved].clone() if overlap else buffer[:, moved]
             take = history - keep
             self.key_raw[:, hist.stop - take * tpf : hist.stop] = key_raw[:, (chunk - take) * tpf :]
             self.value[:, hist.stop - take * tpf : hist.stop] = value[:, (chunk - take) * tpf :]
             # 4. RoPE the history once per chunk at the positions the next chunk uses
-            self.key[:, hist] = apply_rotary_emb(self.key_raw[:, hist], *plan.history_rope)
+            apply_rope(self.key_raw[:, hist], *plan.history_rope, out=self.key[:, hist], kernel=kernel)
 
         # 5. the selection's pooled key blocks of the cached keys, for the next chunk's passes
         if pooled_keys is not None:
@@ -569,7 +571,7 @@ class HybridCache:
         for index, layer in enumerate(self.layers):
             layer.key_raw[:, hist] = torch.cat([r.evicted_key_raw[index] for r in records], dim=1)
             layer.value[:, hist] = torch.cat([r.evicted_value[index] for r in records], dim=1)
-            layer.key[:, hist] = apply_rotary_emb(layer.key_raw[:, hist], *history_rope)
+            apply_rope(layer.key_raw[:, hist], *history_rope, out=layer.key[:, hist])
             if layer.kv_state is not None:
                 layer.kv_state.copy_(records[0].kv_state[index])
                 layer.kmean_state.copy_(records[0].kmean_state[index])

@@ -24,7 +24,7 @@ from .linear_memory.naive import (
     linear_memory_read_naive,
 )
 from .rms_norm_silu.naive import rms_norm_silu_with_cache_naive
-from .rotary import apply_rotary_emb, rope_chunk_into_window_naive
+from .rotary import apply_rope_naive, apply_rotary_emb, rope_chunk_into_window_naive
 
 KERNELS = ("reference", "triton")
 
@@ -208,6 +208,28 @@ def block_sparse_attention_with_memory(
     return out + memory
 
 
+def apply_rope(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    kernel: str = "reference",
+) -> torch.Tensor:
+    """
+    RoPE of `x` `(B, L, H, D)` with Wan's tables `cos` / `sin` (broadcastable to `(1, L, 1, D)`), as
+    [`apply_rotary_emb`] computes it (float32 math, rounded to `x`'s dtype), without gradient; written into `out` when
+    given (`x` itself, or a view such as a slice of a cache buffer). The Triton kernel reads `x` and writes `out` once
+    (the reference goes through float32 copies).
+    """
+    _check_kernel(kernel)
+    if kernel == "triton" and _use_triton("rope", x):
+        from .rotary.triton_kernel import apply_rope_triton
+
+        return apply_rope_triton(x, cos, sin, out)
+    return apply_rope_naive(x, cos, sin, out)
+
+
 def rope_chunk_into_window(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -343,6 +365,7 @@ def rms_norm_silu_with_cache(
 
 __all__ = [
     "KERNELS",
+    "apply_rope",
     "apply_rotary_emb",
     "block_sparse_attention",
     "block_sparse_attention_with_memory",

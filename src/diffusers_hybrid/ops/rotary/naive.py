@@ -28,6 +28,33 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return out.to(x.dtype)
 
 
+def check_rope_args(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None) -> None:
+    """Validates the arguments of [`apply_rope`] (shared by the reference and the kernel)."""
+    if x.dim() != 4 or x.shape[-1] % 2:
+        raise ValueError(f"x must be (B, L, H, D) with D even, got shape {tuple(x.shape)}")
+    table_shape = (1, x.shape[1], 1, x.shape[3])
+    for name, table in (("cos", cos), ("sin", sin)):
+        try:
+            ok = table.dim() <= 4 and torch.broadcast_shapes(table.shape, table_shape) == table_shape
+        except RuntimeError:
+            ok = False
+        if not ok or not table.is_floating_point():
+            raise ValueError(f"{name} must be floating and broadcast to (1, L, 1, D) = {table_shape}, got "
+                             f"{tuple(table.shape)} {table.dtype}")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
+        raise ValueError(f"out must have the shape, dtype and device of x {tuple(x.shape)} {x.dtype} {x.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} {out.device}")
+
+
+@torch.no_grad()
+def apply_rope_naive(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """[`apply_rotary_emb`] (no gradient), written into `out` when given (which may be `x` itself)."""
+    check_rope_args(x, cos, sin, out)
+    rotated = apply_rotary_emb(x, cos, sin)
+    return rotated if out is None else out.copy_(rotated)
+
+
 def check_window_args(query, key, value, window_key, window_value, pool_block_size, key_centering,
                       first_pooled_key_block, memory_kmean=None) -> int:
     """Validates the arguments of the chunk-into-window op; returns the chunk's first row in the window."""

@@ -11,7 +11,7 @@ results are compared within one bf16 step; float32 runs must match to float32 ro
 import pytest
 import torch
 
-from diffusers_hybrid.ops import block_sparse_attention, rope_chunk_into_window, triton_available
+from diffusers_hybrid.ops import apply_rope, block_sparse_attention, rope_chunk_into_window, triton_available
 from diffusers_hybrid.ops.block_sparse_attention.naive import mean_pool_blocks, pool_key_blocks_naive
 from diffusers_hybrid.ops.linear_memory.naive import linear_memory_denominator_naive
 from diffusers_hybrid.ops.rotary.naive import apply_rotary_emb, rope_chunk_into_window_naive
@@ -138,6 +138,63 @@ def test_rope_chunk_into_window_custom_op(pool, kmean):
     assert not torch.equal(buffers_eager[0][:, -37:], torch.cat([window_key[:, :1], window_key], 1)[:, -37:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("target", ["new", "view", "in_place"])
+@pytest.mark.parametrize("one_rotation", [False, True])
+def test_apply_rope_matches_reference(dtype, target, one_rotation):
+    """RoPE into a new tensor, into rows of a larger buffer (the cache's history slice: other rows untouched), and in
+    place; per-row tables and one broadcast rotation; 101 rows (one whole block of 64 and a partial one), 3 heads,
+    batch 2."""
+    x = torch.randn(2, 101, 3, 32, dtype=dtype)
+    cos, sin = _tables(1 if one_rotation else 101, 32)
+    want = apply_rotary_emb(x, cos, sin)
+    buffer = torch.randn(2, 120, 3, 32, dtype=dtype)
+    outs = {}
+    for kernel in ("reference", "triton"):
+        out = {"new": None, "view": buffer.clone()[:, 7:108], "in_place": x.clone()}[target]
+        source = out if target == "in_place" else x
+        with poisoned_outputs():
+            got = apply_rope(source, cos, sin, out=out, kernel=kernel)
+        assert got is out or out is None
+        if target == "view":
+            whole = got._base
+            assert torch.equal(whole[:, :7], buffer[:, :7]) and torch.equal(whole[:, 108:], buffer[:, 108:])
+        outs[kernel] = got
+    _close(outs["triton"], want, dtype)
+    assert torch.equal(outs["reference"], want)
+
+
+def test_apply_rope_rejects_bad_arguments():
+    x = torch.randn(1, 10, 2, 16)
+    cos, sin = _tables(10, 16)
+    for kernel in ("reference", "triton"):
+        with pytest.raises(ValueError, match="cos must"):
+            apply_rope(x, cos[:, :4], sin, kernel=kernel)
+        with pytest.raises(ValueError, match="out must"):
+            apply_rope(x, cos, sin, out=torch.empty(1, 10, 2, 16, dtype=torch.bfloat16), kernel=kernel)
+    with pytest.raises(ValueError, match="D even"):  # (the Triton kernel would leave an odd head_dim to this one)
+        apply_rope(torch.randn(1, 10, 2, 15), cos[..., :15], sin[..., :15])
+
+
+def test_apply_rope_custom_op():
+    """Under torch.compile the launcher is the custom op `diffusers_hybrid::apply_rope` (schema, fake), writing
+    through a view as in eager mode."""
+    from diffusers_hybrid.ops.rotary import triton_kernel as tk
+
+    x = torch.randn(2, 37, 3, 32, dtype=torch.bfloat16)
+    cos, sin = _tables(37, 32)
+    torch.library.opcheck(tk._rope_op, (x, cos, sin, torch.empty_like(x)), test_utils=("test_schema",
+                                                                                       "test_faketensor"))
+
+    def step(buffer):
+        return tk.apply_rope_triton(x, cos, sin, out=buffer[:, 2:39])
+
+    eager, compiled = torch.zeros(2, 40, 3, 32, dtype=x.dtype), torch.zeros(2, 40, 3, 32, dtype=x.dtype)
+    step(eager)
+    torch.compile(step, backend="aot_eager", fullgraph=True)(compiled)
+    assert torch.equal(compiled, eager) and not torch.equal(eager[:, 2:39], torch.zeros_like(x))
+
+
 def test_selection_from_rope_pools_matches_pooling_in_the_selection():
     """`pooled_blocks` from the RoPE step (with a pooled prefix for the first cached blocks) give the same attention
     as the selection pooling the keys itself, for the Triton and the reference kernels."""
@@ -165,6 +222,21 @@ def test_pooled_blocks_of_a_wrong_shape_are_refused():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_apply_rope_real_shape_gpu():
+    """The cache's history re-RoPE at Wan2.1-1.3B 832x480: 6 frames (9,360 keys) x 12 heads x 128, bf16, written into
+    rows of the 9-frame key buffer."""
+    x = torch.randn(1, 9360, 12, 128, dtype=torch.bfloat16, device="cuda")
+    cos, sin = _tables(9360, 128, device="cuda")
+    buffer = torch.randn(1, 14040 + 4680, 12, 128, dtype=torch.bfloat16, device="cuda")
+    before = buffer.clone()
+    with poisoned_outputs():
+        apply_rope(x, cos, sin, out=buffer[:, 4680:14040], kernel="triton")
+    _close(buffer[:, 4680:14040], apply_rotary_emb(x, cos, sin), torch.bfloat16)
+    assert torch.equal(buffer[:, :4680], before[:, :4680]) and torch.equal(buffer[:, 14040:], before[:, 14040:])
 
 
 @pytest.mark.gpu

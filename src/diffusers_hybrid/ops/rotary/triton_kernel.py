@@ -1,5 +1,6 @@
 # Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
-"""Triton kernel of the cached-inference RoPE step (`rope_chunk_into_window_naive` is its reference).
+"""Triton kernels of the cached-inference RoPE step (`rope_chunk_into_window_naive` is its reference) and of plain
+RoPE into a given buffer (`apply_rope_naive`: the cache's once-per-chunk re-RoPE of its history).
 
 One launch RoPEs a chunk's queries and keys (Wan's interleaved pairs, float32 math), writes the RoPE'd keys and the
 values into the cache's window, and, while the rotated rows are in registers, mean-pools the block selection's
@@ -23,7 +24,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from ..utils import last_contiguous, new_empty, new_empty_like  # noqa: E402
-from .naive import check_window_args  # noqa: E402
+from .naive import check_rope_args, check_window_args  # noqa: E402
 
 # Launch parameters (benchmarks override): warps per program; software-pipelining depth of the loop over heads (the
 # next head's rows load while this head's are rotated and pooled).
@@ -109,6 +110,63 @@ def _rope_window_kernel(Q, K, V, COS, SIN, QO, KW, VW, PQ, PK, KMS, DEN,
                 tile = tile - (tl.sum(tile, axis=0) / H)[None, :]
             tl.store(PK + ((b * H + offs_h[:, None]) * NPK + pid - Mq) * D + offs_d[None, :], tile,
                      mask=(offs_h < H)[:, None])
+
+
+@triton.jit
+def _rope_kernel(X, OUT, COS, SIN, L, s_xb, s_xl, s_xh, s_ob, s_ol, s_oh, s_cl, s_cd, s_sl, s_sd,
+                 D: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per `BLOCK` rows of one head of one batch element."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < L
+    c, s = _rope_tables(COS, SIN, rows, ok, s_cl, s_cd, s_sl, s_sd, D // 2)
+    _rope_rows(X + b * s_xb + h * s_xh, OUT + b * s_ob + h * s_oh, rows, rows, ok, s_xl, s_ol, c, s, BLOCK, D)
+
+
+def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
+    batch, length, heads, dim = x.shape
+    if out.stride(-1) != 1:
+        raise ValueError("`out` needs a contiguous last dimension (written in place)")
+    x = last_contiguous(x)
+    # broadcast tables keep stride 0 along the rows (one rotation for every token)
+    cos, sin = (t.expand(1, length, 1, dim)[0, :, 0] for t in (cos, sin))
+    if x.numel() == 0:
+        return
+    block = 64
+    _rope_kernel[(triton.cdiv(length, block), heads, batch)](
+        x, out, cos, sin, length, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
+        out.stride(2), *cos.stride(), *sin.stride(), D=dim, BLOCK=block, num_warps=4,
+    )
+
+
+def _rope_impl(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
+    _rope_launch(x, cos, sin, out)
+
+
+# An opaque op under torch.compile, like the RoPE step below.
+_rope_op = torch.library.custom_op("diffusers_hybrid::apply_rope", mutates_args=("out",))(_rope_impl)
+
+
+@_rope_op.register_fake
+def _(x, cos, sin, out):
+    return None
+
+
+@torch.no_grad()
+def apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Triton version of [`apply_rope_naive`] (same arguments and result), one launch: float32 math, one read of `x`
+    and one write of `out` (`out` may be `x`, or a view with a contiguous last dimension). Runs as the custom op
+    `diffusers_hybrid::apply_rope` under torch.compile."""
+    check_rope_args(x, cos, sin, out)
+    if out is None:
+        out = new_empty_like(x)
+    if torch.compiler.is_compiling():
+        _rope_op(x, cos, sin, out)
+    else:  # eager: skip the dispatcher
+        _rope_launch(x, cos, sin, out)
+    return out
 
 
 def _window_result_shapes(query, window_key, pool_block_size, first_pooled_key_block, memory_kmean):
@@ -229,4 +287,4 @@ def rope_chunk_into_window_triton(
             denominator if memory_kmean is not None else None)
 
 
-__all__ = ["ROPE_CONFIG", "rope_chunk_into_window_triton"]
+__all__ = ["ROPE_CONFIG", "apply_rope_triton", "rope_chunk_into_window_triton"]
