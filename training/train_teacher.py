@@ -135,6 +135,13 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--start_away_span", type=float, default=0.3)
     parser.add_argument(
+        "--counterfactual_pairs",
+        action="store_true",
+        help="Build every batch of pairs: a clip and its twin whose objects move the opposite way from the same starts "
+        "(so the same first frame), noised with the same noise at the same level. Within a pair only the caption's "
+        "direction tells the two targets apart. Needs an even --train_batch_size.",
+    )
+    parser.add_argument(
         "--motion_weight",
         type=float,
         default=0.0,
@@ -203,6 +210,8 @@ def parse_args(input_args=None):
     if not 0 <= args.start_away_fraction <= 1 or not 0 < args.start_away_span <= 1:
         parser.error(f"--start_away_fraction must lie in [0, 1] and --start_away_span in (0, 1], got "
                      f"{args.start_away_fraction} and {args.start_away_span}")
+    if args.counterfactual_pairs and args.train_batch_size % 2:
+        parser.error(f"--counterfactual_pairs needs an even --train_batch_size, got {args.train_batch_size}")
     args.local_rank = int(os.environ.get("LOCAL_RANK", -1))
     return args
 
@@ -230,6 +239,28 @@ def start_away_from_heading_walls(spec: SceneSpec, span: float) -> SceneSpec:
     return candidate
 
 
+def reverse_directions(spec: SceneSpec) -> SceneSpec:
+    """The same scene (seed and starts, hence the same first frame) with every object moving the opposite way; the
+    caption says so."""
+    opposite = {step: name for name, step in DIRECTIONS.items()}
+    objects = tuple(
+        dataclasses.replace(obj, direction=opposite[tuple(-s for s in DIRECTIONS[obj.direction])])
+        for obj in spec.attrs.objects
+    )
+    return dataclasses.replace(spec, attrs=dataclasses.replace(spec.attrs, objects=objects))
+
+
+def with_counterfactual_twins(specs: list[SceneSpec]) -> list[SceneSpec]:
+    """`[a, reversed(a), b, reversed(b), ...]` (see [`reverse_directions`])."""
+    return [s for spec in specs for s in (spec, reverse_directions(spec))]
+
+
+def share_within_pairs(*tensors: torch.Tensor) -> None:
+    """Copies each even row (dim 0) over the odd row after it, in place: one draw per counterfactual pair."""
+    for t in tensors:
+        t[1::2] = t[0::2]
+
+
 class LatentSource:
     """Clips of the training split as normalised VAE latents: encoded per batch, or once into a cache."""
 
@@ -243,24 +274,32 @@ class LatentSource:
         self.cache = None
         if args.latent_cache_size > 0:
             lat, prompts = [], []
+            per_scene = 2 if args.counterfactual_pairs else 1  # a scene and its twin take consecutive rows
             specs = scene_specs(
                 "train",
-                args.latent_cache_size,
+                args.latent_cache_size // per_scene,
                 base_seed=args.seed * 1000 + rank,
                 two_object_prob=args.two_object_prob,
             )
-            for i in tqdm(range(0, len(specs), 32), desc="Encoding latent cache", disable=rank != 0):
-                chunk = specs[i : i + 32]
-                lat.append(self._encode(chunk))
-                prompts += [s.prompt for s in chunk]
+            step = 32 // per_scene
+            for i in tqdm(range(0, len(specs), step), desc="Encoding latent cache", disable=rank != 0):
+                latents, chunk_prompts = self._encode(specs[i : i + step])
+                lat.append(latents)
+                prompts += chunk_prompts
             self.cache = (torch.cat(lat), prompts)
 
     @torch.no_grad()
     def _encode(self, specs):
+        """Normalised latents of the clips of `specs` (each followed by its twin with `--counterfactual_pairs`), and
+        their captions."""
         if self.args.start_away_fraction > 0:
             away = self.rng.random(len(specs)) < self.args.start_away_fraction
             specs = [start_away_from_heading_walls(s, self.args.start_away_span) if a else s for s, a in zip(specs, away)]
+        if self.args.counterfactual_pairs:
+            specs = with_counterfactual_twins(specs)
         starts = self.rng.integers(0, max(1, self.args.max_start_frame), size=len(specs)).tolist()
+        if self.args.counterfactual_pairs:
+            starts[1::2] = starts[0::2]
         x = render_batch(
             specs,
             self.args.num_frames,
@@ -271,33 +310,36 @@ class LatentSource:
         )
         with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32):
             z = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode()
-        return (z.float() - self.mean) * self.inv_std
+        return (z.float() - self.mean) * self.inv_std, [s.prompt for s in specs]
 
     def batch(self, step: int, batch_size: int):
         every = self.args.latent_cache_refresh_every
+        per_scene = 2 if self.args.counterfactual_pairs else 1  # clips per sampled scene
         if self.cache is not None and every and step % every == 0:
-            n = min(32, len(self.cache[1]))
+            n = min(32, len(self.cache[1])) // per_scene * per_scene
             specs = scene_specs(
                 "train",
-                n,
+                n // per_scene,
                 base_seed=hash((self.args.seed, step, self.rank, 5)) % (2**31),
                 two_object_prob=self.args.two_object_prob,
             )
             slot = (step // every * n) % len(self.cache[1])
             idx = [(slot + j) % len(self.cache[1]) for j in range(n)]
-            self.cache[0][idx] = self._encode(specs)
-            for j, sp in zip(idx, specs):
-                self.cache[1][j] = sp.prompt
+            self.cache[0][idx], prompts = self._encode(specs)
+            for j, prompt in zip(idx, prompts):
+                self.cache[1][j] = prompt
         if self.cache is not None:
-            idx = torch.from_numpy(self.rng.integers(0, len(self.cache[1]), size=batch_size)).to(self.cache[0].device)
+            scenes = self.rng.integers(0, len(self.cache[1]) // per_scene, size=batch_size // per_scene)
+            idx = torch.from_numpy(scenes[:, None] * per_scene + np.arange(per_scene)).flatten()
+            idx = idx.to(self.cache[0].device)
             return self.cache[0][idx], [self.cache[1][i] for i in idx.tolist()]
         specs = scene_specs(
             "train",
-            batch_size,
+            batch_size // per_scene,
             base_seed=hash((self.args.seed, step, self.rank)) % (2**31),
             two_object_prob=self.args.two_object_prob,
         )
-        return self._encode(specs), [s.prompt for s in specs]
+        return self._encode(specs)
 
 
 def sample_sigmas(n, args, generator, device):
@@ -661,6 +703,8 @@ def main(args):
                 text = encode_prompts(tokenizer, text_encoder_p, prompts, args.max_sequence_length, device=device)
             noise = torch.randn(x0.shape, generator=generator).to(device)
             sigma = sample_frame_sigmas(x0.shape[0], x0.shape[2], args, generator, device)
+            if args.counterfactual_pairs:
+                share_within_pairs(noise, sigma)
             s = sigma.view(x0.shape[0], 1, x0.shape[2], 1, 1)
             xt = (1 - s) * x0 + s * noise
             timestep = token_timesteps(sigma, x0.shape, accelerator.unwrap_model(transformer_p).config.patch_size)

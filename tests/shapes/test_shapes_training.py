@@ -73,6 +73,7 @@ def test_train_teacher_two_steps_checkpoints_and_resume(repo_root, accelerate_co
             "1",
             "--start_away_fraction",
             "1",
+            "--counterfactual_pairs",
         ],
     )
     # checkpoint rotation (limit 1: only the last), EMA of both trained models, final pipeline, card, validation
@@ -378,3 +379,44 @@ def test_teacher_start_away_from_heading_walls(repo_root):
         script.parse_args(base + ["--start_away_fraction", "1.5"])
     with pytest.raises(SystemExit):
         script.parse_args(base + ["--start_away_span", "0"])
+
+
+def test_teacher_counterfactual_pairs(repo_root):
+    """`--counterfactual_pairs`: each scene is followed by its twin whose objects start where they do and move the
+    opposite way (the caption says so, the first frame is the same, later frames differ); pairs share their noise and
+    noise level; an odd batch is refused."""
+    import importlib.util
+
+    import numpy as np
+
+    from diffusers_hybrid.shapes.domain import DIRECTIONS, SceneSpec, parse_caption, render_batch, sample_scene
+
+    spec = importlib.util.spec_from_file_location("train_teacher", os.path.join(repo_root, "training", "train_teacher.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rng = np.random.default_rng(1)
+    scenes = [SceneSpec(sample_scene(rng, "train", two_object_prob=0.5), seed=seed) for seed in range(40)]
+    paired = script.with_counterfactual_twins(scenes)
+    assert len(paired) == 80 and paired[0::2] == scenes
+    for scene, twin in zip(paired[0::2], paired[1::2]):
+        assert twin.starts == scene.starts and twin.attrs.split == "train"
+        assert script.reverse_directions(twin) == scene
+        parsed = parse_caption(twin.prompt).objects
+        for obj, twin_obj, track, twin_track in zip(scene.attrs.objects, parsed, scene.object_tracks(9, 128, 128),
+                                                    twin.object_tracks(9, 128, 128)):
+            assert DIRECTIONS[twin_obj.direction] == tuple(-s for s in DIRECTIONS[obj.direction])
+            assert (twin_obj.shape, twin_obj.color, twin_obj.size, twin_obj.speed) == (obj.shape, obj.color, obj.size,
+                                                                                     obj.speed)
+            np.testing.assert_allclose(twin_track["velocity"], [-v for v in track["velocity"]])
+            np.testing.assert_allclose(twin_track["centers"][0], track["centers"][0])
+    video = render_batch(paired[:2], 9, 128, 128)
+    assert torch.equal(video[0, :, 0], video[1, :, 0]) and not torch.equal(video[0, :, 8], video[1, :, 8])
+    noise, sigma = torch.randn(6, 4, 3), torch.rand(6, 3)
+    before = noise.clone()
+    script.share_within_pairs(noise, sigma)
+    assert torch.equal(noise[0::2], before[0::2]) and torch.equal(noise[1::2], noise[0::2])
+    assert torch.equal(sigma[1::2], sigma[0::2])
+    base = ["--pretrained_model_name_or_path", "unused", "--counterfactual_pairs"]
+    assert script.parse_args(base + ["--train_batch_size", "4"]).counterfactual_pairs
+    with pytest.raises(SystemExit):
+        script.parse_args(base + ["--train_batch_size", "3"])
