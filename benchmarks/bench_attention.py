@@ -262,12 +262,12 @@ def time_shape(shape_name, shape, ratios=RATIOS, flex=False):
     gt = g.transpose(1, 2)
     best_dense_fwd, best_dense_fb = math.inf, math.inf
     for backend in ("cudnn", "flash"):
-        fwd, fb = sdpa_fns(q, k, v, backend)
-        ms = safe(f"sdpa {backend} fwd", lambda: bench(lambda: fwd()))
+        dense_fwd, dense_fb = sdpa_fns(q, k, v, backend)
+        ms = safe(f"sdpa {backend} fwd", lambda: bench(lambda: dense_fwd()))
         if ms:
             record(shape_name, f"sdpa_{backend}", 1.0, "fwd", ms, dense_flops, dense_flops)
             best_dense_fwd = min(best_dense_fwd, ms)
-        ms = safe(f"sdpa {backend} fwd+bwd", lambda: bench(fb(gt)))
+        ms = safe(f"sdpa {backend} fwd+bwd", lambda: bench(dense_fb(gt)))
         if ms:
             record(shape_name, f"sdpa_{backend}", 1.0, "fwd+bwd", ms, 3.5 * dense_flops, 3.5 * dense_flops)
             best_dense_fb = min(best_dense_fb, ms)
@@ -310,7 +310,7 @@ def time_shape(shape_name, shape, ratios=RATIOS, flex=False):
         summary[f"speedup_{mode}_r{ratio}"] = base / row["ms"]
     RESULTS.setdefault("summary", []).append(summary)
     log("  summary", json.dumps(summary))
-    del q, k, v, g
+    q = k = v = g = None  # free this shape's inputs before the next one (the closures above are done)
     sync(empty=True)
 
 

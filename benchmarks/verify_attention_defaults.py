@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from diffusers_hybrid.ops.block_sparse_attention import triton_kernel as bsa
 from diffusers_hybrid.ops.linear_memory.naive import linear_memory_read_naive
 

@@ -1076,7 +1076,13 @@ class Trainer:
     # -----------------------------------------------------------------------------------------------------------------
     def generator_step(self) -> dict:
         from diffusers_hybrid.training_utils import (
-            add_noise, dmd_loss, euler_ode_solve, flow_sigmas, flow_to_x0, guided_velocity, regression_loss,
+            add_noise,
+            dmd_loss,
+            euler_ode_solve,
+            flow_sigmas,
+            flow_to_x0,
+            guided_velocity,
+            regression_loss,
         )
 
         args, acc = self.args, self.accelerator

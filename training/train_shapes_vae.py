@@ -23,7 +23,6 @@ import diffusers
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -34,8 +33,8 @@ from tqdm.auto import tqdm
 check_min_version("0.42.0")
 
 from diffusers_hybrid.shapes.domain import render_batch, scene_specs  # noqa: E402
-from diffusers_hybrid.training_utils import save_rotated_checkpoint, time_budget_lr_scheduler  # noqa: E402
 from diffusers_hybrid.shapes.video_io import ffmpeg_available, try_write_video  # noqa: E402
+from diffusers_hybrid.training_utils import save_rotated_checkpoint, time_budget_lr_scheduler  # noqa: E402
 
 logger = get_logger(__name__)
 

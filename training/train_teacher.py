@@ -49,14 +49,14 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 check_min_version("0.42.0")
 
 from diffusers_hybrid.shapes.domain import DIRECTIONS, SceneSpec, render_batch, scene_specs  # noqa: E402
+from diffusers_hybrid.shapes.text import encode_prompts  # noqa: E402
+from diffusers_hybrid.shapes.video_io import ffmpeg_available, try_write_video  # noqa: E402
 from diffusers_hybrid.training_utils import (  # noqa: E402
     deepen_transformer,
     repatch_transformer,
     save_rotated_checkpoint,
     time_budget_lr_scheduler,
 )
-from diffusers_hybrid.shapes.text import encode_prompts  # noqa: E402
-from diffusers_hybrid.shapes.video_io import ffmpeg_available, try_write_video  # noqa: E402
 
 logger = get_logger(__name__)
 

@@ -35,14 +35,17 @@ def __dir__():
     return __all__
 
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .attention_processors import HybridForcingAttnProcessor, HybridForcingCrossAttnProcessor
-    from .cache import HybridCache, HybridLayerCache
-    from .models.transformer_hybrid_forcing import HybridForcingTransformer3DModel, HybridForcingTransformerOutput
-    from .pipelines.pipeline_streaming_hybrid import (
+if TYPE_CHECKING:  # pragma: no cover  # the names of __all__, for type checkers (loaded lazily above)
+    from .attention_processors import HybridForcingAttnProcessor, HybridForcingCrossAttnProcessor  # noqa: F401
+    from .cache import HybridCache, HybridLayerCache  # noqa: F401
+    from .models.transformer_hybrid_forcing import (  # noqa: F401
+        HybridForcingTransformer3DModel,
+        HybridForcingTransformerOutput,
+    )
+    from .pipelines.pipeline_streaming_hybrid import (  # noqa: F401
         StreamingHybridChunk,
         StreamingHybridPipeline,
         StreamingHybridPipelineOutput,
         StreamingHybridSession,
     )
-    from .video.streaming_vae import StreamingWanDecoder
+    from .video.streaming_vae import StreamingWanDecoder  # noqa: F401

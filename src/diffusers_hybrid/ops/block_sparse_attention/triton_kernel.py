@@ -52,9 +52,8 @@ if not torch.cuda.is_available():  # CPU only: run the kernels through Triton's 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from ..utils import last_contiguous, new_empty, new_empty_like  # noqa: E402
-
 from ..linear_memory.naive import check_memory_query  # noqa: E402
+from ..utils import last_contiguous, new_empty, new_empty_like  # noqa: E402
 from .naive import check_pooled_blocks, check_pooled_key_prefix, num_selected_blocks  # noqa: E402
 
 try:  # Hopper bulk-tensor copies (TMA); optional.
