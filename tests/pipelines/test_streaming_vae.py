@@ -155,6 +155,10 @@ def test_fused_decoder_matches_diffusers_path(frames_per_call, sizes, norm_kerne
         got.append(fused.decode(chunk))
     del vae.decoder.forward
     assert fused._steady is not None and len(fused._steady._subpixel) == 3  # the upsamplings in sub-pixel form
+    # copies only of the convolutions the steady-state forward runs itself: every 3D one, no 2D one (the attention's
+    # 1x1 convolutions run inside diffusers' module, the upsampling ones in sub-pixel form)
+    conv3d = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert set(fused._steady._weights) == set(conv3d)
     assert len(steady_calls) <= 1  # at most the call that fills the cache (the second latent frame of the stream)
     for a, b in zip(got, expected):
         assert a.shape == b.shape

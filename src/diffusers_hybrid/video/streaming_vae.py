@@ -97,16 +97,19 @@ class _SteadyStateDecoder:
         self._weights = {}
         self._norms = {}
         self._subpixel = {}
+        # re-laid-out copies of the convolutions this forward runs itself (not the mid block's attention, which runs
+        # as diffusers' module, nor the upsampling convolutions that run in sub-pixel form)
         for module in decoder.modules():
             if isinstance(module, torch.nn.Conv3d):
                 self._weights[module] = module.weight.detach().contiguous(memory_format=memory_format)
-            elif isinstance(module, torch.nn.Conv2d):
-                self._weights[module] = module.weight.detach().contiguous(memory_format=frame_format)
-            if SUBPIXEL_UPSAMPLING and getattr(module, "mode", None) in ("upsample2d", "upsample3d"):
+            elif getattr(module, "mode", None) in ("upsample2d", "upsample3d"):
                 upsample, conv = module.resample
-                if _is_2x_nearest(upsample) and conv.kernel_size == (3, 3) and conv.padding == (1, 1):
+                if SUBPIXEL_UPSAMPLING and _is_2x_nearest(upsample) and conv.kernel_size == (3, 3) and \
+                        conv.padding == (1, 1):
                     self._subpixel[conv] = [[k.contiguous(memory_format=frame_format) for k in row]
                                             for row in _subpixel_kernels(conv.weight.detach())]
+                else:
+                    self._weights[conv] = conv.weight.detach().contiguous(memory_format=frame_format)
         # the entries diffusers' forward consumes, in its order: each is the last CACHE_FRAMES time steps of the input
         # of one causal convolution; copied once into fixed buffers that the calls below update in place
         self.cache = [
