@@ -272,9 +272,10 @@ class LatentSource:
         self.inv_std = 1.0 / torch.tensor(cfg.latents_std, device=device).view(1, -1, 1, 1, 1)
         self.rng = np.random.default_rng([args.seed, rank, 17])
         self.cache = None
+        # clips per sampled scene: with --counterfactual_pairs a scene and its twin, in consecutive rows
+        self.clips_per_scene = per_scene = 2 if args.counterfactual_pairs else 1
         if args.latent_cache_size > 0:
             lat, prompts = [], []
-            per_scene = 2 if args.counterfactual_pairs else 1  # a scene and its twin take consecutive rows
             specs = scene_specs(
                 "train",
                 args.latent_cache_size // per_scene,
@@ -314,7 +315,7 @@ class LatentSource:
 
     def batch(self, step: int, batch_size: int):
         every = self.args.latent_cache_refresh_every
-        per_scene = 2 if self.args.counterfactual_pairs else 1  # clips per sampled scene
+        per_scene = self.clips_per_scene
         if self.cache is not None and every and step % every == 0:
             n = min(32, len(self.cache[1])) // per_scene * per_scene
             specs = scene_specs(

@@ -140,12 +140,8 @@ def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: tor
     )
 
 
-def _rope_impl(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
-    _rope_launch(x, cos, sin, out)
-
-
 # An opaque op under torch.compile, like the RoPE step below.
-_rope_op = torch.library.custom_op("diffusers_hybrid::apply_rope", mutates_args=("out",))(_rope_impl)
+_rope_op = torch.library.custom_op("diffusers_hybrid::apply_rope", mutates_args=("out",))(_rope_launch)
 
 
 @_rope_op.register_fake
