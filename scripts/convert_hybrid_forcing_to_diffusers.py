@@ -54,11 +54,10 @@ def main(argv=None):
         for k in ("attention_mode", "sink_frames", "local_attn_frames", "sparse_topk_ratio", "rope_mode")
         if getattr(args, k) is not None
     }
+    # `torch_dtype` leaves the modules diffusers keeps in float32 (norms, time embedder, ...) in float32
     model = HybridForcingTransformer3DModel.from_original_checkpoint(
-        args.checkpoint_path, config=args.config, use_ema=args.use_ema, **overrides
+        args.checkpoint_path, config=args.config, use_ema=args.use_ema, torch_dtype=DTYPES[args.dtype], **overrides
     )
-    if args.dtype != "fp32":
-        model = model.to(DTYPES[args.dtype])
     model.save_pretrained(args.output_path, max_shard_size=args.max_shard_size)
     print(f"Saved {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) "
           f"to {args.output_path}")

@@ -36,6 +36,16 @@ def _normalize_device(device) -> torch.device:
     if device.type == "cpu":
         return torch.device("cpu")
     return device
+
+
+def _version_of(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; `None` where there is none to read: inference-mode tensors, and code
+    that `torch.compile` traces (it cannot guard on the counter)."""
+    if torch.compiler.is_compiling() or tensor.is_inference():
+        return None
+    return tensor._version
+
+
 ROPE_MODES = ("relative", "absolute")
 
 
@@ -462,6 +472,7 @@ class HybridCache:
         self.frames_written = 0
         self.memory_tokens = 0
         self._text_source: torch.Tensor | None = None
+        self._text_key: tuple | None = None
 
     def __getitem__(self, index: int) -> HybridLayerCache:
         return self.layers[index]
@@ -482,11 +493,20 @@ class HybridCache:
         return total
 
     # --- text cross-attention K/V ------------------------------------------------------------------------------
-    def text_is_cached(self, encoder_hidden_states: torch.Tensor) -> bool:
-        return self._text_source is encoder_hidden_states and self.layers[0].text_key is not None
+    def text_is_cached(self, encoder_hidden_states: torch.Tensor, weights_state: tuple | None = ()) -> bool:
+        """Whether the layers hold the cross-attention K/V of this very tensor, unchanged since (same version
+        counter), computed with weights in `weights_state` (the model's LoRA state, see `set_text_source`; `None`
+        leaves the weights to the caller)."""
+        if self._text_source is not encoder_hidden_states or self.layers[0].text_key is None:
+            return False
+        version, state = self._text_key
+        return version == _version_of(encoder_hidden_states) and (weights_state is None or state == weights_state)
 
-    def set_text_source(self, encoder_hidden_states: torch.Tensor | None) -> None:
+    def set_text_source(self, encoder_hidden_states: torch.Tensor | None, weights_state: tuple = ()) -> None:
+        """Records which prompt tensor (and which state of the weights that project it) the text K/V came from;
+        `None` forgets them."""
         self._text_source = encoder_hidden_states
+        self._text_key = None if encoder_hidden_states is None else (_version_of(encoder_hidden_states), weights_state)
         if encoder_hidden_states is None:
             for layer in self.layers:
                 layer.text_key = layer.text_value = None
@@ -501,7 +521,7 @@ class HybridCache:
             layer.reset()
         self.frames_written = 0
         self.memory_tokens = 0
-        self._text_source = None
+        self.set_text_source(None)
 
     def to(self, device=None, dtype=None) -> "HybridCache":
         """Moves the buffers; `dtype` applies to K/V (the linear memory stays float32)."""

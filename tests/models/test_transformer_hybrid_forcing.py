@@ -450,6 +450,17 @@ def test_conversion_script(tmp_path):
     loaded = HybridForcingTransformer3DModel.from_pretrained(out)
     for (name, a), (_, b) in zip(loaded.state_dict().items(), source.state_dict().items()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    # bf16: the modules diffusers keeps in float32 are stored in float32, as `from_pretrained(torch_dtype=...)` has them
+    subprocess.run(
+        [sys.executable, script, "--checkpoint_path", str(path), "--config", str(config), "--output_path",
+         str(tmp_path / "bf16"), "--dtype", "bf16"],
+        check=True, capture_output=True,
+    )
+    from safetensors.torch import load_file
+
+    stored = {k: v.dtype for f in (tmp_path / "bf16").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert stored["blocks.0.attn1.to_q.weight"] == torch.bfloat16
+    assert stored["scale_shift_table"] == stored["blocks.0.norm2.weight"] == torch.float32
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -526,6 +537,115 @@ def test_lora_adapters_attach_and_change_output():
     torch.testing.assert_close(disabled, before, atol=1e-6, rtol=1e-6)
 
 
+def test_text_cache_follows_lora_state_and_in_place_edits():
+    from peft import LoraConfig
+
+    model = _hybrid("hybrid")
+    # on the text K/V projections only, so that the self-attention cache does not depend on the LoRA state
+    targets = ["attn2.to_k", "attn2.to_v"]
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    x, t, text = _inputs(frames=6)
+
+    def second_chunk(cache, **kwargs):
+        return model(x[:, :, 3:], t[:, 3:], text, cache=cache, frame_offset=3, cache_mode="read", **kwargs).sample
+
+    def recomputed(**kwargs):  # the same read pass with the text K/V computed for it
+        reference.reset_text()
+        return second_chunk(reference, **kwargs)
+
+    with torch.no_grad():
+        cache, reference = model.init_cache(2, LATENT_H, LATENT_W), model.init_cache(2, LATENT_H, LATENT_W)
+        for c in (cache, reference):  # the first chunk, under the default LoRA state
+            model(x[:, :, :3], t[:, :3], text, cache=c, cache_mode="write")
+        scaled = second_chunk(cache, attention_kwargs={"scale": 0.0})
+        torch.testing.assert_close(scaled, recomputed(attention_kwargs={"scale": 0.0}), atol=0, rtol=0)
+        model.disable_adapters()
+        disabled = second_chunk(cache)
+        torch.testing.assert_close(disabled, recomputed(), atol=0, rtol=0)
+        model.enable_adapters()
+        enabled = second_chunk(cache)
+        torch.testing.assert_close(enabled, recomputed(), atol=0, rtol=0)
+        assert (enabled - disabled).abs().max() > 1e-3 and (enabled - scaled).abs().max() > 1e-3
+        text.mul_(-1.0)  # edited in place: the same object, other values
+        edited = second_chunk(cache)
+        torch.testing.assert_close(edited, recomputed(), atol=0, rtol=0)
+        assert (edited - enabled).abs().max() > 1e-3
+
+
+def test_cuda_graph_signature_follows_lora_state_and_scale():
+    """A captured graph keeps the LoRA scales of its capture: any change must make the replayer capture again."""
+    from peft import LoraConfig
+
+    from diffusers_hybrid.utils.cuda_graphs import CUDAGraphPass
+
+    model = _hybrid("hybrid")
+    x, t, text = _inputs(frames=3)
+    cache = model.init_cache(2, LATENT_H, LATENT_W)
+    cache.device = torch.device("cuda")  # only the replayer's bookkeeping runs here, on CPU
+    graphs = CUDAGraphPass(model, cache)
+    cache.device = torch.device("cpu")
+    plain = graphs._signature(3, text)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    with_lora = graphs._signature(3, text)
+    assert with_lora != plain and graphs._signature(3, text, {"scale": 0.5}) != with_lora
+    model.disable_adapters()
+    assert graphs._signature(3, text) != with_lora
+    model.enable_adapters()
+    assert graphs._signature(3, text) == with_lora
+    with torch.no_grad():
+        model(x, t, text, cache=cache, cache_mode="write")
+    assert cache.text_is_cached(text, weights_state=None)
+    text.add_(1.0)  # an in-place edit: the text K/V are no longer this tensor's, so no replay
+    assert not cache.text_is_cached(text, weights_state=None) and not graphs.steady(3, text)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_write_pass_with_gradients_in_every_mode(mode):
+    model = _hybrid(mode).train()
+    x, t, text = _inputs(frames=15)
+    cache = model.init_cache(2, LATENT_H, LATENT_W)
+    for start in range(0, 15, 3):  # the hybrid commits from chunk 2 on update the memory the pass read
+        model.zero_grad()
+        model(x[:, :, start:start + 3], t[:, start:start + 3], text, cache=cache, frame_offset=start,
+              cache_mode="write").sample.square().mean().backward()
+        assert model.blocks[0].attn1.to_q.weight.grad.abs().sum() > 0
+    assert cache.memory_frames > 0 if mode == "hybrid" else cache.memory_frames == 0
+
+
+def test_dtype_casts_keep_float32_modules_and_rope_tables(tmp_path):
+    wan = _wan()
+    wan.save_pretrained(tmp_path)
+    wan_bf16 = WanTransformer3DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    loaded = HybridForcingTransformer3DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16, **TINY_HYBRID)
+    converted = HybridForcingTransformer3DModel.from_wan(wan_bf16, **TINY_HYBRID)  # dtype from the bf16 Wan
+    explicit = HybridForcingTransformer3DModel.from_wan(wan, torch_dtype=torch.bfloat16, **TINY_HYBRID)
+    original = HybridForcingTransformer3DModel.from_original_checkpoint(
+        _to_original(wan.state_dict()), attention_head_dim=12, torch_dtype=torch.bfloat16, **TINY_HYBRID
+    )
+    expected = {name: p.dtype for name, p in loaded.named_parameters()}
+    assert expected["blocks.0.attn1.to_q.weight"] == torch.bfloat16
+    assert expected["scale_shift_table"] == expected["condition_embedder.time_embedder.linear_1.weight"] == torch.float32
+    for model in (converted, explicit, original):
+        assert {name: p.dtype for name, p in model.named_parameters()} == expected
+        assert model.rope.freqs_cos.dtype == torch.float32
+    x, t, text = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x.bfloat16(), t, text.bfloat16()).sample,
+                                   loaded(x.bfloat16(), t, text.bfloat16()).sample, atol=0, rtol=0)
+    # a plain `.to(bf16)` keeps the RoPE tables float32 and exact
+    tables = (explicit.rope.freqs_cos.clone(), explicit.rope.freqs_sin.clone())
+    model = _hybrid("hybrid").to(torch.bfloat16)
+    assert model.rope.freqs_cos.dtype == model.rope.freqs_sin.dtype == torch.float32
+    torch.testing.assert_close((model.rope.freqs_cos, model.rope.freqs_sin), tables, atol=0, rtol=0)
+
+
+def test_from_pretrained_output_loading_info(tmp_path):
+    _wan().save_pretrained(tmp_path)
+    model, info = HybridForcingTransformer3DModel.from_pretrained(tmp_path, output_loading_info=True, **TINY_HYBRID)
+    assert isinstance(model, HybridForcingTransformer3DModel) and not model.blocks[0].attn1.linear_proj.weight.is_meta
+    assert any("linear_proj" in key for key in info["missing_keys"])
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------------------------------
@@ -559,6 +679,12 @@ def test_bad_inputs_raise_clear_errors():
         HybridForcingTransformer3DModel(**TINY_WAN, local_attn_frames=2, num_frame_per_block=3)
     with pytest.raises(ValueError, match="max_rope_frames"):
         HybridForcingTransformer3DModel(**TINY_WAN, max_rope_frames=6)
+    # clamped window keys would share the sink's temporal positions (sink 4 + window 6 > 9)
+    with pytest.raises(ValueError, match="sink \\+ window = 10"):
+        HybridForcingTransformer3DModel(**TINY_WAN, sink_frames=4, local_attn_frames=6, max_rope_frames=9)
+    with pytest.raises(ValueError, match="sink \\+ window = 9"):
+        HybridForcingTransformer3DModel(**TINY_WAN, attention_mode="window", sink_frames=3, local_attn_frames=6,
+                                        max_rope_frames=6)
     with pytest.raises(ValueError, match="kernel"):
         model.set_attention_kernel("cuda")
     absolute = _hybrid("window", rope_mode="absolute", rope_max_seq_len=8, max_rope_frames=8, local_attn_frames=3,

@@ -141,16 +141,22 @@ class HybridForcingRotaryPosEmbed(nn.Module):
         self.t_dim = attention_head_dim - self.h_dim - self.w_dim
         self.patch_size = patch_size
         self.max_seq_len = max_seq_len
+        self.theta = theta
+        cos, sin = self._build_tables()
+        self.register_buffer("freqs_cos", cos, persistent=False)
+        self.register_buffer("freqs_sin", sin, persistent=False)
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _build_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = [], []
         for dim in (self.t_dim, self.h_dim, self.w_dim):
             c, s = get_1d_rotary_pos_embed(
-                dim, max_seq_len, theta, use_real=True, repeat_interleave_real=True, freqs_dtype=torch.float64
+                dim, self.max_seq_len, self.theta, use_real=True, repeat_interleave_real=True,
+                freqs_dtype=torch.float64,
             )
             cos.append(c)
             sin.append(s)
-        self.register_buffer("freqs_cos", torch.cat(cos, dim=1).float(), persistent=False)
-        self.register_buffer("freqs_sin", torch.cat(sin, dim=1).float(), persistent=False)
-        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        return torch.cat(cos, dim=1).float(), torch.cat(sin, dim=1).float()
 
     def forward(self, positions: list[int], height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """
@@ -182,7 +188,13 @@ class HybridForcingRotaryPosEmbed(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._tables = {}
-        return super()._apply(fn, recurse)
+        super()._apply(fn, recurse)
+        if self.freqs_cos.dtype != torch.float32:
+            # a `.to(dtype)` of the model: the tables stay float32 (the official ones are float64), rebuilt exactly
+            cos, sin = self._build_tables()
+            self.freqs_cos = cos.to(self.freqs_cos.device)
+            self.freqs_sin = sin.to(self.freqs_sin.device)
+        return self
 
 
 class HybridForcingAttention(WanAttention):
@@ -380,6 +392,13 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
                     f"`max_rope_frames`={c.max_rope_frames} is too small for a window of {layout.window_frames} "
                     f"frames{' plus the memory' if layout.use_memory else ''}: it must be >= {need}."
                 )
+            # clamped window keys end at `max_rope_frames` - 1; below the sink's they would share its positions
+            if c.max_rope_frames < layout.sink_frames + layout.window_frames:
+                raise ValueError(
+                    f"`max_rope_frames`={c.max_rope_frames} would give window keys the temporal RoPE positions of the "
+                    f"{layout.sink_frames} sink frames: it must be >= sink + window = "
+                    f"{layout.sink_frames + layout.window_frames}."
+                )
 
     def set_attention_mode(self, attention_mode: str, **attention_config) -> None:
         """
@@ -455,10 +474,17 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
         model = cls.from_config({**config, **hybrid_config})
         state_dict = wan.state_dict()
         model._load_checked(state_dict, allow_missing_new=True)
-        reference = next(wan.parameters())
-        dtype = torch_dtype if torch_dtype is not None else reference.dtype
-        model = model.to(reference.device)
-        return model if dtype == torch.float32 else model.to(dtype)
+        # `wan.dtype` skips the modules Wan keeps in float32 (its first parameter is one of them)
+        model = model.to(wan.device)
+        return model._cast_keeping_fp32_modules(torch_dtype if torch_dtype is not None else wan.dtype)
+
+    def _cast_keeping_fp32_modules(self, dtype: torch.dtype) -> "HybridForcingTransformer3DModel":
+        """`self.to(dtype)` leaving `_keep_in_fp32_modules` in float32, as `from_pretrained(torch_dtype=...)` does."""
+        keep = set(self._keep_in_fp32_modules)
+        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(torch.float32 if keep.intersection(name.split(".")) else dtype)
+        return self
 
     def _load_checked(self, state_dict: dict[str, torch.Tensor], allow_missing_new: bool) -> None:
         """`load_state_dict` that raises on unknown keys and on missing keys other than the new parameters (which are
@@ -513,9 +539,7 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
         base = cls._resolve_config(config, state_dict, hybrid_config.get("attention_head_dim", 128))
         model = cls.from_config({**base, **hybrid_config})
         model._load_checked(state_dict, allow_missing_new=True)
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
-        return model
+        return model if torch_dtype is None else model._cast_keeping_fp32_modules(torch_dtype)
 
     @staticmethod
     def _read_original_state_dict(source, use_ema: bool) -> dict[str, torch.Tensor]:
@@ -583,9 +607,10 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """[`~diffusers.ModelMixin.from_pretrained`], plus: a checkpoint without `linear_proj` (a Wan or stage-1
         checkpoint) gets it explicitly zeroed instead of left on the meta device or uninitialised."""
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info)
         model._materialize_missing_new_parameters()
-        return model
+        return loaded
 
     def _materialize_missing_new_parameters(self) -> None:
         zeroed = []
@@ -622,7 +647,10 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
 
         Args:
             batch_size (`int`), latent_height / latent_width (`int`): the latent video size (tokens per frame derive
-                from them). device / dtype: default to the model's.
+                from them).
+            device, dtype: default to the model's. A pass checks that the cache's dtype is the one its self-attention
+                weights have then: give `dtype` only where they differ from the stored weights at run time (FSDP mixed
+                precision casts them for compute).
         """
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
@@ -637,6 +665,26 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
             for _ in range(self.config.num_layers)
         ]
         return HybridCache(layout, layers, batch_size, latent_height, latent_width, grid_h * grid_w, device, dtype)
+
+    def _lora_state(self, text_only: bool = False) -> tuple:
+        """The LoRA state of the layers (active, disabled and merged adapters, and their scales, which
+        `attention_kwargs["scale"]` sets for a forward), of all of them or of those that make the cached text K/V
+        (text embedder, cross-attention K/V projections); `()` without PEFT adapters."""
+        if not getattr(self, "_hf_peft_config_loaded", False):
+            return ()
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if text_only:
+            projections = [proj for block in self.blocks for proj in (block.attn2.to_k, block.attn2.to_v)]
+            modules = [*self.condition_embedder.text_embedder.modules(), *projections]
+        else:
+            modules = self.modules()
+        return tuple(
+            (tuple(m.active_adapters), m.disable_adapters, tuple(m.merged_adapters),
+             tuple(sorted(getattr(m, "scaling", {}).items())))
+            for m in modules
+            if isinstance(m, BaseTunerLayer)
+        )
 
     def _check_cache(self, cache: HybridCache, hidden_states: torch.Tensor, frame_offset: int) -> None:
         batch, _, num_frames, height, width = hidden_states.shape
@@ -828,7 +876,8 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
 
         grad = torch.is_grad_enabled()
         use_text_cache = cache is not None and not grad
-        if use_text_cache and cache.text_is_cached(encoder_hidden_states):
+        text_weights = self._lora_state(text_only=True) if use_text_cache else ()
+        if use_text_cache and cache.text_is_cached(encoder_hidden_states, text_weights):
             text = None
         else:
             text = self.condition_embedder.text_embedder(encoder_hidden_states)
@@ -838,8 +887,9 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
         for index, block in enumerate(self.blocks):
             layer_cache = cache[index] if cache is not None else None
             snapshot = None
-            if layer_cache is not None and grad and cache_mode == "read":
-                # detached copies: later writes to the cache must not change what backward recomputes
+            if layer_cache is not None and grad:
+                # detached copies: the cache's in-place updates (this pass's commit, later passes' writes) must not
+                # change what backward uses or recomputes
                 cached_key, cached_value = layer_cache.context(context.plan)
                 states = (layer_cache.kv_state, layer_cache.kmean_state)
                 snapshot = (cached_key.clone(), cached_value.clone()) + tuple(
@@ -856,7 +906,7 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
 
         if cache is not None:
             if use_text_cache:
-                cache.set_text_source(encoder_hidden_states)
+                cache.set_text_source(encoder_hidden_states, text_weights)
             if cache_mode == "write":
                 cache.advance(context.plan)
 

@@ -45,26 +45,33 @@ class CUDAGraphPass:
         self.replays = 0
         self.captures = 0
 
-    def _signature(self, frame_offset: int, text: torch.Tensor):
-        """What a read pass at `frame_offset` depends on besides latents and timestep."""
-        layout, cache = self.cache.layout, self.cache
-        frames, positions = layout.visible_frames(frame_offset)
+    def _plan_signature(self, frame_offset: int) -> tuple:
+        """Which kernels a pass at `frame_offset` runs: its RoPE positions and where its keys come from."""
+        frames, positions = self.cache.layout.visible_frames(frame_offset)
         return (
-            tuple(layout.query_positions(frame_offset)),
+            tuple(self.cache.layout.query_positions(frame_offset)),
             tuple(positions),
             tuple(f >= frame_offset for f in frames),  # which keys come from the scratch slot
-            cache.memory_tokens > 0,
+        )
+
+    def _signature(self, frame_offset: int, text: torch.Tensor, attention_kwargs=None) -> tuple:
+        """What a pass at `frame_offset` depends on besides latents and timestep (the LoRA state and scale included:
+        a graph keeps the scales it was captured with)."""
+        text_key = self.cache.layers[0].text_key
+        return self._plan_signature(frame_offset) + (
+            self.cache.memory_tokens > 0,
             id(text),
-            cache.layers[0].text_key.data_ptr() if cache.layers[0].text_key is not None else None,
+            text_key.data_ptr() if text_key is not None else None,
+            self.transformer._lora_state(),
+            (attention_kwargs or {}).get("scale", 1.0),
         )
 
     def steady(self, frame_offset: int, text: torch.Tensor) -> bool:
         """True when the next chunk's passes will run the same kernels as this one's (same plan up to the commit)."""
         layout = self.cache.layout
-        here = self._signature(frame_offset, text)[:3]
-        after = self._signature(frame_offset + layout.chunk_frames, text)[:3]
+        same_plan = self._plan_signature(frame_offset) == self._plan_signature(frame_offset + layout.chunk_frames)
         memory_ready = not layout.use_memory or self.cache.memory_tokens > 0
-        return here == after and memory_ready and self.cache.text_is_cached(text)
+        return same_plan and memory_ready and self.cache.text_is_cached(text, weights_state=None)
 
     def _call(self, latents, timestep, text, attention_kwargs):
         return self.transformer(
@@ -77,7 +84,7 @@ class CUDAGraphPass:
         frame_offset = self.cache.frames_written
         if not self.steady(frame_offset, text):
             return self._call(latents, timestep, text, attention_kwargs)
-        signature = self._signature(frame_offset, text)
+        signature = self._signature(frame_offset, text, attention_kwargs)
         if self.graph is None or signature != self.signature or latents.shape != self.static_latents.shape:
             self._capture(latents, timestep, text, attention_kwargs)
             self.signature = signature
