@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from diffusers_hybrid.training_utils import str2bool  # the boolean flags' type, shared with the shapes scripts
+
 logger = logging.getLogger("train_hybrid_forcing")
 
 STAGES = ("ode_init", "stage1", "stage2")
@@ -54,16 +56,6 @@ class TrainingSetupError(ValueError):
 # =====================================================================================================================
 # arguments
 # =====================================================================================================================
-
-
-def str2bool(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if str(value).lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
 
 
 def json_dict(value) -> dict:
@@ -91,12 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                    help="Wan2.1 diffusers folder (transformer, vae, text_encoder, tokenizer): the student's and the "
                         "critic's initialisation, the VAE, the text encoder.")
-    g.add_argument("--revision", type=str, default=None)
-    g.add_argument("--variant", type=str, default=None)
+    g.add_argument("--revision", type=str, default=None,
+                   help="Hub revision (branch, tag or commit) of --pretrained_model_name_or_path, for every model "
+                        "loaded from it: the student's Wan initialisation, the VAE, the text encoder and tokenizer and "
+                        "the critic unless they are given elsewhere, the teacher when it is the same repo.")
+    g.add_argument("--variant", type=str, default=None,
+                   help="Weight-file variant (e.g. fp16: diffusion_pytorch_model.fp16.safetensors) of the models "
+                        "loaded from --pretrained_model_name_or_path (the same ones as --revision).")
     g.add_argument("--teacher_model_name_or_path", type=str, default=None,
                    help="The frozen real score: a WanTransformer3DModel folder, or a Wan pipeline folder (its "
                         "transformer/ is used). May be larger than the student (e.g. Wan2.1-T2V-14B).")
     g.add_argument("--teacher_subfolder", type=str, default=None)
+    g.add_argument("--teacher_revision", type=str, default=None,
+                   help="Hub revision of the teacher (default: --revision when the teacher is the same repo as "
+                        "--pretrained_model_name_or_path, else the default branch).")
+    g.add_argument("--teacher_variant", type=str, default=None,
+                   help="Weight-file variant of the teacher (default: --variant when the teacher is the same repo as "
+                        "--pretrained_model_name_or_path).")
     g.add_argument("--critic_model_name_or_path", type=str, default=None,
                    help="The fake score's initialisation (default: --pretrained_model_name_or_path).")
     g.add_argument("--critic_subfolder", type=str, default=None)
@@ -187,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixed_precision", type=str, default=None, choices=[None, "no", "bf16"],
                    help="Default: the accelerate config's. fp16 is not supported.")
     g.add_argument("--allow_tf32", **b, default=False)
-    g.add_argument("--ddp_find_unused_parameters", **b, default=False)
+    g.add_argument("--ddp_find_unused_parameters", **b, default=None,
+                   help="DDP's find_unused_parameters. Default: on only for a multi-process stage-2 run whose "
+                        "gradient window can miss the linear memory (some rollouts never read it, so `linear_proj` "
+                        "gets no gradient); `false` then stops with an error that says which rollouts.")
 
     g = p.add_argument_group("EMA")
     g.add_argument("--use_ema", **b, default=True)
@@ -365,6 +371,45 @@ def _is_remote_id(path: str) -> bool:
     return not os.path.exists(path) and not path.startswith((".", "/", "~")) and path.count("/") == 1
 
 
+def _same_location(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return False
+    if a == b:
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def hub_kwargs(args, role: str) -> dict:
+    """
+    `revision` / `variant` for loading the model of `role`: `"base"` (whatever is loaded from
+    `--pretrained_model_name_or_path`: the student's Wan initialisation, the VAE), `"teacher"`, `"critic"` or
+    `"text_encoder"` (also the tokenizer, which takes only the revision).
+
+    A model loaded from `--pretrained_model_name_or_path` (the critic and text encoder by default, the teacher when it
+    is the same repo) gets `--revision` / `--variant`; the teacher takes `--teacher_revision` / `--teacher_variant`
+    when given. A critic or text encoder loaded from another repo gets neither: a revision or a variant is one repo's.
+    """
+    base = args.pretrained_model_name_or_path
+    revision, variant = getattr(args, "revision", None), getattr(args, "variant", None)
+    if role == "base":
+        return {"revision": revision, "variant": variant}
+    paths = {
+        "teacher": args.teacher_model_name_or_path,
+        "critic": getattr(args, "critic_model_name_or_path", None) or base,
+        "text_encoder": getattr(args, "text_encoder_model_name_or_path", None) or base,
+    }
+    if role not in paths:
+        raise ValueError(f"Unknown model role {role!r}: choose base, teacher, critic or text_encoder.")
+    same = _same_location(paths[role], base)
+    out = {"revision": revision if same else None, "variant": variant if same else None}
+    if role == "teacher":
+        if getattr(args, "teacher_revision", None) is not None:
+            out["revision"] = args.teacher_revision
+        if getattr(args, "teacher_variant", None) is not None:
+            out["variant"] = args.teacher_variant
+    return out
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     """The newest complete `checkpoint-N` folder (temporary `.tmp` folders of an interrupted save are ignored)."""
     if not os.path.isdir(output_dir):
@@ -426,18 +471,19 @@ def _read_config(cls, path: str, subfolder: str | None, what: str, revision=None
     return dict(config)
 
 
-def _locate_wan(path: str, subfolder: str | None, what: str) -> tuple[tuple[str, str | None], dict]:
+def _locate_wan(path: str, subfolder: str | None, what: str, revision: str | None = None
+                ) -> tuple[tuple[str, str | None], dict]:
     """`((path, subfolder), config)` of a Wan transformer given as a model folder / repo, or a pipeline folder / repo
     (then its `transformer/`)."""
     if subfolder is None and path is not None and os.path.isdir(path) and \
             os.path.exists(os.path.join(path, "model_index.json")):
         subfolder = "transformer"
     try:
-        return (path, subfolder), _read_config(WanConfigReader, path, subfolder, what)
+        return (path, subfolder), _read_config(WanConfigReader, path, subfolder, what, revision)
     except TrainingSetupError:
         if subfolder is not None or path is None or not _is_remote_id(path):
             raise
-    return (path, "transformer"), _read_config(WanConfigReader, path, "transformer", what)
+    return (path, "transformer"), _read_config(WanConfigReader, path, "transformer", what, revision)
 
 
 class WanConfigReader:
@@ -465,6 +511,74 @@ class Preflight:
     vae_scale_spatial: int
     timesteps: torch.Tensor
     notes: list[str] = field(default_factory=list)
+    # stage 2: rollout lengths whose gradient window never reads the linear memory, and the attention values behind it
+    memory_free_rollouts: list[int] = field(default_factory=list)
+    memory_layout: dict = field(default_factory=dict)
+
+
+def rollouts_without_memory_gradient(layout, min_frames: int, max_frames: int, clip_frames: int,
+                                     reencode_first_frame: bool) -> list[int]:
+    """
+    The rollout lengths in `[min_frames, max_frames]` (whole chunks) whose gradient window (the last `clip_frames`
+    frames) holds no chunk that reads the linear memory: in a generator update of that length `linear_proj` gets no
+    gradient. The chunk starting at frame `f0` reads the memory once frames have left its window, i.e. when
+    `layout.memory_end(f0)` passes the first frame the memory absorbs (0, or `sink_frames` without
+    `absorb_sink_frames`).
+
+    Args:
+        layout ([`~diffusers_hybrid.cache.AttentionLayout`]): the student's attention layout.
+        reencode_first_frame (`bool`): with a one-frame chunk, the clip's first chunk is then replaced by the
+            re-encoded image latent and feeds no gradient.
+
+    Returns the lengths in increasing order (empty without a memory).
+    """
+    if not layout.use_memory:
+        return []
+    chunk = layout.chunk_frames
+    first = 0 if layout.absorb_sink else layout.sink_frames
+    lengths = []
+    for frames in range(min_frames, max_frames + 1, chunk):
+        starts = list(range(max(0, frames - clip_frames), frames, chunk))
+        if reencode_first_frame and frames > clip_frames and chunk == 1:
+            starts = starts[1:]
+        if not any(layout.memory_end(f0) > first for f0 in starts):
+            lengths.append(frames)
+    return lengths
+
+
+def resolve_ddp_find_unused_parameters(args, pre: Preflight, ddp: bool) -> bool:
+    """
+    DDP's `find_unused_parameters` for this run. DDP without it stops at the step after a generator update in which a
+    trainable parameter got no gradient; in stage 2 that is `linear_proj` whenever the rollout's gradient window never
+    reads the linear memory (`pre.memory_free_rollouts`). `--ddp_find_unused_parameters` unset: switched on for such a
+    run (with a warning); explicitly `false`: a `TrainingSetupError` naming the rollout lengths and attention values.
+    """
+    wanted = args.ddp_find_unused_parameters
+    if not ddp or not pre.memory_free_rollouts:
+        return bool(wanted)
+    if wanted:
+        return True
+    lengths = pre.memory_free_rollouts
+    min_frames = args.min_training_frames or args.num_training_frames
+    fix = lengths[-1] + pre.chunk_frames
+    layout = ", ".join(f"{k}={v}" for k, v in pre.memory_layout.items())
+    problem = (
+        f"rollouts of {', '.join(map(str, lengths))} latent frames (--min_training_frames={min_frames}, "
+        f"--num_training_frames={args.num_training_frames}, --dmd_clip_frames={args.dmd_clip_frames}) have no chunk in "
+        f"their gradient window that reads the linear memory ({layout}), so `linear_proj` gets no gradient in those "
+        "generator updates"
+    )
+    longer = f"--min_training_frames {fix}" + (
+        f" and --num_training_frames >= {fix}" if fix > args.num_training_frames else "")
+    if wanted is False:
+        raise TrainingSetupError(
+            f"stage2 under DDP with --ddp_find_unused_parameters false: {problem}, and DDP would stop at the next step "
+            f"('Expected to have finished reduction in the prior iteration'). Use {longer}, leave "
+            "--ddp_find_unused_parameters unset (it is then switched on) or use FSDP."
+        )
+    logger.warning(f"{problem[0].upper()}{problem[1:]}: switching on DDP's find_unused_parameters (slower; {longer} "
+                   "would avoid it).")
+    return True
 
 
 def preflight(args) -> Preflight:
@@ -503,12 +617,13 @@ def preflight(args) -> Preflight:
     base_cfg = _read_config(WanTransformer3DModel, base, "transformer",
                             "Wan base transformer (--pretrained_model_name_or_path)", args.revision)
     teacher, teacher_cfg = _locate_wan(args.teacher_model_name_or_path, args.teacher_subfolder,
-                                       "teacher (--teacher_model_name_or_path)")
+                                       "teacher (--teacher_model_name_or_path)",
+                                       hub_kwargs(args, "teacher")["revision"])
     critic = None
     critic_cfg = None
     if args.stage != "ode_init":
         critic, critic_cfg = _locate_wan(args.critic_model_name_or_path or base, args.critic_subfolder,
-                                         "critic (--critic_model_name_or_path)")
+                                         "critic (--critic_model_name_or_path)", hub_kwargs(args, "critic")["revision"])
 
     student_source = None
     if args.stage == "stage2":
@@ -545,7 +660,8 @@ def preflight(args) -> Preflight:
             f"({reference['in_channels']})."
         )
     try:
-        te_cfg = AutoConfig.from_pretrained(text_root, subfolder="text_encoder")
+        te_cfg = AutoConfig.from_pretrained(text_root, subfolder="text_encoder",
+                                            revision=hub_kwargs(args, "text_encoder")["revision"])
     except Exception as e:  # noqa: BLE001
         raise TrainingSetupError(f"Cannot read the text encoder config under {text_root}/text_encoder: {e}") from e
     if getattr(te_cfg, "d_model", None) != reference["text_dim"]:
@@ -570,6 +686,7 @@ def preflight(args) -> Preflight:
     except ValueError as e:
         raise TrainingSetupError(f"Invalid student config: {e}") from e
     full_cfg = dict(meta.config)
+    layout = meta.attention_layout
     del meta
     if args.stage == "stage1" and full_cfg["attention_mode"] != "dense":
         raise TrainingSetupError(
@@ -615,11 +732,16 @@ def preflight(args) -> Preflight:
         raise TrainingSetupError(str(e)) from e
     if args.reflow_weight < 0:
         raise TrainingSetupError("--reflow_weight must be >= 0.")
+    memory_free = []
+    if args.stage == "stage2":
+        memory_free = rollouts_without_memory_gradient(layout, min_frames, args.num_training_frames,
+                                                       args.dmd_clip_frames, args.reencode_first_frame)
     return Preflight(
         prompts=prompts, student_source=student_source, student_config=overrides, base_config=base_cfg,
         teacher=teacher, critic=critic,
         text_encoder_path=text_root, chunk_frames=chunk, latent_height=lh, latent_width=lw, vae_scale_spatial=scale,
-        timesteps=timesteps,
+        timesteps=timesteps, memory_free_rollouts=memory_free,
+        memory_layout={k: full_cfg[k] for k in ("sink_frames", "local_attn_frames", "absorb_sink_frames")},
     )
 
 
@@ -635,9 +757,9 @@ def load_student(args, pre: Preflight):
     overrides = dict(pre.student_config)
     source = pre.student_source
     if source is None:
-        model = HybridForcingTransformer3DModel.from_wan(
-            args.pretrained_model_name_or_path, subfolder="transformer", torch_dtype=torch.float32, **overrides
-        )
+        wan = load_wan(args.pretrained_model_name_or_path, "transformer", torch.float32, **hub_kwargs(args, "base"))
+        model = HybridForcingTransformer3DModel.from_wan(wan, torch_dtype=torch.float32, **overrides)
+        del wan
     elif source[0] == "folder":
         model = HybridForcingTransformer3DModel.from_pretrained(source[1], torch_dtype=torch.float32, **overrides)
     else:
@@ -661,10 +783,12 @@ def zero_linear_proj(model) -> int:
     return count
 
 
-def load_wan(path: str, subfolder: str | None, dtype, revision=None):
+def load_wan(path: str, subfolder: str | None, dtype, revision: str | None = None, variant: str | None = None):
+    """A `WanTransformer3DModel` (the teacher, the critic, the student's initialisation)."""
     from diffusers import WanTransformer3DModel
 
-    return WanTransformer3DModel.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, revision=revision)
+    return WanTransformer3DModel.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, revision=revision,
+                                                 variant=variant)
 
 
 def add_lora(model, rank: int, alpha: float | None, targets: list[str]) -> float:
@@ -724,6 +848,15 @@ def is_fsdp(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def uses_ddp(accelerator) -> bool:
+    """Whether `accelerator.prepare` wraps trainable models in DistributedDataParallel (several processes, no FSDP or
+    DeepSpeed)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.num_processes > 1 and accelerator.distributed_type not in (DistributedType.FSDP,
+                                                                                  DistributedType.DEEPSPEED)
 
 
 def prepare_model(accelerator, model, frozen: bool = False, wrap_blocks: bool = True):
@@ -856,7 +989,7 @@ class Trainer:
         trackers = self._available_trackers(args.report_to)
         project_config = ProjectConfiguration(project_dir=args.output_dir,
                                               logging_dir=os.path.join(args.output_dir, args.logging_dir))
-        ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=args.ddp_find_unused_parameters,
+        ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=bool(args.ddp_find_unused_parameters),
                                                    broadcast_buffers=False)
         self.accelerator = accelerator = Accelerator(
             mixed_precision=args.mixed_precision, log_with=trackers or None, project_config=project_config,
@@ -877,6 +1010,8 @@ class Trainer:
             transformers.utils.logging.set_verbosity_error()
             diffusers.utils.logging.set_verbosity_error()
         logger.info(f"accelerate {accelerate.__version__}, torch {torch.__version__}, {accelerator.state}")
+        # read when the models are prepared: still before any weights are loaded
+        ddp_kwargs.find_unused_parameters = resolve_ddp_find_unused_parameters(args, self.pre, uses_ddp(accelerator))
         if args.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -885,7 +1020,8 @@ class Trainer:
         self.device = torch.device("cpu") if accelerator.device.type == "cpu" else accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
                                                                                 torch.float32)
-        # random streams: structural choices identical on every rank (FSDP needs equal pass counts), noise per rank
+        # random streams: structural choices (rollout length, exit steps) identical on every rank (FSDP needs equal
+        # pass counts); noise, DMD timesteps and the ODE-init step indices per rank
         from diffusers_hybrid.training_utils import seed_for_rank
 
         torch.manual_seed(seed_for_rank(args.seed, self.rank))
@@ -922,25 +1058,30 @@ class Trainer:
         wd = self.weight_dtype
         base = args.pretrained_model_name_or_path
 
-        self.tokenizer = AutoTokenizer.from_pretrained(pre.text_encoder_path, subfolder="tokenizer")
+        text_hub = hub_kwargs(args, "text_encoder")
+        self.tokenizer = AutoTokenizer.from_pretrained(pre.text_encoder_path, subfolder="tokenizer",
+                                                       revision=text_hub["revision"])
         text_encoder = UMT5EncoderModel.from_pretrained(pre.text_encoder_path, subfolder="text_encoder",
-                                                        torch_dtype=wd).eval()
+                                                        torch_dtype=wd, **text_hub).eval()
         text_encoder.requires_grad_(False)
         vae = None
         if args.reencode_first_frame and args.stage != "ode_init":
             vae = AutoencoderKLWan.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32,
-                                                   revision=args.revision).eval()
+                                                   **hub_kwargs(args, "base")).eval()
             vae.requires_grad_(False)
             vae.to(self.device)
+        # the training codec exists only with --reencode_first_frame: `clip_of` re-encodes exactly when it is set.
+        # Validation loads its own VAE when there is none (`validation_vae`), never this one.
         self.codec = LatentCodec(vae) if vae is not None else None
+        self.validation_vae = None
 
         generator = load_student(args, pre)
         generator.set_attention_kernel(args.attention_kernel)
-        teacher = load_wan(pre.teacher[0], pre.teacher[1], wd).eval()
+        teacher = load_wan(pre.teacher[0], pre.teacher[1], wd, **hub_kwargs(args, "teacher")).eval()
         teacher.requires_grad_(False)
         critic = None
         if args.stage != "ode_init":
-            critic = load_wan(pre.critic[0], pre.critic[1], torch.float32).train()
+            critic = load_wan(pre.critic[0], pre.critic[1], torch.float32, **hub_kwargs(args, "critic")).train()
 
         # which parameters train
         hybrid = generator.config.attention_mode == "hybrid"
@@ -1063,7 +1204,8 @@ class Trainer:
     def clip_of(self, video):
         from diffusers_hybrid.training_utils import dmd_clip
 
-        reencode = self.codec.reencode_last_frame if self.codec is not None else None
+        use = self.args.reencode_first_frame and self.codec is not None
+        reencode = self.codec.reencode_last_frame if use else None
         return dmd_clip(video, self.args.dmd_clip_frames, self.pre.chunk_frames, reencode)
 
     def sample_t(self, batch: int) -> torch.Tensor:
@@ -1178,8 +1320,40 @@ class Trainer:
             )
         return torch.cat([states, final.unsqueeze(1)], dim=1)
 
+    def ode_pairs_metadata(self) -> dict:
+        """Everything the cached ODE pairs depend on, as recorded in `ode_pairs.json`: a cache is reused only when
+        all of it matches."""
+        import hashlib
+
+        args, pre = self.args, self.pre
+
+        def where(path):
+            return os.path.abspath(path) if path is not None and os.path.exists(path) else path
+
+        teacher_hub = hub_kwargs(args, "teacher")
+        text_hub = hub_kwargs(args, "text_encoder")
+        return {
+            "num_pairs": args.ode_num_pairs, "frames": self.ode_frames(),
+            "latent": [pre.latent_height, pre.latent_width], "sigmas": self.student_sigmas(),
+            "ode_num_steps": args.ode_num_steps, "guidance_scale": args.ode_guidance_scale,
+            "teacher": where(pre.teacher[0]), "seed": args.seed,
+            # the teacher's Euler grid (it moves with the shift even when the student's steps are not warped)
+            "timestep_shift": args.timestep_shift, "num_train_timesteps": args.num_train_timesteps,
+            "teacher_subfolder": pre.teacher[1], "teacher_revision": teacher_hub["revision"],
+            "teacher_variant": teacher_hub["variant"],
+            # the text conditioning: the prompt set (its content: file, column and split), the unconditional text,
+            # the encoder and the sequence length
+            "prompts": {"count": len(pre.prompts),
+                        "sha256": hashlib.sha256("\n".join(pre.prompts).encode("utf-8")).hexdigest()},
+            "negative_prompt": args.negative_prompt, "max_sequence_length": args.max_sequence_length,
+            "text_encoder": where(pre.text_encoder_path), "text_encoder_revision": text_hub["revision"],
+            "text_encoder_variant": text_hub["variant"],
+        }
+
     def prepare_ode_pairs(self):
-        """Generates (or loads) the cached ODE pairs when --ode_num_pairs > 0."""
+        """Generates (or loads) the cached ODE pairs when --ode_num_pairs > 0. A cache made with other settings stops
+        the run (`TrainingSetupError` naming them); one whose `ode_pairs.json` lacks some of today's settings (written
+        by an older version) is stale and made again."""
         import datasets
         from tqdm.auto import tqdm
 
@@ -1189,18 +1363,29 @@ class Trainer:
             return
         root = args.ode_pairs_dir or os.path.join(args.output_dir, "ode_pairs")
         marker = os.path.join(root, "ode_pairs.json")
-        expected = {"num_pairs": args.ode_num_pairs, "frames": self.ode_frames(),
-                    "latent": [self.pre.latent_height, self.pre.latent_width], "sigmas": self.student_sigmas(),
-                    "ode_num_steps": args.ode_num_steps, "guidance_scale": args.ode_guidance_scale,
-                    "teacher": os.path.abspath(self.pre.teacher[0]) if os.path.exists(self.pre.teacher[0])
-                    else self.pre.teacher[0], "seed": args.seed}
-        if os.path.exists(marker):
+        expected = self.ode_pairs_metadata()
+        generate = not os.path.exists(marker)
+        if not generate:
             with open(marker) as f:
                 meta = json.load(f)
-            if {k: meta.get(k) for k in expected} != expected:
-                raise TrainingSetupError(f"{root} holds ODE pairs made with other settings ({meta}); use another "
+            differ = [k for k in expected if k in meta and meta[k] != expected[k]]
+            if differ:
+                details = "; ".join(f"{k}: cached {meta[k]!r}, this run {expected[k]!r}" for k in differ)
+                raise TrainingSetupError(f"{root} holds ODE pairs made with other settings ({details}); use another "
                                          "--ode_pairs_dir or delete it.")
-        else:
+            missing = [k for k in expected if k not in meta]
+            if missing:
+                logger.warning(f"{root} holds ODE pairs whose ode_pairs.json does not record {missing} (written by an "
+                               "older version): they may not match this run, so they are generated again.")
+                generate = True
+        acc.wait_for_everyone()  # every rank has read the marker before a stale cache is replaced
+        if generate:
+            if acc.is_main_process and os.path.exists(marker):
+                os.remove(marker)
+                for name in os.listdir(root):
+                    if name.startswith("shard-"):
+                        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            acc.wait_for_everyone()
             logger.info(f"Generating {args.ode_num_pairs} teacher ODE pairs into {root}")
             rows = {"prompt": [], "latents": [], "shape": []}
             # every rank runs the same number of teacher solves (FSDP all-gathers per forward); extra ones are dropped
@@ -1254,7 +1439,8 @@ class Trainer:
         text = self.encode(prompts)
         batch, num_states, _, frames = traj.shape[:4]
         steps = num_states - 1
-        index = sample_chunk_step_indices(batch, frames, pre.chunk_frames, steps, self.shared_gen).to(self.device)
+        # per rank (a noise level, not a structural choice: every index runs one forward pass)
+        index = sample_chunk_step_indices(batch, frames, pre.chunk_frames, steps, self.noise_gen).to(self.device)
         # x[b, :, f] = traj[b, index[b, f], :, f]
         gather = index.view(batch, 1, 1, frames, 1, 1).expand(batch, 1, traj.shape[2], frames, *traj.shape[4:])
         noisy = torch.gather(traj, 1, gather).squeeze(1)
@@ -1435,12 +1621,15 @@ class Trainer:
             if acc.is_main_process:
                 was_training = transformer.training
                 transformer.eval()
-                if self.codec is None:
+                # the training codec's VAE when there is one; else a VAE kept for validation only (setting the
+                # codec here would switch on the re-encoding of --reencode_first_frame false, on this rank alone)
+                vae = self.codec.vae if self.codec is not None else self.validation_vae
+                if vae is None:
                     vae = AutoencoderKLWan.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
-                                                           torch_dtype=torch.float32).to(self.device)
-                    self.codec = LatentCodec(vae.eval().requires_grad_(False))
+                                                           torch_dtype=torch.float32, **hub_kwargs(args, "base"))
+                    vae = self.validation_vae = vae.to(self.device).eval().requires_grad_(False)
                 pipe = StreamingHybridPipeline(
-                    tokenizer=None, text_encoder=None, vae=self.codec.vae, transformer=transformer,
+                    tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                     scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=args.num_train_timesteps,
                                                               shift=args.timestep_shift),
                     **self.pipeline_schedule(),
@@ -1515,10 +1704,14 @@ class Trainer:
             from transformers import AutoTokenizer, UMT5EncoderModel
 
             # fresh copies of the frozen components in their stored dtype (not the training copies)
+            text_hub = hub_kwargs(args, "text_encoder")
             pipe = StreamingHybridPipeline(
-                tokenizer=AutoTokenizer.from_pretrained(self.pre.text_encoder_path, subfolder="tokenizer"),
-                text_encoder=UMT5EncoderModel.from_pretrained(self.pre.text_encoder_path, subfolder="text_encoder"),
-                vae=AutoencoderKLWan.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae"),
+                tokenizer=AutoTokenizer.from_pretrained(self.pre.text_encoder_path, subfolder="tokenizer",
+                                                        revision=text_hub["revision"]),
+                text_encoder=UMT5EncoderModel.from_pretrained(self.pre.text_encoder_path, subfolder="text_encoder",
+                                                              **text_hub),
+                vae=AutoencoderKLWan.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae",
+                                                     **hub_kwargs(args, "base")),
                 transformer=transformer,
                 scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=args.num_train_timesteps,
                                                           shift=args.timestep_shift),

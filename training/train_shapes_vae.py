@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import time
 
 import diffusers
 import numpy as np
@@ -34,7 +33,12 @@ check_min_version("0.42.0")
 
 from diffusers_hybrid.shapes.domain import render_batch, scene_specs  # noqa: E402
 from diffusers_hybrid.shapes.video_io import ffmpeg_available, try_write_video  # noqa: E402
-from diffusers_hybrid.training_utils import save_rotated_checkpoint, time_budget_lr_scheduler  # noqa: E402
+from diffusers_hybrid.training_utils import (  # noqa: E402
+    TrainingBudget,
+    save_rotated_checkpoint,
+    str2bool,
+    time_budget_lr_scheduler,
+)
 
 logger = get_logger(__name__)
 
@@ -69,7 +73,13 @@ def parse_args(input_args=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_batch_size", type=int, default=8)
     parser.add_argument("--max_train_steps", type=int, default=1000)
-    parser.add_argument("--max_train_time", type=float, default=None, help="Stop after this many seconds.")
+    parser.add_argument(
+        "--max_train_time",
+        type=float,
+        default=None,
+        help="Stop after this many seconds of training, counted from the first step (setup and resuming excluded); "
+        "the learning-rate schedule anneals over the same clock.",
+    )
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--lr_scheduler", type=str, default="cosine")
@@ -96,7 +106,8 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--l1_weight", type=float, default=1.0)
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    parser.add_argument("--allow_tf32", action="store_true")
+    # `--allow_tf32` alone is true, `--allow_tf32 false` turns off what a YAML config switched on
+    parser.add_argument("--allow_tf32", type=str2bool, nargs="?", const=True, default=False)
     # checkpoints, validation, logging
     parser.add_argument("--checkpointing_steps", type=int, default=500)
     parser.add_argument("--checkpoints_total_limit", type=int, default=2)
@@ -197,6 +208,8 @@ def random_crops(x: torch.Tensor, size: int, rng) -> torch.Tensor:
 
 
 def specs_for_step(step: int, batch: int, rank: int, seed: int):
+    """The scenes of micro-batch `step` (counted over the whole run: under gradient accumulation the micro-batches
+    of one optimiser step draw different scenes) on process `rank`."""
     return scene_specs("train", batch, base_seed=hash((seed, step, rank)) % (2**31))
 
 
@@ -293,7 +306,9 @@ def main(args):
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
-    lr_scheduler = time_budget_lr_scheduler(optimizer, args, accelerator.num_processes)
+    # one clock for the learning-rate schedule and for --max_train_time, started right before the training loop
+    budget = TrainingBudget(args.max_train_steps * accelerator.num_processes, args.max_train_time, accelerator)
+    lr_scheduler = time_budget_lr_scheduler(optimizer, args, accelerator.num_processes, budget)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config={k: str(v) for k, v in vars(args).items()})
@@ -327,12 +342,14 @@ def main(args):
         disable=not accelerator.is_local_main_process,
         mininterval=5,
     )
-    t_start = time.time()
     rng = np.random.default_rng([args.seed, rank, global_step])
     stopped_early = False
+    micro_step = global_step * args.gradient_accumulation_steps
+    budget.start()
     while global_step < args.max_train_steps:
         with accelerator.accumulate(model):
-            specs = specs_for_step(global_step, args.train_batch_size, rank, args.seed)
+            specs = specs_for_step(micro_step, args.train_batch_size, rank, args.seed)
+            micro_step += 1
             starts = rng.integers(0, args.max_start_frame, size=len(specs)).tolist()
             x, coverage = render_batch(
                 specs,
@@ -365,10 +382,10 @@ def main(args):
                         accelerator, args.output_dir, global_step, args.checkpoints_total_limit))
                 if args.validation_steps and global_step % args.validation_steps == 0:
                     _validate(accelerator.unwrap_model(model).vae, val_specs, args, global_step, accelerator)
-            if args.max_train_time and time.time() - t_start > args.max_train_time:
+            if budget.out_of_time():
                 stopped_early = global_step < args.max_train_steps
                 break
-    train_seconds = time.time() - t_start
+    train_seconds = budget.elapsed()
     progress.close()
     accelerator.wait_for_everyone()
 

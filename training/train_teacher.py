@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import shutil
-import time
 
 import diffusers
 import numpy as np
@@ -52,9 +51,11 @@ from diffusers_hybrid.shapes.domain import DIRECTIONS, SceneSpec, render_batch, 
 from diffusers_hybrid.shapes.text import encode_prompts  # noqa: E402
 from diffusers_hybrid.shapes.video_io import ffmpeg_available, try_write_video  # noqa: E402
 from diffusers_hybrid.training_utils import (  # noqa: E402
+    TrainingBudget,
     deepen_transformer,
     repatch_transformer,
     save_rotated_checkpoint,
+    str2bool,
     time_budget_lr_scheduler,
 )
 
@@ -82,11 +83,13 @@ DEFAULT_TRANSFORMER = dict(
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="Train a Wan teacher on the shapes domain with flow matching.")
+    # boolean flags: `--flag` alone is true, `--flag false` turns off what a YAML config switched on
+    flag = dict(type=str2bool, nargs="?", const=True, default=False)
     parser.add_argument("--config", type=str, default=None, help="YAML file of argument defaults.")
     # models
     parser.add_argument("--pretrained_model_name_or_path", type=str, required=False, default=None)
     parser.add_argument("--transformer_config", default=None, help="Mapping (YAML) or JSON string of Wan arguments.")
-    parser.add_argument("--train_text_encoder", action="store_true")
+    parser.add_argument("--train_text_encoder", **flag)
     parser.add_argument("--text_encoder_lr", type=float, default=None, help="Defaults to --learning_rate / 3.")
     # data
     parser.add_argument("--resolution", type=int, default=128)
@@ -103,7 +106,8 @@ def parse_args(input_args=None):
         "--latent_cache_refresh_every",
         type=int,
         default=0,
-        help="Replace a batch of the cache with fresh clips every N steps (0: never).",
+        help="Replace a batch of the cache with fresh clips every N batches drawn (0: never); with "
+        "--gradient_accumulation_steps a batch is a micro-batch.",
     )
     parser.add_argument("--caption_dropout", type=float, default=0.1)
     parser.add_argument("--max_sequence_length", type=int, default=512)
@@ -136,7 +140,7 @@ def parse_args(input_args=None):
     parser.add_argument("--start_away_span", type=float, default=0.3)
     parser.add_argument(
         "--counterfactual_pairs",
-        action="store_true",
+        **flag,
         help="Build every batch of pairs: a clip and its twin whose objects move the opposite way from the same starts "
         "(so the same first frame), noised with the same noise at the same level. Within a pair only the caption's "
         "direction tells the two targets apart. Needs an even --train_batch_size.",
@@ -152,9 +156,15 @@ def parse_args(input_args=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_batch_size", type=int, default=16)
     parser.add_argument("--max_train_steps", type=int, default=1000)
-    parser.add_argument("--max_train_time", type=float, default=None, help="Stop after this many seconds.")
+    parser.add_argument(
+        "--max_train_time",
+        type=float,
+        default=None,
+        help="Stop after this many seconds of training, counted from the first step (setup, the latent cache and "
+        "resuming excluded); the learning-rate schedule anneals over the same clock.",
+    )
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--gradient_checkpointing", **flag)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--lr_scheduler", type=str, default="cosine")
     parser.add_argument("--lr_warmup_steps", type=int, default=100)
@@ -163,10 +173,10 @@ def parse_args(input_args=None):
     parser.add_argument("--adam_weight_decay", type=float, default=0.01)
     parser.add_argument("--adam_epsilon", type=float, default=1e-8)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
-    parser.add_argument("--use_ema", action="store_true")
+    parser.add_argument("--use_ema", **flag)
     parser.add_argument("--ema_decay", type=float, default=0.999)
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    parser.add_argument("--allow_tf32", action="store_true")
+    parser.add_argument("--allow_tf32", **flag)
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Unused: videos are rendered on device.")
     # checkpoints, validation, logging
     parser.add_argument("--checkpointing_steps", type=int, default=500)
@@ -314,6 +324,8 @@ class LatentSource:
         return (z.float() - self.mean) * self.inv_std, [s.prompt for s in specs]
 
     def batch(self, step: int, batch_size: int):
+        """`batch_size` clips and their captions for micro-batch `step` (counted over the whole run, so that the
+        micro-batches of one optimiser step under gradient accumulation draw different scenes)."""
         every = self.args.latent_cache_refresh_every
         per_scene = self.clips_per_scene
         if self.cache is not None and every and step % every == 0:
@@ -639,7 +651,9 @@ def main(args):
     optimizer = torch.optim.AdamW(
         params, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
     )
-    lr_scheduler = time_budget_lr_scheduler(optimizer, args, accelerator.num_processes)
+    # one clock for the learning-rate schedule and for --max_train_time, started right before the training loop
+    budget = TrainingBudget(args.max_train_steps * accelerator.num_processes, args.max_train_time, accelerator)
+    lr_scheduler = time_budget_lr_scheduler(optimizer, args, accelerator.num_processes, budget)
     if args.train_text_encoder:
         transformer_p, text_encoder_p, optimizer, lr_scheduler = accelerator.prepare(
             transformer, text_encoder, optimizer, lr_scheduler
@@ -691,13 +705,19 @@ def main(args):
         disable=not accelerator.is_local_main_process,
         mininterval=5,
     )
-    t_start = time.time()
     stopped_early = False
+    loss = None  # stays None when a resumed run has no step left
+    if global_step >= args.max_train_steps:
+        logger.info(f"Resumed at step {global_step} >= --max_train_steps {args.max_train_steps}: nothing to train.")
+    # scenes are seeded per micro-batch (not per optimiser step): the micro-batches of one step differ
+    micro_step = global_step * args.gradient_accumulation_steps
+    budget.start()
 
     while global_step < args.max_train_steps:
         models = [transformer_p] + ([text_encoder_p] if args.train_text_encoder else [])
         with accelerator.accumulate(*models):
-            x0, prompts = source.batch(global_step, args.train_batch_size)
+            x0, prompts = source.batch(micro_step, args.train_batch_size)
+            micro_step += 1
             drop = torch.rand(len(prompts), generator=generator) < args.caption_dropout
             prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
             with torch.set_grad_enabled(args.train_text_encoder), accelerator.autocast():
@@ -743,10 +763,10 @@ def main(args):
                         log_validation(
                             pipeline_for_validation(), args, accelerator, val_prompts, global_step, weight_dtype
                         )
-            if args.max_train_time and time.time() - t_start > args.max_train_time:
+            if budget.out_of_time():
                 stopped_early = global_step < args.max_train_steps
                 break
-    train_seconds = time.time() - t_start
+    train_seconds = budget.elapsed()
     progress.close()
     accelerator.wait_for_everyone()
 
@@ -776,7 +796,7 @@ def main(args):
             "steps": global_step,
             "stopped_by_time_limit": stopped_early,
             "train_seconds": train_seconds,
-            "final_loss": loss.detach().item(),
+            "final_loss": loss.detach().item() if loss is not None else None,
             "transformer_parameters": sum(p.numel() for p in tr.parameters()),
             "text_encoder_parameters": sum(p.numel() for p in te.parameters()),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -471,7 +471,8 @@ def dmd_clip(video: torch.Tensor, clip_frames: int, chunk_frames: int,
 def sample_chunk_step_indices(batch_size: int, num_frames: int, chunk_frames: int, num_steps: int,
                               generator: torch.Generator | None) -> torch.Tensor:
     """ODE initialisation: one random denoising-step index per sample and chunk, repeated over the chunk's frames.
-    Returns int64 `(B, F)`."""
+    The index is a noise level, not a structural choice (every index runs one forward pass): draw it from the per-rank
+    stream, so that the ranks of a distributed run regress from different levels. Returns int64 `(B, F)`."""
     index = torch.randint(0, num_steps, (batch_size, num_frames // chunk_frames), generator=generator)
     return index.repeat_interleave(chunk_frames, dim=1)
 
@@ -700,8 +701,8 @@ __all__ = [
     "flow_to_x0", "classifier_free_guidance", "dmd_gradient", "dmd_loss", "critic_flow_loss", "regression_loss",
     "guided_velocity", "euler_ode_solve", "RolloutPlan", "sample_rollout_plan", "RolloutOutput",
     "self_forcing_rollout", "dmd_clip", "sample_chunk_step_indices", "ParameterEMA", "merge_lora_state_dict",
-    "count_parameters", "seed_for_rank", "is_finite", "time_budget_lr_scheduler", "save_rotated_checkpoint",
-    "repatch_transformer", "deepen_transformer",
+    "count_parameters", "seed_for_rank", "is_finite", "TrainingBudget", "time_budget_lr_scheduler",
+    "save_rotated_checkpoint", "str2bool", "repatch_transformer", "deepen_transformer",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -709,26 +710,73 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class _TrainingBudget:
-    """Training progress in [0, 1]: the larger of the step fraction and, with --max_train_time, the time fraction
-    (so that a time-limited run still completes its learning-rate schedule)."""
+class TrainingBudget:
+    """
+    The clock and the progress of a run limited by steps and, optionally, by time: one clock for the learning-rate
+    schedule of [`time_budget_lr_scheduler`] and for the decision to stop.
 
-    def __init__(self, max_steps, max_time):
+    The clock starts with [`~TrainingBudget.start`], which a training script calls right before its training loop, so
+    that setup (loading, `accelerator.prepare`, resuming, encoding a latent cache) does not use up the budget. Until
+    then only the step fraction counts.
+
+    With several processes, pass the `accelerator`: every rank then calls [`~TrainingBudget.out_of_time`] at the same
+    step, which takes the slowest rank's clock, and the schedule reads the time of that last call, so that all ranks
+    keep one learning rate (their weights stay equal) and stop at the same step.
+
+    Args:
+        max_steps (`int`): steps of the learning-rate schedule (scheduler steps, i.e. optimiser steps times the number
+            of processes when the scheduler is prepared by accelerate).
+        max_time (`float`, *optional*): the time budget in seconds (`--max_train_time`); `None` or 0: no time limit.
+        accelerator (`accelerate.Accelerator`, *optional*): shares the clock between processes (see above).
+    """
+
+    def __init__(self, max_steps: int, max_time: float | None, accelerator=None):
         self.max_steps, self.max_time, self.t0 = max_steps, max_time, None
+        self.accelerator = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
+        self.shared_elapsed = 0.0  # the slowest rank's time at the last `out_of_time` (several processes)
 
-    def start(self):
+    def start(self) -> None:
+        """Starts (or restarts) the clock."""
         self.t0 = time.time()
+        self.shared_elapsed = 0.0
 
-    def fraction(self, step):
+    def elapsed(self) -> float:
+        """Seconds since [`~TrainingBudget.start`] on this process (0 before it)."""
+        return 0.0 if self.t0 is None else time.time() - self.t0
+
+    def out_of_time(self) -> bool:
+        """Whether the time budget is used up (never without one, never before the clock started). With an
+        `accelerator`, a collective call: every rank must make it at the same step."""
+        if self.t0 is None:
+            return False
+        elapsed = self.elapsed()
+        if self.accelerator is not None:
+            clock = torch.tensor(elapsed, device=self.accelerator.device, dtype=torch.float64)
+            elapsed = self.shared_elapsed = float(self.accelerator.reduce(clock, "max"))
+        return bool(self.max_time) and elapsed >= self.max_time
+
+    def fraction(self, step: int) -> float:
+        """Progress in [0, 1]: the larger of the step fraction and, with a time budget, the time fraction (so that a
+        time-limited run still completes its learning-rate schedule)."""
         frac = step / max(1, self.max_steps)
         if self.max_time and self.t0 is not None:
-            frac = max(frac, (time.time() - self.t0) / self.max_time)
+            elapsed = self.shared_elapsed if self.accelerator is not None else self.elapsed()
+            frac = max(frac, elapsed / self.max_time)
         return min(1.0, frac)
 
 
-def time_budget_lr_scheduler(optimizer, args, num_processes: int):
-    """`--lr_scheduler` from diffusers, or, with --max_train_time, a warmup + cosine/linear/constant schedule over
-    the run's progress (`_TrainingBudget`)."""
+def time_budget_lr_scheduler(optimizer, args, num_processes: int, budget: TrainingBudget | None = None):
+    """
+    `--lr_scheduler` from diffusers or, with `--max_train_time`, a warmup + cosine / linear / constant schedule over
+    the run's progress ([`TrainingBudget.fraction`]).
+
+    Args:
+        optimizer: the optimiser whose learning rate the scheduler sets.
+        args: `max_train_time`, `max_train_steps`, `lr_warmup_steps`, `lr_scheduler`.
+        num_processes (`int`): accelerate steps a prepared scheduler once per process: steps are scaled by it.
+        budget ([`TrainingBudget`], *optional*): the run's clock; start it right before the training loop and stop on
+            its [`~TrainingBudget.out_of_time`]. Without one, a budget is made here and its clock starts now.
+    """
     if not args.max_train_time:
         from diffusers.optimization import get_scheduler
 
@@ -738,12 +786,12 @@ def time_budget_lr_scheduler(optimizer, args, num_processes: int):
             num_warmup_steps=args.lr_warmup_steps * num_processes,
             num_training_steps=args.max_train_steps * num_processes,
         )
-    budget = _TrainingBudget(args.max_train_steps * num_processes, args.max_train_time)
+    if budget is None:
+        budget = TrainingBudget(args.max_train_steps * num_processes, args.max_train_time)
+        budget.start()
     warm = args.lr_warmup_steps * num_processes
 
     def factor(step):
-        if budget.t0 is None:
-            budget.start()
         w = min(1.0, (step + 1) / warm) if warm else 1.0
         p = budget.fraction(step)
         if args.lr_scheduler == "cosine":
@@ -753,6 +801,22 @@ def time_budget_lr_scheduler(optimizer, args, num_processes: int):
         return w
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def str2bool(value) -> bool:
+    """
+    `argparse` type of the boolean flags of the training scripts, used with `nargs="?", const=True`: `--flag` alone
+    means true, `--flag false` (or `no`, `0`, `off`) turns off a flag that a YAML config switched on.
+    """
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if str(value).lower() in ("0", "false", "no", "n", "off"):
+        return False
+    import argparse
+
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, yes/no, 1/0, on/off), got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

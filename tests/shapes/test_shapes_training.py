@@ -1,8 +1,10 @@
 # Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
 """The shapes training scripts run through `accelerate launch` on tiny configurations (CPU)."""
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -420,3 +422,170 @@ def test_teacher_counterfactual_pairs(repo_root):
     assert script.parse_args(base + ["--train_batch_size", "4"]).counterfactual_pairs
     with pytest.raises(SystemExit):
         script.parse_args(base + ["--train_batch_size", "3"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# In-process runs (main() called directly): the time budget, gradient accumulation, resuming a finished run, flags
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _load_script(repo_root, name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(repo_root, "training", f"{name}.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def _teacher_args(script, repo_root, tiny_base, out, *extra):
+    cfg = os.path.join(repo_root, "training", "configs", "tiny", "teacher.yaml")
+    return script.parse_args(
+        ["--config", cfg, "--pretrained_model_name_or_path", tiny_base, "--output_dir", out, "--num_validation_videos",
+         "0", *extra]
+    )
+
+
+def _vae_args(script, out, *extra):
+    return script.parse_args(
+        ["--output_dir", out, "--base_dim", "4", "--dim_mult", "1,2,2,2", "--train_batch_size", "1", "--crop_size",
+         "64", "--num_frames", "1", "--checkpointing_steps", "0", "--validation_steps", "0", "--num_validation_videos",
+         "1", "--num_stats_videos", "1", "--num_eval_videos", "1", "--eval_frames", "5", "--posterior_noise", "0",
+         *extra]
+    )
+
+
+class _Progress:
+    """Stands in for tqdm: records the learning rate of every logged step in `lrs`."""
+
+    lrs = []
+
+    def __init__(self, iterable=None, *args, **kwargs):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **logs):
+        self.lrs.append(logs["lr"])
+
+    def close(self):
+        pass
+
+
+def test_time_budget_starts_with_the_training_loop(repo_root, tiny_base, tmp_path, monkeypatch):
+    """`--max_train_time`: the learning-rate schedule and the stop share one clock that starts right before the first
+    step. Setup that takes ten times the budget (the teacher's latent cache; the VAE script's setup, here its
+    validation scenes) must not anneal the learning rate to zero (it did: the schedule's clock started when the
+    scheduler was built)."""
+    import time
+
+    clock = [1.0e6]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    budget = ("--max_train_steps", "2", "--max_train_time", "100", "--lr_scheduler", "linear", "--lr_warmup_steps",
+              "0", "--checkpointing_steps", "0")
+
+    teacher = _load_script(repo_root, "train_teacher")
+    original_init = teacher.LatentSource.__init__
+
+    def slow_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        clock[0] += 1000.0
+
+    monkeypatch.setattr(teacher.LatentSource, "__init__", slow_init)
+    monkeypatch.setattr(teacher, "tqdm", _Progress)
+    monkeypatch.setattr(_Progress, "lrs", [])
+    out = str(tmp_path / "teacher")
+    teacher.main(_teacher_args(teacher, repo_root, tiny_base, out, *budget, "--latent_cache_size", "2",
+                               "--latent_cache_refresh_every", "0"))
+    # linear over the 2 steps (no time has passed since the loop started): 1e-3 * (1 - 1/2), then 0
+    assert _Progress.lrs == pytest.approx([5e-4, 0.0])
+    m = json.load(open(os.path.join(out, "measurements.json")))
+    assert m["train_seconds"] == 0.0 and m["stopped_by_time_limit"] is False
+
+    vae = _load_script(repo_root, "train_shapes_vae")
+    original_specs = vae.scene_specs
+
+    def slow_specs(split, *args, **kwargs):
+        if split == "heldout":
+            clock[0] += 1000.0
+        return original_specs(split, *args, **kwargs)
+
+    monkeypatch.setattr(vae, "scene_specs", slow_specs)
+    monkeypatch.setattr(vae, "tqdm", _Progress)
+    monkeypatch.setattr(_Progress, "lrs", [])
+    out = str(tmp_path / "vae")
+    vae.main(_vae_args(vae, out, *budget))
+    assert _Progress.lrs == pytest.approx([5e-4, 0.0])
+    m = json.load(open(os.path.join(out, "measurements.json")))
+    assert m["train_seconds"] == 0.0 and m["stopped_by_time_limit"] is False
+
+
+def test_train_teacher_resuming_a_finished_run_still_exports(repo_root, tiny_base, tmp_path):
+    """`--resume_from_checkpoint latest` on a run that already reached --max_train_steps trains nothing and writes the
+    pipeline and its measurements again (it crashed on the loss of a step that never ran)."""
+    script = _load_script(repo_root, "train_teacher")
+    out = str(tmp_path / "teacher")
+    steps = ("--max_train_steps", "1", "--checkpointing_steps", "1")
+    script.main(_teacher_args(script, repo_root, tiny_base, out, *steps))
+    shutil.rmtree(os.path.join(out, "transformer"))
+    os.remove(os.path.join(out, "measurements.json"))
+    script.main(_teacher_args(script, repo_root, tiny_base, out, *steps, "--resume_from_checkpoint", "latest"))
+    m = json.load(open(os.path.join(out, "measurements.json")))
+    assert m["steps"] == 1 and m["final_loss"] is None and m["stopped_by_time_limit"] is False
+    assert os.path.isfile(os.path.join(out, "transformer", "config.json"))
+
+
+def test_gradient_accumulation_draws_new_scenes_for_every_micro_batch(repo_root, tiny_base, tmp_path, monkeypatch):
+    """With --gradient_accumulation_steps 2, the two micro-batches of an optimiser step render different scenes, in
+    the teacher (without a latent cache) and in the VAE script (both used to seed scenes from the optimiser step)."""
+    teacher = _load_script(repo_root, "train_teacher")
+    teacher_scenes = []
+    original_encode = teacher.LatentSource._encode
+
+    def encode(self, specs):
+        teacher_scenes.append(tuple(s.seed for s in specs))
+        return original_encode(self, specs)
+
+    monkeypatch.setattr(teacher.LatentSource, "_encode", encode)
+    teacher.main(_teacher_args(teacher, repo_root, tiny_base, str(tmp_path / "teacher"), "--max_train_steps", "1",
+                               "--gradient_accumulation_steps", "2", "--latent_cache_size", "0",
+                               "--checkpointing_steps", "0"))
+    assert len(teacher_scenes) == 2 and not set(teacher_scenes[0]) & set(teacher_scenes[1])
+
+    vae = _load_script(repo_root, "train_shapes_vae")
+    vae_scenes = []
+    original_specs = vae.specs_for_step
+
+    def specs_for_step(*args, **kwargs):
+        specs = original_specs(*args, **kwargs)
+        vae_scenes.append(tuple(s.seed for s in specs))
+        return specs
+
+    monkeypatch.setattr(vae, "specs_for_step", specs_for_step)
+    vae.main(_vae_args(vae, str(tmp_path / "vae"), "--max_train_steps", "1", "--gradient_accumulation_steps", "2"))
+    assert len(vae_scenes) == 2 and vae_scenes[0] != vae_scenes[1]
+
+
+def test_boolean_flags_set_in_yaml_can_be_switched_off(repo_root, tmp_path):
+    """Boolean flags take a value (`--use_ema false`), so the command line can switch off what a YAML config switched
+    on; a flag alone still means true, and a value that is not a boolean is refused, naming it."""
+    teacher = _load_script(repo_root, "train_teacher")
+    cfg = os.path.join(repo_root, "training", "configs", "tiny", "teacher.yaml")  # train_text_encoder, use_ema: true
+    base = ["--config", cfg, "--pretrained_model_name_or_path", "unused"]
+    on = teacher.parse_args(base)
+    assert on.use_ema and on.train_text_encoder and not on.gradient_checkpointing and not on.counterfactual_pairs
+    off = teacher.parse_args(base + ["--use_ema", "false", "--train_text_encoder", "no", "--gradient_checkpointing",
+                                     "--allow_tf32", "0", "--counterfactual_pairs", "off"])
+    assert (off.use_ema, off.train_text_encoder, off.gradient_checkpointing, off.allow_tf32,
+            off.counterfactual_pairs) == (False, False, True, False, False)
+    with pytest.raises(SystemExit):
+        teacher.parse_args(base + ["--use_ema", "maybe"])
+
+    vae = _load_script(repo_root, "train_shapes_vae")
+    yaml_path = tmp_path / "vae.yaml"
+    yaml_path.write_text("allow_tf32: true\n")
+    assert vae.parse_args(["--config", str(yaml_path)]).allow_tf32 is True
+    assert vae.parse_args(["--config", str(yaml_path), "--allow_tf32", "false"]).allow_tf32 is False
+    assert vae.parse_args(["--allow_tf32"]).allow_tf32 is True and vae.parse_args([]).allow_tf32 is False

@@ -1,12 +1,17 @@
 # Copyright 2026 The diffusers-hybrid authors. Licensed under the Apache License, Version 2.0.
 """In-process tests of `training/train_hybrid_forcing.py`: configuration, prompt loading, the clear errors raised
-before any heavy work, checkpoint discovery, and the sampler's exact resumability."""
+before any heavy work, checkpoint discovery, the sampler's exact resumability, and trainer pieces run on the tiny
+models (validation, ODE initialisation, the ODE-pair cache, Hub revisions and variants)."""
 
+import argparse
+import dataclasses
 import json
+import logging
 import os
 import shutil
 
 import pytest
+import torch
 
 TINY_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                             "training", "configs", "tiny")
@@ -275,8 +280,8 @@ def test_resolve_transformer_source(train_script, tmp_path, tiny_models):
     assert resolve(str(pt), True, "x") == ("file", str(pt))
 
 
-@pytest.mark.parametrize("name", ["ode_init", "stage1_dense", "stage2_hybrid", "stage1_dense_1.3b_teacher",
-                                  "stage2_hybrid_1.3b_teacher"])
+@pytest.mark.parametrize("name", ["ode_init", "stage1_dense", "stage2_hybrid", "ode_init_1.3b_teacher",
+                                  "stage1_dense_1.3b_teacher", "stage2_hybrid_1.3b_teacher"])
 def test_real_configs_parse(train_script, name):
     """The Wan2.1 configs only use known flags and carry the spec's values."""
     path = os.path.join(os.path.dirname(TINY_CONFIGS), f"{name}.yaml")
@@ -293,3 +298,224 @@ def test_real_configs_parse(train_script, name):
         assert (args.learning_rate, args.critic_learning_rate) == (2e-6, 4e-7)
     if args.stage != "ode_init":
         assert args.guidance_scale == 4.0 and args.dfake_gen_update_ratio == 5 and args.dmd_clip_frames == 21
+
+
+def test_one_gpu_1_3b_teacher_recipe_chains(train_script):
+    """The 1.3B-teacher configs form a chain that starts: its ODE initialisation uses the 1.3B teacher and writes what
+    stage 1 starts from, stage 2 starts from stage 1; their headers show their own one-GPU commands, and the README's
+    one-GPU recipe runs all three."""
+    configs = os.path.dirname(TINY_CONFIGS)
+
+    def load(name):
+        return train_script.parse_args(["--config", os.path.join(configs, f"{name}.yaml")])
+
+    ode, stage1, stage2 = (load(n) for n in ("ode_init_1.3b_teacher", "stage1_dense_1.3b_teacher",
+                                              "stage2_hybrid_1.3b_teacher"))
+    teacher = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    assert (ode.stage, stage1.stage, stage2.stage) == ("ode_init", "stage1", "stage2")
+    assert ode.teacher_model_name_or_path == stage1.teacher_model_name_or_path == \
+        stage2.teacher_model_name_or_path == teacher
+    assert stage1.init_checkpoint == ode.output_dir and stage2.stage1_checkpoint == stage1.output_dir
+    official = load("ode_init")
+    assert ode.output_dir != official.output_dir and ode.ode_pairs_dir != official.ode_pairs_dir  # other pairs
+    with open(os.path.join(os.path.dirname(configs), "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    recipe = readme[readme.index("its own teacher, one GPU"):]
+    for name in ("ode_init_1.3b_teacher", "stage1_dense_1.3b_teacher", "stage2_hybrid_1.3b_teacher"):
+        with open(os.path.join(configs, f"{name}.yaml"), encoding="utf-8") as f:
+            header = "".join(line for line in f if line.startswith("#"))
+        assert f"--config training/configs/{name}.yaml" in header, name
+        assert "14B" not in header, name
+        assert f"training/configs/{name}.yaml" in recipe, name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# trainer pieces on the tiny models (in process, no training loop)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def make_trainer(train_script, stage, *extra):
+    """A `Trainer` of a tiny config with its models loaded (setup and load_models, no step run)."""
+    args = args_for(train_script, stage, *extra)
+    trainer = train_script.Trainer(args, train_script.preflight(args))
+    trainer.setup()
+    trainer.load_models()
+    return trainer
+
+
+def test_validation_leaves_first_frame_reencoding_off(train_script, tiny_env):
+    """`--reencode_first_frame false`: validation loads a VAE of its own and leaves the training codec unset, so after
+    a mid-run validation the DMD and critic clips are still the rollout's last frames (the validation used to store its
+    VAE as the codec: re-encoding switched on, on the main process only, and a resumed run differed)."""
+    trainer = make_trainer(train_script, "stage1", "--init_checkpoint", "", "--reencode_first_frame", "false",
+                           "--validation_prompts", "a red circle moves left", "--num_validation_frames", "3")
+    video = torch.randn(2, 4, 9, 4, 4, generator=torch.Generator().manual_seed(0))
+    expected_clip, expected_mask = trainer.clip_of(video)
+    torch.testing.assert_close(expected_clip, video[:, :, 3:])
+    trainer.validate(1)
+    assert os.listdir(os.path.join(trainer.args.output_dir, "validation", "step-1"))
+    assert trainer.codec is None and trainer.validation_vae is not None
+    clip, mask = trainer.clip_of(video)
+    torch.testing.assert_close(clip, expected_clip)
+    assert torch.equal(mask, expected_mask)
+    # with re-encoding on, validation borrows the training codec's VAE instead of loading another
+    reencoding = make_trainer(train_script, "stage1", "--init_checkpoint", "", "--validation_prompts", "a red circle",
+                              "--num_validation_frames", "3")
+    reencoding.validate(1)
+    assert reencoding.codec is not None and reencoding.validation_vae is None
+
+
+def test_ode_init_step_indices_are_drawn_per_rank(train_script, tiny_env, monkeypatch):
+    """ODE initialisation: each chunk's denoising-step index is a noise level, drawn from the rank's own stream; the
+    stream shared by all ranks (rollout structure) is left alone, so two ranks regress from different levels."""
+    from diffusers_hybrid import training_utils
+
+    trainer = make_trainer(train_script, "ode_init", "--ode_num_pairs", "0")
+    trainer.ode_pairs, trainer.first_noise_sum = None, None
+    drawn = []
+    original = training_utils.sample_chunk_step_indices
+
+    def spy(*args, **kwargs):
+        drawn.append(original(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(training_utils, "sample_chunk_step_indices", spy)
+    shared = trainer.shared_gen.get_state()
+    for rank in (0, 1):  # what two ranks hold: the same shared stream, their own noise streams
+        trainer.shared_gen.set_state(shared)
+        trainer.noise_gen.manual_seed(training_utils.seed_for_rank(0, rank) + 1_000_000_007)
+        trainer.ode_step()
+        assert torch.equal(trainer.shared_gen.get_state(), shared)
+    assert len(drawn) == 2 and drawn[0].shape == (2, 6)
+    assert not torch.equal(drawn[0], drawn[1])
+
+
+def test_stage2_ddp_needs_a_memory_read_in_the_gradient_window(train_script, tiny_env):
+    """A stage-2 rollout whose gradient window never reads the linear memory leaves `linear_proj` without gradient,
+    which DDP (without find_unused_parameters) turns into a crash at the next step. Pre-flight lists those rollout
+    lengths; under DDP find_unused_parameters is then switched on, and an explicit `false` is an error naming the
+    values. Single processes and FSDP need nothing."""
+    stage1 = os.path.join(os.environ["TINY_MODELS"], "wan_base")
+    wide = json.dumps({"attention_mode": "hybrid", "rope_mode": "relative", "max_rope_frames": 9,
+                       "num_frame_per_block": 3, "sink_frames": 3, "local_attn_frames": 6, "sparse_topk_ratio": 0.5,
+                       "sparse_block_size": 4})
+    args = args_for(train_script, "stage2", "--stage1_checkpoint", stage1, "--student_config", wide,
+                    "--min_training_frames", "6", "--num_training_frames", "12")
+    pre = train_script.preflight(args)
+    # the last chunk of a 6-frame rollout (frames 3-5) still sees frames 0-2 in its 6-frame window: nothing evicted
+    assert pre.memory_free_rollouts == [6]
+    resolve = train_script.resolve_ddp_find_unused_parameters
+    assert resolve(args, pre, ddp=False) is False
+    assert resolve(args, pre, ddp=True) is True  # unset: switched on
+    args.ddp_find_unused_parameters = True
+    assert resolve(args, pre, ddp=True) is True
+    args.ddp_find_unused_parameters = False
+    with pytest.raises(train_script.TrainingSetupError,
+                       match=r"rollouts of 6 latent frames .*--min_training_frames=6.*local_attn_frames=6.*"
+                             r"--min_training_frames 9"):
+        resolve(args, pre, ddp=True)
+    # when the sink frames stay out of the memory (absorb_sink_frames=False) it fills later
+    no_sink = json.dumps({**json.loads(wide), "absorb_sink_frames": False})
+    args = args_for(train_script, "stage2", "--stage1_checkpoint", stage1, "--student_config", no_sink,
+                    "--min_training_frames", "6", "--num_training_frames", "12")
+    assert train_script.preflight(args).memory_free_rollouts == [6, 9]
+    # the tiny stage-2 config (3 local frames) reads the memory in every rollout
+    args = args_for(train_script, "stage2", "--stage1_checkpoint", stage1, "--ddp_find_unused_parameters", "false")
+    pre = train_script.preflight(args)
+    assert pre.memory_free_rollouts == [] and resolve(args, pre, ddp=True) is False
+
+
+def test_revision_and_variant_reach_every_model(train_script, tiny_env, monkeypatch):
+    """`--revision` / `--variant` reach every load of the Wan folder's models (student initialisation, critic, VAE,
+    text encoder; the tokenizer takes the revision), for training, validation and the final pipeline;
+    `--teacher_revision` / `--teacher_variant` the teacher's. The weights here exist only as `fp16` variants."""
+    import diffusers
+    import transformers
+
+    models = tiny_env / "variant_models"
+    shutil.copytree(os.environ["TINY_MODELS"], models)
+    for folder in ("wan_base/transformer", "wan_base/vae", "teacher"):
+        os.replace(models / folder / "diffusion_pytorch_model.safetensors",
+                   models / folder / "diffusion_pytorch_model.fp16.safetensors")
+    os.replace(models / "wan_base/text_encoder/model.safetensors", models / "wan_base/text_encoder/model.fp16.safetensors")
+    monkeypatch.setenv("TINY_MODELS", str(models))
+
+    calls = []
+
+    def spy(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            calls.append((f"{owner.__name__}.{name}", str(path), kwargs.get("revision"), kwargs.get("variant")))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    for owner in (diffusers.WanTransformer3DModel, diffusers.AutoencoderKLWan):
+        spy(owner, "from_pretrained")
+        spy(owner, "load_config")
+    for owner in (transformers.UMT5EncoderModel, transformers.AutoTokenizer, transformers.AutoConfig):
+        spy(owner, "from_pretrained")
+
+    trainer = make_trainer(train_script, "stage1", "--init_checkpoint", "", "--reencode_first_frame", "false",
+                           "--revision", "v1", "--variant", "fp16", "--teacher_revision", "t1",
+                           "--teacher_variant", "fp16", "--validation_prompts", "a red circle",
+                           "--num_validation_frames", "3")
+    trainer.validate(1)
+    trainer.save_final(0)
+    teacher = str(models / "teacher")
+    loads = {name for name, *_ in calls}
+    assert {"WanTransformer3DModel.from_pretrained", "AutoencoderKLWan.from_pretrained",
+            "UMT5EncoderModel.from_pretrained", "AutoTokenizer.from_pretrained", "AutoConfig.from_pretrained"} <= loads
+    for name, path, revision, variant in calls:
+        assert revision == ("t1" if path == teacher else "v1"), (name, path, revision)
+        if name.endswith("from_pretrained") and not name.startswith(("AutoTokenizer", "AutoConfig")):
+            assert variant == "fp16", (name, path, variant)
+    assert sum(path == teacher for _, path, *_ in calls) >= 2  # its config (pre-flight) and its weights
+    assert any(name == "AutoencoderKLWan.from_pretrained" for name, *_ in calls)
+    # a teacher elsewhere does not inherit the base repo's revision or variant; the same repo does
+    args = args_for(train_script, "stage1", "--revision", "v1", "--variant", "fp16")
+    assert train_script.hub_kwargs(args, "teacher") == {"revision": None, "variant": None}
+    assert train_script.hub_kwargs(args, "critic") == {"revision": "v1", "variant": "fp16"}
+    args.teacher_model_name_or_path = args.pretrained_model_name_or_path
+    assert train_script.hub_kwargs(args, "teacher") == {"revision": "v1", "variant": "fp16"}
+
+
+def test_ode_pair_cache_records_every_input(train_script, tiny_env, caplog):
+    """The cached ODE pairs are reused only when everything they depend on matches: a change of the prompt set, the
+    negative prompt, the sequence length or the timestep shift (which moves the teacher's Euler grid even when the
+    student's steps are not warped) is refused, naming it. A cache written before these were recorded is stale: it is
+    generated again, with a warning."""
+    pairs = str(tiny_env / "pairs")
+    trainer = make_trainer(train_script, "ode_init", "--ode_pairs_dir", pairs, "--ode_num_pairs", "2",
+                           "--warp_denoising_step", "false")
+    trainer.prepare_ode_pairs()
+    assert len(trainer.ode_pairs) == 2
+    args, pre = trainer.args, trainer.pre
+    for key, change in (("negative_prompt", {"negative_prompt": "bright"}),
+                        ("max_sequence_length", {"max_sequence_length": 12}),
+                        ("timestep_shift", {"timestep_shift": 3.0})):
+        trainer.args = argparse.Namespace(**{**vars(args), **change})
+        with pytest.raises(train_script.TrainingSetupError, match=rf"other settings \({key}: cached"):
+            trainer.prepare_ode_pairs()
+    trainer.args = args
+    trainer.pre = dataclasses.replace(pre, prompts=pre.prompts[:-1])
+    with pytest.raises(train_script.TrainingSetupError, match="prompts: cached"):
+        trainer.prepare_ode_pairs()
+    trainer.pre = pre
+    trainer.prepare_ode_pairs()  # unchanged settings: reused
+
+    marker = os.path.join(pairs, "ode_pairs.json")
+    with open(marker) as f:
+        meta = json.load(f)
+    old_keys = ("num_pairs", "frames", "latent", "sigmas", "ode_num_steps", "guidance_scale", "teacher", "seed",
+                "shards")
+    with open(marker, "w") as f:
+        json.dump({k: meta[k] for k in old_keys}, f)
+    with caplog.at_level(logging.WARNING, logger="train_hybrid_forcing"):
+        trainer.prepare_ode_pairs()
+    assert "older version" in caplog.text and "negative_prompt" in caplog.text
+    with open(marker) as f:
+        assert json.load(f) == meta
+    assert len(trainer.ode_pairs) == 2

@@ -456,6 +456,38 @@ def test_time_budget_lr_scheduler_anneals_by_time(monkeypatch):
     assert math.isclose(opt2.param_groups[0]["lr"], 0.75)
 
 
+def test_training_budget_clock_starts_with_the_training_loop(monkeypatch):
+    """The time budget is one clock for the learning rate and for stopping, started by the script right before its
+    training loop: setup time (loading, prepare, resume, a latent cache) neither anneals the learning rate nor counts
+    against --max_train_time."""
+    import math
+    import time
+    from types import SimpleNamespace
+
+    from diffusers_hybrid.training_utils import TrainingBudget, time_budget_lr_scheduler
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    param = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.SGD([param], lr=0.5)
+    args = SimpleNamespace(max_train_time=100.0, max_train_steps=10_000, lr_warmup_steps=0, lr_scheduler="cosine")
+    budget = TrainingBudget(args.max_train_steps, args.max_train_time)
+    sched = time_budget_lr_scheduler(opt, args, num_processes=1, budget=budget)
+    clock[0] += 500.0  # setup, five times the budget
+    assert budget.elapsed() == 0.0 and not budget.out_of_time()
+    budget.start()
+    opt.step()
+    sched.step()
+    assert math.isclose(opt.param_groups[0]["lr"], 0.25 * (1 + math.cos(math.pi * 1e-4)), rel_tol=1e-9)
+    clock[0] += 50.0  # half the budget
+    opt.step()
+    sched.step()
+    assert math.isclose(opt.param_groups[0]["lr"], 0.25, rel_tol=1e-6) and not budget.out_of_time()
+    clock[0] += 50.0
+    assert budget.out_of_time() and budget.elapsed() == 100.0
+    assert not TrainingBudget(10, None).out_of_time()
+
+
 def test_save_rotated_checkpoint_keeps_the_newest(tmp_path):
     from diffusers_hybrid.training_utils import save_rotated_checkpoint
 
@@ -577,3 +609,32 @@ def test_repatch_transformer_on_the_hybrid_model():
         out = fine(hidden_states=latent, timestep=torch.tensor([300.0]), encoder_hidden_states=torch.randn(1, 4, 8),
                    return_dict=False)[0]
     assert out.shape == (1, 5, 2, 6, 10) and torch.isfinite(out).all()
+
+
+def test_training_budget_shares_the_slowest_clock_between_ranks(monkeypatch):
+    """With several processes the time-based learning rate must be the same on every rank (else their weights drift
+    apart under DDP) and all ranks must stop at the same step: both follow the slowest rank's clock, taken at the
+    collective `out_of_time` call."""
+    import time
+    from types import SimpleNamespace
+
+    from diffusers_hybrid.training_utils import TrainingBudget
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    other_rank = [0.0]  # the other process's elapsed time, as the all-reduce would return it
+    accelerator = SimpleNamespace(
+        num_processes=2, device=torch.device("cpu"),
+        reduce=lambda tensor, reduction: torch.maximum(tensor, torch.tensor(other_rank[0], dtype=tensor.dtype)),
+    )
+    budget = TrainingBudget(1000, 100.0, accelerator)
+    budget.start()
+    clock[0], other_rank[0] = 30.0, 60.0
+    assert budget.fraction(0) == 0.0  # the schedule reads the shared time of the last collective call only
+    assert not budget.out_of_time() and budget.fraction(0) == 0.6
+    clock[0], other_rank[0] = 70.0, 101.0
+    assert budget.out_of_time() and budget.fraction(0) == 1.0  # this rank stops although its own clock says 70 s
+    single = TrainingBudget(1000, 100.0, SimpleNamespace(num_processes=1))  # one process: its own live clock
+    single.start()
+    clock[0] += 50.0
+    assert single.fraction(0) == 0.5 and not single.out_of_time()
