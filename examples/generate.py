@@ -9,7 +9,6 @@ together with `--transformer path/to/converted/transformer`.
 """
 
 import argparse
-import os
 import time
 
 import numpy as np
@@ -69,7 +68,8 @@ def load_pipeline(args):
 
 
 def main(argv=None):
-    from diffusers.utils import export_to_video
+    # not diffusers' `export_to_video`: it resizes frames to multiples of 16; this writes them at their true size
+    from diffusers_hybrid.utils.video_io import write_video
 
     args = parse_args(argv)
     pipe = load_pipeline(args)
@@ -91,8 +91,7 @@ def main(argv=None):
                   f"  {chunk.timings['total'] * 1000:7.1f} ms")
     total = time.perf_counter() - start
     video = np.concatenate([c.frames for c in chunks], axis=1)[0]
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    export_to_video(list(video), args.output, fps=args.fps)
+    write_video(video, args.output, fps=args.fps)  # creates the folder
 
     frames = video.shape[0]
     generation = sum(c.timings["total"] for c in chunks)

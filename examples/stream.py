@@ -12,6 +12,9 @@ switched from a file of `(chunk, prompt)` lines or interactively from stdin.
     # interactive: type a new prompt (or "<chunk> <prompt>") and press Enter
     python examples/stream.py --model ... --prompt "A calm sea" --stdin
 
+A switch for chunk 0 replaces `--prompt`. An interactive "<chunk> <prompt>" for a chunk that was already generated
+applies from the next chunk, with a warning.
+
 A switches file:
 
     # chunk  prompt
@@ -75,6 +78,28 @@ def read_switches(path: str) -> dict[int, str]:
     return switches
 
 
+def take_switches(lines: queue.Queue, switches: dict[int, str], next_index: int) -> str | None:
+    """
+    Drains the lines typed so far: `<chunk> <prompt>` schedules a switch (into `switches`), any other line switches
+    from the next chunk. A scheduled chunk that was already generated (`< next_index`) cannot be changed: its prompt
+    applies from the next chunk, with a warning. Returns the prompt of chunk `next_index`, or None to keep the prompt.
+    """
+    new_prompt = None
+    while not lines.empty():
+        line = lines.get()
+        head, _, rest = line.partition(" ")
+        if head.isdigit() and rest.strip():
+            if int(head) < next_index:
+                print(f"warning: chunk {int(head)} was already generated; '{rest.strip()}' applies from chunk "
+                      f"{next_index} instead", flush=True)
+                new_prompt = rest.strip()
+            else:
+                switches[int(head)] = rest.strip()
+        else:
+            new_prompt = line
+    return switches.get(next_index, new_prompt)
+
+
 def _stdin_reader(lines: queue.Queue):
     for line in sys.stdin:
         if line.strip():
@@ -124,12 +149,16 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         writer = imageio.get_writer(args.output, fps=args.fps, codec="libx264", quality=8, macro_block_size=1)
 
+    prompt = args.prompt
+    if 0 in switches:  # the prompt of chunk 0 is the one the stream starts with
+        prompt = switches.pop(0)
+        print(f"-> prompt from chunk 0 (switches file, instead of --prompt): {prompt}", flush=True)
     start = time.perf_counter()
-    session = pipe.stream(args.prompt, height=args.height, width=args.width, num_frames=None,
+    session = pipe.stream(prompt, height=args.height, width=args.width, num_frames=None,
                           generator=torch.Generator("cpu").manual_seed(args.seed), recache_on_switch=args.recache,
                           max_sequence_length=args.max_sequence_length,
                           vae_frames_per_call=None if args.fast else 1)  # a whole chunk per decoder call: faster
-    print(f"streaming '{args.prompt}' ({pipe.transformer.config.attention_mode}, {pipe.transformer.attention_kernel} "
+    print(f"streaming '{prompt}' ({pipe.transformer.config.attention_mode}, {pipe.transformer.attention_kernel} "
           f"kernels, {args.width}x{args.height}); Ctrl-C to stop", flush=True)
     frames_written, log = 0, []
     try:
@@ -146,15 +175,7 @@ def main(argv=None):
                 log.append((chunk.num_frames, chunk.timings["total"]))
 
                 next_index = chunk.index + 1
-                new_prompt = switches.get(next_index)
-                while not lines.empty():
-                    line = lines.get()
-                    head, _, rest = line.partition(" ")
-                    if head.isdigit() and rest.strip():
-                        switches[int(head)] = rest.strip()
-                    else:
-                        new_prompt = line
-                new_prompt = switches.get(next_index, new_prompt)
+                new_prompt = take_switches(lines, switches, next_index)
                 if new_prompt:
                     session.set_prompt(new_prompt)
                     print(f"-> prompt from chunk {next_index}: {new_prompt}", flush=True)

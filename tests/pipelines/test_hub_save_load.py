@@ -123,7 +123,10 @@ def test_model_card(saved):
 
     pipe, folder = saved
     card = ModelCard.load(os.path.join(folder, "README.md"))
-    assert card.data.base_model == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    assert card.data.base_model is None  # built from local components: its base is unknown
+    assert "built on" not in card.text and "huggingface.co/Wan-AI" not in card.text
+    assert "chunk by chunk of 3 latent frames (9 video frames for the first chunk, 12 for each later one)" in " ".join(
+        card.text.split())
     assert card.data.pipeline_tag == "text-to-video" and card.data.library_name == "diffusers"
     assert {"hybrid-forcing", "text-to-video", "diffusers-hybrid", "attention-hybrid"} <= set(card.data.tags)
     config = pipe.transformer.config
@@ -191,6 +194,7 @@ def test_push_to_hub_uses_the_same_writer(saved, components, tmp_path, monkeypat
 
     monkeypatch.setattr(hub_utils, "create_repo", fake_create_repo)
     monkeypatch.setattr(hub_utils, "upload_folder", fake_upload_folder)
+    monkeypatch.setattr(hub_utils, "load_hub_model_card", lambda repo_id, token=None: None)  # a new repo: no card
     pipe.push_to_hub("hybrid-forcing-tiny", commit_message="test upload")
     assert calls["create_repo"] == "hybrid-forcing-tiny"
     assert calls["upload"] == ("someone/hybrid-forcing-tiny", "test upload")
@@ -242,5 +246,136 @@ def test_model_card_of_a_model_whose_base_is_not_on_the_hub(saved):
 
     pipe, _ = saved
     card = make_model_card("shapes-student", dict(pipe.transformer.config), base_model=None)
-    assert card.data.base_model is None and "huggingface.co/Wan-AI" not in card.text
-    assert "a base model that is not on the Hub" in card.text
+    assert card.data.base_model is None and "huggingface.co/Wan-AI" not in card.text and "built on" not in card.text
+    card = make_model_card("hf-1.3b", dict(pipe.transformer.config), base_model=hub_utils.BASE_MODEL)
+    assert card.data.base_model == hub_utils.BASE_MODEL
+    assert "built on [Wan-AI/Wan2.1-T2V-1.3B-Diffusers](https://huggingface.co/Wan-AI/Wan2.1-T2V-1.3B-Diffusers)" in (
+        " ".join(card.text.split()))
+
+
+def test_save_pretrained_names_a_base_model_only_when_known(saved, components, tmp_path):
+    """Audit: every saved card claimed `base_model: Wan-AI/Wan2.1-T2V-1.3B-Diffusers`. Now: the `base_model` argument,
+    else the pipeline's `base_model` attribute (`None` unless set or known when loading)."""
+    from huggingface_hub import ModelCard
+
+    pipe, folder = saved
+    assert pipe.base_model is None
+    pipe.save_pretrained(tmp_path / "plain")
+    assert ModelCard.load(tmp_path / "plain" / "README.md").data.base_model is None
+    pipe.save_pretrained(tmp_path / "arg", base_model="someone/base-model")
+    card = ModelCard.load(tmp_path / "arg" / "README.md")
+    assert card.data.base_model == "someone/base-model" and "huggingface.co/someone/base-model" in card.text
+    pipe.base_model = "someone/attribute-base"
+    try:
+        pipe.save_pretrained(tmp_path / "attr")
+    finally:
+        pipe.base_model = None
+    assert ModelCard.load(tmp_path / "attr" / "README.md").data.base_model == "someone/attribute-base"
+    # known when loading: the local folder's card names it, and a re-save keeps it
+    loaded = StreamingHybridPipeline.from_pretrained(tmp_path / "attr")
+    assert loaded.base_model == "someone/attribute-base"
+    loaded.save_pretrained(tmp_path / "resaved")
+    assert ModelCard.load(tmp_path / "resaved" / "README.md").data.base_model == "someone/attribute-base"
+    assert StreamingHybridPipeline.from_pretrained(folder).base_model is None
+
+
+def test_base_model_of_a_stock_wan_hub_repo(tmp_path):
+    """Assembled from a stock diffusers repo on the Hub (a converted transformer passed in), the base is that repo; a
+    Hub repo in our layout has the base its cached card names. Read from the local Hub cache only."""
+    def cache_file(repo_id, filename, content):
+        repo = tmp_path / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text("abc123")
+        (repo / "snapshots" / "abc123").mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / "abc123" / filename).write_text(content)
+
+    cache_file("Wan-AI/Wan2.1-T2V-14B-Diffusers", "model_index.json", json.dumps({"_class_name": "WanPipeline"}))
+    cache_file("someone/hybrid", "model_index.json",
+               json.dumps({"_class_name": ["pipeline_streaming_hybrid", "StreamingHybridPipeline"]}))
+    cache_file("someone/hybrid", "README.md", "---\nbase_model: Wan-AI/Wan2.1-T2V-14B-Diffusers\n---\n# card\n")
+    cache_file("someone/other", "model_index.json",
+               json.dumps({"_class_name": ["pipeline_streaming_hybrid", "StreamingHybridPipeline"]}))
+    known = hub_utils.known_base_model
+    assert known("Wan-AI/Wan2.1-T2V-14B-Diffusers", cache_dir=str(tmp_path)) == "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+    assert known("someone/hybrid", cache_dir=str(tmp_path)) == "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+    assert known("someone/other", cache_dir=str(tmp_path)) is None  # no cached card
+    assert known("someone/not-cached", cache_dir=str(tmp_path)) is None
+    assert known(str(tmp_path)) is None  # not a pipeline folder
+    snapshot = next((tmp_path / "models--Wan-AI--Wan2.1-T2V-14B-Diffusers" / "snapshots").iterdir())
+    (snapshot / "README.md").write_text("---\nbase_model: someone/wan-base\n---\n")
+    assert known(str(snapshot)) is None  # a local stock folder is not a Hub id, and its card's base is not ours
+    assert known("Wan-AI/Wan2.1-T2V-14B-Diffusers", cache_dir=str(tmp_path)) == "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+
+
+def test_save_pretrained_keeps_an_existing_card(saved, tmp_path):
+    """Audit: re-saving into a folder replaced its hand-written README.md. Like diffusers' `load_or_create_model_card`,
+    an existing card is kept (only `library_name` is added when missing); `overwrite_model_card=True` regenerates."""
+    from huggingface_hub import ModelCard
+
+    pipe, _ = saved
+    folder = tmp_path / "student"
+    pipe.save_pretrained(folder)
+    handwritten = "---\nlibrary_name: diffusers\nlicense: apache-2.0\n---\n\n# My student\n\nTraining recipe.\n"
+    (folder / "README.md").write_text(handwritten)
+    pipe.save_pretrained(folder)
+    assert (folder / "README.md").read_text() == handwritten  # byte for byte
+    (folder / "README.md").write_text("# No metadata\n\nNotes.\n")
+    pipe.save_pretrained(folder)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "diffusers" and "# No metadata\n\nNotes." in card.text
+    unparsable = "---\nfoo: [unclosed\n---\n# Mine\n"
+    (folder / "README.md").write_text(unparsable)
+    pipe.save_pretrained(folder)
+    assert (folder / "README.md").read_text() == unparsable
+    pipe.save_pretrained(folder, overwrite_model_card=True)
+    assert "Hybrid Forcing" in (folder / "README.md").read_text()
+
+
+def test_model_card_frame_counts_follow_the_config(components, tmp_path):
+    """Audit: the card said "(12 video frames)" whatever `num_frame_per_block` was. Chunks of 4 latent frames make 13
+    video frames first and 16 after, and the usage snippet asks for a valid length (77 = 20 latent frames)."""
+    from huggingface_hub import ModelCard
+
+    pipe = components.make_pipeline(num_frame_per_block=4, sink_frames=4, local_attn_frames=8, dense_max_frames=12,
+                                    max_rope_frames=16)
+    pipe.save_pretrained(tmp_path / "four")
+    text = " ".join(ModelCard.load(tmp_path / "four" / "README.md").text.split())
+    assert "chunk by chunk of 4 latent frames (13 video frames for the first chunk, 16 for each later one)" in text
+    assert "(13 for the first chunk, 16 for each later one)" in text and "12 video frames" not in text
+    assert "num_frames=77" in text
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a red panda", num_frames=77, output_type="latent", **components.call_kwargs).frames.shape[2] == 20
+
+
+def test_push_to_hub_keeps_the_repo_card(saved, tmp_path, monkeypatch):
+    """diffusers' `push_to_hub` keeps the card the Hub repo already has; so does ours."""
+    from huggingface_hub import ModelCard
+
+    pipe, _ = saved
+    uploaded = tmp_path / "uploaded"
+
+    class Repo:
+        repo_id = "someone/hybrid-forcing-tiny"
+
+    existing = ModelCard("---\nlibrary_name: diffusers\n---\n\n# The card on the Hub\n")
+    monkeypatch.setattr(hub_utils, "create_repo", lambda repo_id, **kwargs: Repo())
+    monkeypatch.setattr(hub_utils, "upload_folder",
+                        lambda repo_id, folder_path, **kwargs: shutil.copytree(folder_path, uploaded))
+    monkeypatch.setattr(hub_utils, "load_hub_model_card", lambda repo_id, token=None: existing)
+    pipe.push_to_hub("hybrid-forcing-tiny")
+    assert "# The card on the Hub" in (uploaded / "README.md").read_text()
+    assert hub_utils.is_known_shim_layout(uploaded)
+
+
+def test_diffusion_pipeline_from_pretrained_with_a_component(saved, components):
+    """Audit: `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, transformer=...)` raised "transformer_
+    hybrid_forcing is not one of the libraries Diffusers can load components from"."""
+    pipe, folder = saved
+    window = HybridForcingTransformer3DModel.from_pretrained(folder, subfolder="transformer", attention_mode="window")
+    loaded = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, transformer=window)
+    assert type(loaded) is StreamingHybridPipeline and loaded.transformer is window
+    assert loaded.transformer.config.attention_mode == "window"
+    loaded.set_progress_bar_config(disable=True)
+    swapped = StreamingHybridPipeline.from_pretrained(folder, transformer=window)
+    swapped.set_progress_bar_config(disable=True)
+    assert torch.equal(_run(loaded, components), _run(swapped, components))

@@ -4,6 +4,7 @@ warning."""
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,3 +117,57 @@ def test_long_prompt_is_truncated_with_a_warning(pipe, components, caplog):
     assert "truncated" not in caplog.text
     assert long_embeds.shape == short_embeds.shape == (1, components.max_sequence_length, 16)
     torch.testing.assert_close(long_embeds, short_embeds)  # same kept tokens (+ EOS)
+
+
+def test_integral_num_frames_of_other_types(call):
+    """NumPy / torch integers and integral floats are valid lengths (audit: rejected with a message suggesting the
+    same value); a non-integral or non-numeric value is rejected for its type."""
+    reference = call(PROMPT, num_frames=9, generator=torch.Generator().manual_seed(0)).frames
+    for num_frames in (np.int64(9), np.int32(9), torch.tensor(9), 9.0, np.float32(9.0)):
+        out = call(PROMPT, num_frames=num_frames, generator=torch.Generator().manual_seed(0)).frames
+        assert torch.equal(out, reference), num_frames
+    for bad, kind in ((9.5, "float 9.5"), ("9", "str '9'"), (True, "bool True")):
+        with pytest.raises(ValueError, match=f"`num_frames` must be an integer, got {kind}"):
+            call(PROMPT, num_frames=bad)
+
+
+@pytest.mark.parametrize("name, value, kind", [
+    ("height", 32.5, "float 32.5"),
+    ("width", "32", "str '32'"),
+    ("num_videos_per_prompt", 1.5, "float 1.5"),
+])
+def test_non_integer_sizes(call, name, value, kind):
+    with pytest.raises(ValueError, match=f"`{name}` must be an integer, got {kind}"):
+        call(PROMPT, **{name: value})
+
+
+def test_integral_sizes_of_other_types(call):
+    """Audit: `height=128.0` and `num_videos_per_prompt=2.0` passed the checks and failed deep inside torch."""
+    out = call(PROMPT, height=32.0, width=np.int64(32), num_videos_per_prompt=2.0).frames
+    assert out.shape == (2, 16, 3, 4, 4)
+
+
+def test_prompt_embeds_of_another_text_encoder(pipe, components, call):
+    """Embeddings whose hidden size is not the transformer's `text_dim` (e.g. UMT5-XXL's 4096 for a small model) are
+    rejected up front, in `__call__`/`stream` and in `set_prompt`, naming both sizes (audit: a matmul error later)."""
+    wrong = torch.randn(1, components.max_sequence_length, 24)
+    message = r"`prompt_embeds` have hidden size 24 \(shape \(1, 16, 24\)\) but the transformer's `text_dim` is 16"
+    with pytest.raises(ValueError, match=message):
+        call(prompt_embeds=wrong)
+    with pipe.stream(PROMPT, output_type="latent", **components.call_kwargs) as session:
+        with pytest.raises(ValueError, match=message):
+            session.set_prompt(prompt_embeds=wrong)
+        next(session)  # the session is unharmed
+
+
+def test_constructor_with_swapped_transformer_and_scheduler(pipe):
+    """The DESIGN-order call `(tokenizer, text_encoder, vae, transformer, scheduler)` names the real order instead of
+    pointing at a Wan conversion."""
+    from diffusers_hybrid import StreamingHybridPipeline
+
+    message = (r"got FlowMatchEulerDiscreteScheduler \(and `scheduler` is a HybridForcingTransformer3DModel\): the "
+               r"arguments look swapped\. The order is \(tokenizer, text_encoder, vae, scheduler, transformer\)")
+    with pytest.raises(ValueError, match=message):
+        StreamingHybridPipeline(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.transformer, pipe.scheduler)
+    with pytest.raises(ValueError, match="convert a Wan transformer"):  # a genuinely wrong model keeps its message
+        StreamingHybridPipeline(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.scheduler, pipe.vae)

@@ -143,3 +143,26 @@ def test_switch_in_decoded_stream_keeps_frames_continuous(pipe, components):
     reference = pipe(PROMPT_A, num_frames=21, generator=torch.Generator().manual_seed(1), **components.call_kwargs)
     np.testing.assert_array_equal(np.concatenate(frames, axis=1), reference.frames)
     assert after.num_frames == 12 and after.frame_start == 21 and after.frames.shape[1] == 12
+
+
+@pytest.mark.parametrize("switch_after, reencoded", [(2, True), (3, False)])
+def test_what_recache_reencodes(pipe, components, switch_after, reencoded):
+    """The documented contract of `set_prompt(recache=True)` (hybrid, sink 3, window 6, chunks of 3): while every frame
+    written is still cached (6 frames) everything is replayed, the sink frames' K/V and the linear memory included;
+    later (9 frames) only the recent frames are, and the sink K/V and the memory keep the old prompt's encoding."""
+
+    with pipe.stream(PROMPT_A, generator=torch.Generator().manual_seed(5), output_type="latent",
+                     recache_on_switch=True, **components.call_kwargs) as session:
+        for _ in range(switch_after):
+            next(session)
+        layer = session.cache[-1]
+        sink = slice(0, 3 * layer.tokens_per_frame)
+        sink_keys, memory = layer.key[:, sink].clone(), layer.kv_state.clone()
+        assert memory.abs().sum() > 0
+        session.set_prompt(PROMPT_B, recache=True)
+        timings = {}
+        session._apply_prompt_switch(timings)  # what the next chunk does first, before its own commit changes the cache
+        assert timings["recache"] > 0
+        layer = session.cache[-1]
+        assert torch.equal(layer.key[:, sink], sink_keys) is not reencoded
+        assert torch.equal(layer.kv_state, memory) is not reencoded

@@ -279,3 +279,62 @@ def test_model_cpu_offload(components):
     np.testing.assert_allclose(pipe(PROMPT, generator=_gen(), **kwargs).frames, reference, atol=1e-6)
     with pipe.stream(PROMPT, generator=_gen(), **kwargs) as session:
         np.testing.assert_allclose(np.concatenate([c.frames for c in session], axis=1), reference, atol=1e-6)
+
+
+def test_interrupt_finishes_the_current_chunk(pipe, components):
+    """`pipe._interrupt = True` mid-chunk: the chunk still runs all its steps, is cached and decoded, and is the last one
+    (audit: it used to skip the remaining steps and return noise)."""
+    kwargs = dict(num_frames=33, **components.call_kwargs)
+    full = pipe(PROMPT, generator=_gen(), **kwargs).frames
+    steps = []
+
+    def interrupt_at_step_1(p, step, t, callback_kwargs):
+        steps.append(step)
+        p._interrupt = p._interrupt or step == 1
+        return {}
+
+    out = pipe(PROMPT, generator=_gen(), callback_on_step_end=interrupt_at_step_1, **kwargs).frames
+    assert steps == [0, 1, 2, 3]  # all of chunk 0's steps, none of chunk 1's
+    assert out.shape[1] == 9
+    np.testing.assert_array_equal(out, full[:, :9])
+
+    # stream: interrupted during chunk 1's first step -> chunks 0 and 1 complete, then the session ends
+    def interrupt_at_step_4(p, step, t, callback_kwargs):
+        p._interrupt = p._interrupt or step == 4
+        return {}
+
+    with pipe.stream(PROMPT, num_frames=33, generator=_gen(), callback_on_step_end=interrupt_at_step_4,
+                     **components.call_kwargs) as session:
+        chunks = list(session)
+    assert [c.index for c in chunks] == [0, 1]
+    np.testing.assert_array_equal(np.concatenate([c.frames for c in chunks], axis=1), full[:, :21])
+
+    # set between two chunks (e.g. from a UI thread): no further chunk starts
+    with pipe.stream(PROMPT, num_frames=33, generator=_gen(), **components.call_kwargs) as session:
+        first = next(session)
+        pipe._interrupt = True
+        with pytest.raises(StopIteration):
+            next(session)
+    np.testing.assert_array_equal(first.frames, full[:, :9])
+    # a new call starts uninterrupted
+    assert pipe(PROMPT, generator=_gen(), **kwargs).frames.shape[1] == 33 and not pipe.interrupt
+
+
+def test_num_timesteps_follows_the_per_call_schedule(pipe, components):
+    """`num_timesteps` (which diffusers' `PipelineCallback`s read) is the running call's steps per chunk."""
+    seen = []
+
+    def callback(p, step, t, callback_kwargs):
+        seen.append((step, p.num_timesteps))
+        return {}
+
+    kwargs = dict(num_frames=21, output_type="latent", callback_on_step_end=callback, **components.call_kwargs)
+    pipe(PROMPT, denoising_step_list=[1000, 500], **kwargs)
+    assert seen == [(0, 2), (1, 2), (2, 2), (3, 2)]
+    seen.clear()
+    with pipe.stream(PROMPT, denoising_step_list=[1000, 750, 500], **kwargs) as session:
+        next(session)
+    assert seen == [(0, 3), (1, 3), (2, 3)]
+    seen.clear()
+    pipe(PROMPT, **kwargs)  # the configured schedule
+    assert {n for _, n in seen} == {len(pipe.config.denoising_step_list)} == {4}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import operator
 import os
 import re
 import tempfile
@@ -36,10 +37,11 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.models import AutoencoderKLWan
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+from diffusers.schedulers import FlowMatchEulerDiscreteScheduler, SchedulerMixin
 from diffusers.utils import BaseOutput, is_ftfy_available, logging, replace_example_docstring
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from diffusers.video_processor import VideoProcessor
+from huggingface_hub import ModelCard
 
 try:
     from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
@@ -54,6 +56,11 @@ if is_ftfy_available():
     import ftfy
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
+
+# `model_index.json` of the shim layout names the transformer's library by its shim's stem; diffusers type-checks a
+# transformer passed to `from_pretrained` against that name in `sys.modules`, also in `DiffusionPipeline.from_pretrained`
+# (which imports this module through the pipeline shim before it checks any component): see `hub_utils`.
+hub_utils.register_shim_module_aliases([HybridForcingTransformer3DModel])
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 NUM_TRAIN_TIMESTEPS = 1000
@@ -123,6 +130,19 @@ def few_step_schedule(
         s = t / NUM_TRAIN_TIMESTEPS
         sigmas.append(timestep_shift * s / (1 + (timestep_shift - 1) * s) if warp_denoising_step else s)
     return [s * NUM_TRAIN_TIMESTEPS for s in sigmas], sigmas
+
+
+def _as_int(name: str, value) -> int:
+    """`value` as a Python `int`: anything `operator.index` accepts (`int`, NumPy and torch integers) or an integral
+    `float` (`9.0`); anything else (`9.5`, `"9"`, `True`) raises a `ValueError` naming the argument, its type and
+    value."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            if isinstance(value, (float, np.floating)) and float(value).is_integer():
+                return int(value)
+    raise ValueError(f"`{name}` must be an integer, got {type(value).__name__} {value!r}.")
 
 
 def valid_num_frames(num_frames: int, chunk_frames: int, temporal_scale: int = 4) -> list[int]:
@@ -333,8 +353,12 @@ class StreamingHybridSession:
         Args:
             prompt (`str` or `list[str]`): one prompt for every video of the batch, or one per prompt of the session.
             prompt_embeds (`torch.Tensor`, *optional*): precomputed embeddings `(batch_size, seq, text_dim)` instead.
-            recache (`bool`, *optional*): also re-encode the frames held in the attention window with the new prompt
-                (LongLive's recache), so the next chunk sees context consistent with it. Defaults to the session's
+            recache (`bool`, *optional*): also re-encode cached frames with the new prompt (LongLive's recache), so
+                the next chunk sees context consistent with it. Early in the stream, while every frame written so far
+                is still cached (in `window`/`hybrid` mode, up to `sink_frames + local_attn_frames -
+                num_frame_per_block` latent frames), all of them are re-encoded: the sink frames too, and the linear
+                memory is rebuilt from them. Later, only the window's recent (non-sink) frames are re-encoded; the sink
+                frames' K/V and the linear memory keep the prompt they were encoded with. Defaults to the session's
                 `recache_on_switch`; needs a session opened with `recache_on_switch=True`.
         """
         if self._closed:
@@ -353,6 +377,7 @@ class StreamingHybridSession:
                     f"`prompt_embeds` must be (batch_size={self.batch_size}, seq, text_dim), got "
                     f"{tuple(prompt_embeds.shape)}."
                 )
+            self.pipe._check_text_dim(prompt_embeds)
             self._pending = (None, prompt_embeds, recache)
 
     def close(self) -> None:
@@ -373,6 +398,9 @@ class StreamingHybridSession:
 
     def __next__(self) -> StreamingHybridChunk:
         if self._closed or self._stopped:
+            raise StopIteration
+        if self.pipe.interrupt:  # set between two chunks (e.g. from another thread): start no new chunk
+            self._stopped = True
             raise StopIteration
         if self.num_chunks is not None and self.index >= self.num_chunks:
             self._stopped = True
@@ -425,6 +453,7 @@ class StreamingHybridSession:
             self._start_time = time.perf_counter()
         timer = _Timer(self.device, self.profile)
         start = time.perf_counter()
+        pipe._num_timesteps = len(self.timesteps)  # this session's schedule (sessions may interleave)
         timings = {"text_encode": 0.0, "recache": 0.0}
         if self._pending is not None:
             self._apply_prompt_switch(timings)
@@ -439,9 +468,9 @@ class StreamingHybridSession:
                 latents = self._latents[:, :, f0 : f0 + chunk].to(device=self.device, dtype=torch.float32)
             else:
                 latents = self._noise(shape)
+            # `pipe.interrupt` is not checked here: a chunk that has started is always completed (all its steps,
+            # its cache write and its decode) and emitted; the session stops after it (end of this method)
             for i, (t, sigma) in enumerate(zip(self.timesteps, self.sigmas)):
-                if pipe.interrupt:
-                    break
                 pipe._current_timestep = t
                 flow = self._transformer(latents, t, "read")
                 x0 = latents - sigma * flow.float()
@@ -534,9 +563,16 @@ class StreamingHybridSession:
     @torch.no_grad()
     def _recache_window(self) -> None:
         """
-        Re-runs the cache-write passes of the chunks whose frames sit in the attention window, under the new prompt,
-        from the exact cache state before them (history K/V and linear memory restored). The sink frames and the
-        linear memory keep what they were encoded with. With the same prompt this reproduces the cache bit for bit.
+        Re-runs cache-write passes under the new prompt. What is re-encoded depends on how far the stream is:
+
+        - early, while every frame written so far is still in the window (`frames_written <= sink + history`): the
+          cache is reset and every chunk written so far is replayed, so the sink frames and the recent frames are
+          re-encoded and the linear memory is rebuilt from them;
+        - later: the cache is rewound to its exact state before the last `history` frames (their commits undone:
+          history K/V and linear memory restored) and only those chunks are replayed. The sink frames' K/V and the
+          linear memory keep what they were encoded with: the frames the memory absorbed are no longer kept.
+
+        Either way, with the same prompt this reproduces the cache bit for bit.
         """
         state, cache, pipe = self._recache, self.cache, self.pipe
         frames_written, chunk, history = cache.frames_written, self.chunk_frames, state.history
@@ -566,6 +602,9 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     This model inherits from [`DiffusionPipeline`]. Check the superclass documentation for the generic methods
     implemented for all pipelines (downloading, saving, running on a particular device, etc.).
 
+    The components come in WanPipeline's order, `(tokenizer, text_encoder, vae, scheduler, transformer)`. The attribute
+    `base_model` (a Hub repo id or `None`) is the base the model card of [`save_pretrained`] names.
+
     Args:
         tokenizer ([`T5TokenizerFast`]): tokenizer of [google/umt5-xxl](https://huggingface.co/google/umt5-xxl).
         text_encoder ([`UMT5EncoderModel`]): the UMT5 encoder of Wan2.1.
@@ -581,6 +620,9 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
+    # the Hub repo id the model is built on, for the model card `save_pretrained` writes; `None` when unknown (see
+    # `from_pretrained`), set it by hand otherwise
+    base_model: str | None = None
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
     _optional_components = ["tokenizer", "text_encoder"]
     _lora_loadable_modules = ["transformer"]
@@ -599,6 +641,12 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     ):
         super().__init__()
         if transformer is not None and not isinstance(transformer, HybridForcingTransformer3DModel):
+            if isinstance(transformer, SchedulerMixin) or isinstance(scheduler, HybridForcingTransformer3DModel):
+                raise ValueError(
+                    f"`transformer` must be a HybridForcingTransformer3DModel, got {type(transformer).__name__} (and "
+                    f"`scheduler` is a {type(scheduler).__name__}): the arguments look swapped. The order is "
+                    "(tokenizer, text_encoder, vae, scheduler, transformer), like WanPipeline's; pass them by keyword."
+                )
             raise ValueError(
                 f"`transformer` must be a HybridForcingTransformer3DModel, got {type(transformer).__name__}; convert a "
                 "Wan transformer with `HybridForcingTransformer3DModel.from_wan(...)` or load a converted checkpoint."
@@ -618,6 +666,7 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
         self._interrupt = False
         self._current_timestep = None
+        self._num_timesteps: int | None = None
         self._use_cuda_graphs = False
         self._fused_vae_decode: dict | None = None
 
@@ -720,10 +769,22 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 raise ValueError(f"`prompt` must not be empty, got {p!r}.")
         return prompts
 
+    def _check_text_dim(self, prompt_embeds: torch.Tensor) -> None:
+        text_dim = self.transformer.config.text_dim
+        if prompt_embeds.shape[-1] != text_dim:
+            raise ValueError(
+                f"`prompt_embeds` have hidden size {prompt_embeds.shape[-1]} (shape {tuple(prompt_embeds.shape)}) but "
+                f"the transformer's `text_dim` is {text_dim}: they come from another text encoder than this model's."
+            )
+
     def check_inputs(self, prompt, prompt_embeds, height, width, num_frames, num_videos_per_prompt, generator,
                      latents, output_type, callback_on_step_end_tensor_inputs):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"Unknown `output_type`={output_type!r}; use one of {list(OUTPUT_TYPES)}.")
+        height, width = _as_int("height", height), _as_int("width", width)
+        num_videos_per_prompt = _as_int("num_videos_per_prompt", num_videos_per_prompt)
+        if num_frames is not None:
+            num_frames = _as_int("num_frames", num_frames)
         multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise ValueError(
@@ -734,10 +795,10 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         chunk = self.transformer.config.num_frame_per_block
         if num_frames is not None:
             scale = self.vae_scale_factor_temporal
-            ok = isinstance(num_frames, int) and num_frames >= 1 and (num_frames - 1) % scale == 0
+            ok = num_frames >= 1 and (num_frames - 1) % scale == 0
             ok = ok and ((num_frames - 1) // scale + 1) % chunk == 0
             if not ok:
-                nearest = valid_num_frames(int(num_frames), chunk, scale)
+                nearest = valid_num_frames(num_frames, chunk, scale)
                 examples = ", ".join(str(scale * (chunk * m - 1) + 1) for m in (1, 2, 3))
                 raise ValueError(
                     f"`num_frames`={num_frames} is not a valid length: it must be 1 + {scale}·k video frames making "
@@ -748,8 +809,10 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             raise ValueError("Pass exactly one of `prompt` and `prompt_embeds`.")
         if prompt is not None:
             self._normalize_prompts(prompt)
-        if prompt_embeds is not None and prompt_embeds.ndim != 3:
-            raise ValueError(f"`prompt_embeds` must be (batch, seq, dim), got shape {tuple(prompt_embeds.shape)}.")
+        if prompt_embeds is not None:
+            if prompt_embeds.ndim != 3:
+                raise ValueError(f"`prompt_embeds` must be (batch, seq, dim), got shape {tuple(prompt_embeds.shape)}.")
+            self._check_text_dim(prompt_embeds)
         if callback_on_step_end_tensor_inputs is not None:
             bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
             if bad:
@@ -768,7 +831,11 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     @property
     def num_timesteps(self) -> int:
-        return len(self.config.denoising_step_list)
+        """Denoising steps per chunk of the running (or last) call or stream, per-call `denoising_step_list` included;
+        the configured `denoising_step_list`'s length before any. The `step` that `callback_on_step_end` receives runs
+        across chunks (`chunk·num_timesteps + i`)."""
+        num = getattr(self, "_num_timesteps", None)
+        return len(self.config.denoising_step_list) if num is None else num
 
     # ------------------------------------------------------------------------------------------------------------
     # generation
@@ -808,7 +875,8 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             denoising_step_list, timestep_shift, warp_denoising_step, context_noise: override the pipeline's schedule
                 configuration for this session.
             recache_on_switch (`bool`, defaults to `False`): keep what is needed to re-encode the attention window with
-                a new prompt on `set_prompt` (LongLive's recache); costs about one history window of K/V.
+                a new prompt on `set_prompt` (LongLive's recache; what is re-encoded: see
+                [`StreamingHybridSession.set_prompt`]); costs about one history window of K/V.
             vae_frames_per_call (`int` or `None`, defaults to 1): latent frames per VAE decoder call (`None`: a whole
                 chunk per call, faster on GPU, equal to the full decode up to float rounding).
             profile (`bool`, defaults to `False`): time the denoising, cache-write and decode parts of each chunk
@@ -821,6 +889,9 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(prompt, prompt_embeds, height, width, num_frames, num_videos_per_prompt, generator, latents,
                           output_type, callback_on_step_end_tensor_inputs)
+        height, width = _as_int("height", height), _as_int("width", width)
+        num_videos_per_prompt = _as_int("num_videos_per_prompt", num_videos_per_prompt)
+        num_frames = None if num_frames is None else _as_int("num_frames", num_frames)
         config = self.config
         timesteps, sigmas = few_step_schedule(
             denoising_step_list if denoising_step_list is not None else config.denoising_step_list,
@@ -865,6 +936,7 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             device = torch.device("cpu")  # CPU tensors report "cpu", never "cpu:0" (model offload's device)
         self._interrupt = False
         self._current_timestep = None
+        self._num_timesteps = len(timesteps)
         embeds = self.encode_prompt(
             prompts, num_videos_per_prompt=num_videos_per_prompt, prompt_embeds=prompt_embeds,
             max_sequence_length=max_sequence_length, device=device,
@@ -926,8 +998,11 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             attention_kwargs (`dict`, *optional*): passed to the transformer (`scale` = LoRA scale).
             callback_on_step_end (`Callable`, *optional*): called after every denoising step of every chunk as
                 `callback_on_step_end(pipe, step, timestep, callback_kwargs)`, `step = chunk·num_steps + i`; it may
-                return replaced `latents` (the chunk's) or `prompt_embeds`. Setting `pipe._interrupt = True` stops after
-                the current chunk.
+                return replaced `latents` (the chunk's) or `prompt_embeds`. Setting `pipe._interrupt = True` (here or
+                from another thread) stops after the current chunk: the chunk in progress still runs all its denoising
+                steps, its cache write and its decode, and is the last one returned; set between two chunks of a
+                [`stream`], no further chunk starts. (diffusers' one-shot pipelines skip the remaining steps instead; a
+                chunk cut short would be noise.) `pipe.num_timesteps` is the number of steps per chunk of this call.
             callback_on_step_end_tensor_inputs (`list[str]`): tensors passed to the callback (`latents`,
                 `prompt_embeds`).
             max_sequence_length (`int`, defaults to 512): text length of the UMT5 encoder.
@@ -968,22 +1043,58 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         r"""
         [`~DiffusionPipeline.from_pretrained`]. A local folder written by [`save_pretrained`] (the remote-code shim
         layout) loads without `trust_remote_code`: its only `.py` files are checked to be exactly our one-line
-        re-exports of the installed `diffusers_hybrid` classes. Hub repos need `trust_remote_code=True`.
-        A stock Wan repo loads too when a converted `transformer=` is passed.
+        re-exports of the installed `diffusers_hybrid` classes. Hub repos need `trust_remote_code=True`, and so does
+        `DiffusionPipeline.from_pretrained` of any folder in that layout. A stock Wan repo loads too when a converted
+        `transformer=` is passed; components passed explicitly replace the saved ones (with
+        `DiffusionPipeline.from_pretrained(..., trust_remote_code=True, transformer=...)` too).
+
+        The loaded pipeline's [`base_model`] is set when it is known without network: the `base_model` of a local
+        folder's model card, a stock diffusers repo id the pipeline was assembled from, or the `base_model` of a Hub
+        repo's card in the local cache (see [`~diffusers_hybrid.utils.hub_utils.known_base_model`]).
         """
         path = os.fspath(pretrained_model_name_or_path)
         if "trust_remote_code" not in kwargs and os.path.isdir(path) and hub_utils.is_known_shim_layout(path):
             kwargs["trust_remote_code"] = True
+        cache_dir, revision = kwargs.get("cache_dir"), kwargs.get("revision")
         # A component passed explicitly is type-checked against its `model_index.json` library, looked up in
-        # `sys.modules` by name; for our shim entries that name is the shim's stem: alias it to the real module.
+        # `sys.modules` by name; for our shim entries that name is the shim's stem (aliased when this module loads).
         with hub_utils.shim_module_aliases():
-            return super().from_pretrained(path, **kwargs)
+            pipe = super().from_pretrained(path, **kwargs)
+        pipe.base_model = hub_utils.known_base_model(path, cache_dir=cache_dir, revision=revision)
+        return pipe
 
     def _card_configs(self) -> tuple[dict, dict]:
         transformer_config = dict(self.transformer.config) if self.transformer is not None else {}
         pipeline_config = {k: self.config[k] for k in
                            ("denoising_step_list", "timestep_shift", "warp_denoising_step", "context_noise")}
         return transformer_config, pipeline_config
+
+    def _write_model_card(self, save_directory: str, repo_id: str, base_model: str | None = None,
+                          overwrite: bool = False, hub_repo_id: str | None = None, token: str | None = None) -> None:
+        """`README.md` of `save_directory`, the way diffusers' `load_or_create_model_card` treats cards: an existing
+        card (the folder's, else, when pushing, the Hub repo's) is kept as written, only `library_name` is filled in
+        when missing; otherwise (or with `overwrite`) a card is generated from the configs."""
+        path = os.path.join(save_directory, "README.md")
+        card = None
+        if not overwrite:
+            if os.path.isfile(path):
+                try:
+                    card = ModelCard.load(path)
+                except Exception as e:  # noqa: BLE001 - a card we cannot parse is still the author's: keep it
+                    logger.warning(f"Kept {path} as it is: it could not be read as a model card ({e}).")
+                    return
+            elif hub_repo_id is not None:
+                card = hub_utils.load_hub_model_card(hub_repo_id, token=token)
+        if card is not None:
+            if hub_utils.populate_model_card(card) or not os.path.isfile(path):
+                card.save(path)
+            return
+        transformer_config, pipeline_config = self._card_configs()
+        base_model = base_model if base_model is not None else self.base_model
+        hub_utils.make_model_card(
+            repo_id, transformer_config, pipeline_config, base_model=base_model,
+            temporal_scale=self.vae_scale_factor_temporal,
+        ).save(path)
 
     def save_pretrained(
         self,
@@ -994,20 +1105,28 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         push_to_hub: bool = False,
         remote_code_shims: bool = True,
         model_card: bool = True,
+        base_model: str | None = None,
+        overwrite_model_card: bool = False,
         **kwargs,
     ):
         r"""
         Saves the pipeline (safetensors only) in the remote-code shim layout, so that the folder loads with
         `StreamingHybridPipeline.from_pretrained(folder)` and with
         `DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)`, and writes a model card
-        (`README.md`).
+        (`README.md`) unless there is one.
 
         Args:
             save_directory (`str` or `os.PathLike`): where to write.
             remote_code_shims (`bool`, defaults to `True`): write the one-line re-export files and point
                 `model_index.json` to them (without them only `StreamingHybridPipeline.from_pretrained` of a local
                 folder, after `import diffusers_hybrid`, can load it).
-            model_card (`bool`, defaults to `True`): write `README.md`.
+            model_card (`bool`, defaults to `True`): make sure the folder has a model card. Like diffusers'
+                `load_or_create_model_card`, an existing `README.md` in `save_directory` (or, with `push_to_hub`, in
+                the Hub repo) is kept as written (only `library_name` is added to its metadata when missing); a card is
+                generated only when there is none.
+            base_model (`str`, *optional*): the Hub repo id the model is built on, written as the generated card's
+                `base_model`; defaults to [`base_model`] (`None` unless known: then the card names no base model).
+            overwrite_model_card (`bool`, defaults to `False`): generate the card even if `README.md` exists.
             push_to_hub (`bool`, defaults to `False`): then upload the folder (`repo_id`, `token`, `private`,
                 `commit_message`, `create_pr` in `kwargs`).
         """
@@ -1027,10 +1146,8 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             hub_utils.write_remote_code_shims(save_directory, type(self).__name__)
         card_repo = repo_id or os.path.basename(os.path.normpath(save_directory))
         if model_card:
-            transformer_config, pipeline_config = self._card_configs()
-            hub_utils.make_model_card(card_repo, transformer_config, pipeline_config).save(
-                os.path.join(save_directory, "README.md")
-            )
+            self._write_model_card(save_directory, card_repo, base_model=base_model, overwrite=overwrite_model_card,
+                                   hub_repo_id=card_repo if push_to_hub else None, token=token)
         if push_to_hub:
             return hub_utils.upload_pipeline_folder(
                 save_directory, repo_id or card_repo, token=token, private=private,
@@ -1046,12 +1163,18 @@ class StreamingHybridPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         create_pr: bool = False,
         safe_serialization: bool = True,
         variant: str | None = None,
+        base_model: str | None = None,
+        overwrite_model_card: bool = False,
         **kwargs,
     ):
-        r"""Uploads the pipeline to the Hub through [`save_pretrained`] (same folder: shims, safetensors, model card)."""
+        r"""Uploads the pipeline to the Hub through [`save_pretrained`] (same folder: shims, safetensors). The repo's
+        existing model card is kept, as diffusers' `push_to_hub` does; without one (or with `overwrite_model_card`), a
+        card is generated (`base_model` as in [`save_pretrained`])."""
         repo_id = hub_utils.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmpdir:
-            self.save_pretrained(tmpdir, safe_serialization=safe_serialization, variant=variant, repo_id=repo_id)
+            self.save_pretrained(tmpdir, safe_serialization=safe_serialization, variant=variant, model_card=False)
+            self._write_model_card(tmpdir, repo_id, base_model=base_model, overwrite=overwrite_model_card,
+                                   hub_repo_id=repo_id, token=token)
             return hub_utils.upload_pipeline_folder(
                 tmpdir, repo_id, token=token, private=private, create_repo_first=False,
                 commit_message=commit_message or f"Upload {type(self).__name__}", create_pr=create_pr,

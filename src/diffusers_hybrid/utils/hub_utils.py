@@ -14,6 +14,12 @@ model_index.json     "_class_name": ["pipeline_streaming_hybrid", "StreamingHybr
 pipeline_streaming_hybrid.py              from diffusers_hybrid import StreamingHybridPipeline
 transformer/transformer_hybrid_forcing.py from diffusers_hybrid import HybridForcingTransformer3DModel
 ```
+
+An explicitly passed component (`from_pretrained(folder, transformer=...)`) is type-checked by diffusers against its
+`model_index.json` library, which it looks up in `sys.modules` by name (it never imports a name a repository gives). For
+our shim entries that name is the shim's stem, so importing the pipeline registers each stem as an alias of the module
+that defines the class ([`register_shim_module_aliases`]): `DiffusionPipeline.from_pretrained(folder_or_repo,
+trust_remote_code=True, transformer=...)` then works like `StreamingHybridPipeline.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -23,12 +29,15 @@ import json
 import os
 import sys
 import textwrap
+from types import ModuleType
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub import ModelCard, ModelCardData, create_repo, try_to_load_from_cache, upload_folder
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
 PACKAGE = "diffusers_hybrid"
 PIP_NAME = "diffusers-hybrid"
+# The Hub base of the Hybrid Forcing 1.3B release; no card claims it unless it is passed or known (`known_base_model`).
 BASE_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 PIPELINE_SHIM = "pipeline_streaming_hybrid"
 # component class -> the file stem of its shim (distinctive names: local dynamic modules share one namespace)
@@ -117,25 +126,122 @@ def is_known_shim_layout(directory: str | os.PathLike) -> bool:
     return found == expected
 
 
-@contextlib.contextmanager
-def shim_module_aliases():
-    """While loading, make each shim stem (e.g. `transformer_hybrid_forcing`) importable from `sys.modules` as the
-    module that defines the class, so diffusers' check of an explicitly passed component finds it. Names already in
-    `sys.modules` are left alone; the aliases are removed afterwards."""
+def _shim_modules(classes: list[type] | None = None) -> dict[str, ModuleType]:
+    """Shim stem -> the module that defines the class the shim re-exports."""
     import importlib
 
-    import diffusers_hybrid
+    if classes is None:
+        import diffusers_hybrid
 
+        classes = [getattr(diffusers_hybrid, class_name) for class_name in COMPONENT_SHIMS]
+    return {COMPONENT_SHIMS[c.__name__]: importlib.import_module(c.__module__) for c in classes}
+
+
+def register_shim_module_aliases(classes: list[type] | None = None) -> list[str]:
+    """
+    Registers each shim stem (e.g. `transformer_hybrid_forcing`) in `sys.modules` as an alias of the module that
+    defines the class, for good: diffusers' type check of an explicitly passed component (`from_pretrained(...,
+    transformer=...)`) looks the `model_index.json` library up there, also in `DiffusionPipeline.from_pretrained`,
+    whose loading code we do not run. Importing the pipeline module calls this (loading a shim folder imports it
+    before any component is checked). A name already in `sys.modules` is left alone.
+
+    Args:
+        classes (`list[type]`, *optional*): classes named in `COMPONENT_SHIMS`; defaults to all of them.
+
+    Returns:
+        `list[str]`: the stems this call registered.
+    """
     added = []
-    for class_name, stem in COMPONENT_SHIMS.items():
+    for stem, module in _shim_modules(classes).items():
         if stem not in sys.modules:
-            sys.modules[stem] = importlib.import_module(getattr(diffusers_hybrid, class_name).__module__)
+            sys.modules[stem] = module
             added.append(stem)
+    return added
+
+
+@contextlib.contextmanager
+def shim_module_aliases():
+    """[`register_shim_module_aliases`] for the duration of a block only: the aliases this registered are removed
+    afterwards (names already in `sys.modules`, e.g. registered by the pipeline module, are left alone)."""
+    added = register_shim_module_aliases()
     try:
         yield
     finally:
         for stem in added:
             sys.modules.pop(stem, None)
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _card_base_model(readme_path: str | None) -> str | None:
+    if not readme_path or not os.path.isfile(readme_path):
+        return None
+    try:
+        base = ModelCard.load(readme_path).data.base_model
+    except Exception:  # noqa: BLE001 - a malformed card only means that the base is unknown
+        return None
+    return base if isinstance(base, str) and base else None
+
+
+def known_base_model(
+    pretrained_model_name_or_path: str | os.PathLike, cache_dir: str | None = None, revision: str | None = None
+) -> str | None:
+    """
+    The Hub base model of a pipeline loaded from `pretrained_model_name_or_path`, when it is known without network:
+
+    - a folder or repo in our layout (a saved `StreamingHybridPipeline`): the `base_model` of its model card (for a
+      Hub repo id, only if the card is in the local Hub cache);
+    - a Hub repo id of a stock diffusers pipeline (`model_index.json` naming e.g. `WanPipeline`; a converted
+      transformer was passed in): that repo. A local folder of one is not a Hub id: unknown.
+
+    Returns `None` when unknown; nothing is downloaded.
+    """
+    path = os.fspath(pretrained_model_name_or_path)
+    local = os.path.isdir(path)
+
+    def find(filename: str) -> str | None:
+        if local:
+            return os.path.join(path, filename)
+        try:
+            found = try_to_load_from_cache(path, filename, cache_dir=cache_dir, revision=revision)
+        except Exception:  # noqa: BLE001 - e.g. not a valid repo id
+            return None
+        return found if isinstance(found, str) else None
+
+    index = _read_json(find("model_index.json") or "")
+    if index is None:
+        return None
+    class_name = index.get("_class_name")
+    if isinstance(class_name, list) and class_name:
+        class_name = class_name[-1]
+    if class_name != "StreamingHybridPipeline":
+        return None if local else path
+    return _card_base_model(find("README.md"))
+
+
+def load_hub_model_card(repo_id: str, token: str | None = None) -> ModelCard | None:
+    """The model card of Hub repo `repo_id`, or `None` when the repo or its `README.md` does not exist (what
+    diffusers' `load_or_create_model_card` checks before writing a new card). Needs network."""
+    try:
+        return ModelCard.load(repo_id, token=token)
+    except (EntryNotFoundError, RepositoryNotFoundError):
+        return None
+
+
+def populate_model_card(card: ModelCard) -> bool:
+    """Fills in what a kept card lacks and diffusers' `populate_model_card` adds (`library_name: diffusers`); the
+    text is left as written. Returns whether anything was added."""
+    if card.data.library_name is None:
+        card.data.library_name = "diffusers"
+        return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -157,7 +263,21 @@ def _attention_rows(transformer_config: dict[str, Any]) -> list[tuple[str, str]]
     return [(k, f"`{transformer_config[k]}`", doc) for k, doc in keys if k in transformer_config]
 
 
-def usage_snippet(repo_id: str) -> str:
+def chunk_video_frames(num_frame_per_block: int, temporal_scale: int = 4) -> tuple[int, int]:
+    """Video frames of the first chunk and of each later one: the Wan VAE decodes F latent frames into
+    `1 + temporal_scale·(F - 1)` video frames, and each later chunk of F latent frames into `temporal_scale·F`."""
+    return temporal_scale * (num_frame_per_block - 1) + 1, temporal_scale * num_frame_per_block
+
+
+def default_num_frames(num_frame_per_block: int, temporal_scale: int = 4, target: int = 81) -> int:
+    """The longest valid video length up to `target` frames (whole chunks; at least one chunk): 81 for chunks of 3
+    latent frames, 77 for chunks of 4."""
+    latent = (target - 1) // temporal_scale + 1
+    latent = max(num_frame_per_block, latent - latent % num_frame_per_block)
+    return temporal_scale * (latent - 1) + 1
+
+
+def usage_snippet(repo_id: str, num_frames: int = 81) -> str:
     """Python that loads the pipeline from `repo_id` and writes a video (kept in the card, tested in CI)."""
     return textwrap.dedent(
         f"""\
@@ -169,7 +289,7 @@ def usage_snippet(repo_id: str) -> str:
         pipe.to("cuda")
 
         prompt = "A red panda walks through a bamboo forest, cinematic lighting"
-        video = pipe(prompt, height=480, width=832, num_frames=81).frames[0]
+        video = pipe(prompt, height=480, width=832, num_frames={num_frames}).frames[0]
         export_to_video(video, "red_panda.mp4", fps=16)
         """
     )
@@ -199,15 +319,27 @@ def make_model_card(
     repo_id: str,
     transformer_config: dict[str, Any],
     pipeline_config: dict[str, Any] | None = None,
-    base_model: str | None = BASE_MODEL,
+    base_model: str | None = None,
     extra_tags: list[str] | None = None,
+    temporal_scale: int = 4,
 ) -> ModelCard:
     """
     Builds the model card of a saved [`StreamingHybridPipeline`]: metadata (base model, tags, pipeline tag, library),
-    the attention configuration of the transformer, the sampling schedule, and usage snippets. `base_model` is a Hub
-    repo id, or `None` for a model whose base is not on the Hub (then no `base_model` metadata is written).
+    the attention configuration of the transformer, the sampling schedule, and usage snippets.
+
+    Args:
+        repo_id (`str`): the repo id (or folder name) the snippets load.
+        transformer_config (`dict`): the transformer's config (attention table, chunk length).
+        pipeline_config (`dict`, *optional*): the pipeline's sampling schedule.
+        base_model (`str`, *optional*): the Hub repo id the model is built on (e.g. `BASE_MODEL` for a Hybrid Forcing
+            model distilled from Wan2.1-T2V-1.3B); `None` (the default) for a base that is unknown or not on the Hub:
+            then no `base_model` metadata is written.
+        extra_tags (`list[str]`, *optional*): tags added to `MODEL_CARD_TAGS`.
+        temporal_scale (`int`, defaults to 4): video frames per latent frame of the VAE (Wan: 4), for the frame counts.
     """
     pipeline_config = pipeline_config or {}
+    chunk = transformer_config.get("num_frame_per_block", 3)
+    first_frames, later_frames = chunk_video_frames(chunk, temporal_scale)
     tags = list(dict.fromkeys(MODEL_CARD_TAGS + [f"attention-{transformer_config.get('attention_mode', 'hybrid')}"]
                               + list(extra_tags or [])))
     data = ModelCardData(
@@ -227,19 +359,19 @@ def make_model_card(
             f"{pipeline_config.get('warp_denoising_step')}), re-noising between steps, then one clean cache-write pass "
             f"(`context_noise={pipeline_config.get('context_noise')}`). No classifier-free guidance.\n"
         )
-    built_on = (f"[{base_model}](https://huggingface.co/{base_model})" if base_model
-                else "a base model that is not on the Hub")
+    # no base model: its base is unknown or not on the Hub, and the card says nothing about it
+    built_on = f", built on [{base_model}](https://huggingface.co/{base_model})" if base_model else ""
     content = f"""---
 {data.to_yaml()}
 ---
 
 # {repo_id.split('/')[-1]}
 
-A streaming, autoregressive text-to-video model in the **Hybrid Forcing** family (arXiv 2604.10103), built on
-{built_on}. Video is generated chunk by chunk of
-{transformer_config.get('num_frame_per_block', 3)} latent frames (12 video frames); self-attention sees sink frames and a
-sliding window of recent frames (block-sparse) and, in `hybrid` mode, a linear-attention memory of every frame that left
-the window, so the stream can run without end at constant memory.
+A streaming, autoregressive text-to-video model in the **Hybrid Forcing** family (arXiv 2604.10103){built_on}.
+Video is generated chunk by chunk of {chunk} latent frames ({first_frames} video frames for the first chunk,
+{later_frames} for each later one); self-attention sees sink frames and a sliding window of recent frames (block-sparse)
+and, in `hybrid` mode, a linear-attention memory of every frame that left the window, so the stream can run without end
+at constant memory.
 
 The code lives in the [`{PIP_NAME}`](https://pypi.org/project/{PIP_NAME}/) package (`pip install {PIP_NAME}`); this
 repository holds only weights, configs and one-line re-export files, which is why `trust_remote_code=True` is needed.
@@ -254,7 +386,7 @@ repository holds only weights, configs and one-line re-export files, which is wh
 ## Usage
 
 ```python
-{usage_snippet(repo_id)}```
+{usage_snippet(repo_id, default_num_frames(chunk, temporal_scale))}```
 
 ### Streaming, with a prompt switch
 
@@ -262,7 +394,7 @@ repository holds only weights, configs and one-line re-export files, which is wh
 {stream_snippet(repo_id)}```
 
 Frames from `stream` equal frames from `__call__` for the same seed. Each chunk's decoded frames come out as soon as they
-exist (9 for the first chunk, 12 for each later one).
+exist ({first_frames} for the first chunk, {later_frames} for each later one).
 """
     return ModelCard(content)
 

@@ -36,10 +36,33 @@ def ffmpeg_available() -> bool:
 
 
 def write_video(video, path: str, fps: int = FPS, quality: float = 9.0) -> str:
-    """Write a video. `.mp4` (H.264, yuv420p, high quality) needs imageio-ffmpeg; `.gif` and `.npy` do not."""
+    """
+    Writes a video at its true frame size, chosen by the extension of `path`: `.npy` and `.gif` (no ffmpeg needed), or
+    else (`.mp4`, ...) H.264 in yuv420p at high quality, which needs imageio-ffmpeg.
+
+    Unlike `diffusers.utils.export_to_video` (and imageio's default `macro_block_size=16`), frames whose sides are not
+    multiples of 16 are not resized: a 120x136 video is written, and reads back, as 120x136. yuv420p subsamples colour
+    2x2, so the H.264 path needs even sides: an odd height or width raises a `ValueError` rather than being padded or
+    rescaled behind the caller's back (crop or pad the frames, or write `.gif` / `.npy`). The pipeline's outputs are
+    always multiples of 8.
+
+    Args:
+        video: `[T, H, W, 3]` uint8, or floats in [0, 1] (array or tensor).
+        path (`str`): output file; its folder is created.
+        fps (`int`, defaults to 16): frame rate.
+        quality (`float`, defaults to 9.0): imageio-ffmpeg's quality (0-10), for the H.264 path.
+
+    Returns:
+        `str`: `path`.
+    """
     frames = to_uint8(video)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     ext = os.path.splitext(path)[1].lower()
+    if ext not in (".npy", ".gif") and (frames.shape[1] % 2 or frames.shape[2] % 2):
+        raise ValueError(
+            f"H.264 (yuv420p) needs an even frame height and width, got {frames.shape[1]}x{frames.shape[2]} (height x "
+            f"width) for {path!r}; crop or pad the frames, or write a .gif or .npy."
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if ext == ".npy":
         np.save(path, frames)
     elif ext == ".gif":
@@ -49,7 +72,9 @@ def write_video(video, path: str, fps: int = FPS, quality: float = 9.0) -> str:
     else:
         import imageio
 
-        with imageio.get_writer(path, fps=fps, quality=quality, macro_block_size=16, codec="libx264") as w:
+        # macro_block_size=1: no resizing to multiples of 16 (yuv420p is asked for explicitly: it needs even sides)
+        with imageio.get_writer(path, fps=fps, quality=quality, macro_block_size=1, codec="libx264",
+                                pixelformat="yuv420p") as w:
             for frame in frames:
                 w.append_data(frame)
     return path
