@@ -12,6 +12,8 @@ import torch
 
 from .block_sparse_attention.naive import (
     block_sparse_attention_naive,
+    check_key_length,
+    check_pool_out,
     check_pooled_key_prefix,
     num_selected_blocks,
     pool_key_blocks_naive,
@@ -20,6 +22,7 @@ from .block_sparse_attention.naive import (
 from .linear_memory.naive import (
     check_absorb_out,
     check_memory_query,
+    check_memory_state,
     linear_memory_absorb_naive,
     linear_memory_read_naive,
 )
@@ -102,6 +105,7 @@ def block_sparse_attention(
         `torch.Tensor` of shape `(B, Lq, H, D)`, dtype of `query`.
     """
     _check_kernel(kernel)
+    check_key_length(key)
     num_key_blocks = -(-key.shape[1] // block_size)
     dense = num_selected_blocks(num_key_blocks, topk_ratio) == num_key_blocks
     if kernel == "triton" and _use_triton("attention", query, block_size):
@@ -115,7 +119,8 @@ def block_sparse_attention(
     if not dense:
         block_index = select_key_blocks_naive(query, key, topk_ratio, block_size, key_centering, pooled_key_prefix,
                                               pooled_blocks)
-    return block_sparse_attention_naive(query, key, value, block_index, block_size, scale)
+    # the selection's own indices: no range / uniqueness check (a device sync)
+    return block_sparse_attention_naive(query, key, value, block_index, block_size, scale, check_index_values=False)
 
 
 def pool_key_blocks(
@@ -128,14 +133,17 @@ def pool_key_blocks(
 ) -> torch.Tensor:
     """
     The block selection's pooled key blocks: `key_centering` per token, then the mean of every `block_size`-token
-    block; `(B, H, ceil(L / block_size), D)` float32, written into `out` when given. Pass the result for a prefix
-    of the keys as `pooled_key_prefix` to [`block_sparse_attention`].
+    block; `(B, H, ceil(L / block_size), D)` float32, written into `out` when given (a contiguous float32 tensor of
+    that shape on the key's device, checked alike by both kernels). Pass the result for a prefix of the keys as
+    `pooled_key_prefix` to [`block_sparse_attention`].
     """
     _check_kernel(kernel)
     if kernel == "triton" and _use_triton("attention", key, block_size):
         from .block_sparse_attention.triton_kernel import pool_key_blocks_triton
 
         return pool_key_blocks_triton(key, block_size, key_centering, out=out)
+    if out is not None:
+        check_pool_out(out, key, block_size)
     pooled = pool_key_blocks_naive(key, block_size, key_centering)
     return pooled if out is None else out.copy_(pooled)
 
@@ -176,9 +184,17 @@ def block_sparse_attention_with_memory(
     `memory_denominator` (`(B, Lq, H)` float32, no gradient): the read-out's denominators `relu(query_raw) ·
     kmean_state + eps`, precomputed (the RoPE step [`rope_chunk_into_window`] returns them); pass `query_raw=None`
     and `kmean_state=None` then.
+
+    `query_raw` must have the shape of `query`, `kv_state` be `(B, H, D, D)` and `kmean_state` `(B, H, D)` exactly
+    (a batch-1 state is not broadcast; both kernels refuse it alike). Gradients: the reference differentiates
+    through everything, the memory state included; the Triton kernel passes no gradient to `kv_state` /
+    `kmean_state` (the callers absorb detached keys and values) and raises a `ValueError` for a state that requires
+    grad while grad is enabled, rather than leaving its `.grad` silently `None`.
     """
     _check_kernel(kernel)
+    check_key_length(key)
     check_memory_query(query, query_raw, kmean_state, memory_denominator)
+    check_memory_state(query, query_raw, kv_state, kmean_state)
     if state_is_projected and proj_weight is not None:
         raise ValueError("`state_is_projected=True` takes `kv_state` with the projection folded in; pass no `proj_weight`.")
     if (kernel == "triton" and _use_triton("attention", query, block_size) and _use_triton("memory", query)
@@ -335,8 +351,15 @@ def linear_memory_read(
     kernel: str = "reference",
 ) -> torch.Tensor:
     """Reads the linear memory for every query token: `(q_num · kv) / (relu(q_raw) · kmean + eps)`, float32,
-    `(B, S, H, D)`. See `linear_memory/naive.py`."""
+    `(B, S, H, D)`. See `linear_memory/naive.py`.
+
+    `query_raw` must have the shape of `query_numerator`, `kv_state` be `(B, H, D, D)` and `kmean_state` `(B, H, D)`
+    exactly (a batch-1 state is not broadcast; both kernels refuse it alike). Gradients: the reference
+    differentiates w.r.t. both queries and the state; the Triton kernel w.r.t. both queries only. It passes no
+    gradient to `kv_state` / `kmean_state` (the callers absorb detached keys and values) and raises a `ValueError` for
+    a state that requires grad while grad is enabled, rather than leaving its `.grad` silently `None`."""
     _check_kernel(kernel)
+    check_memory_state(query_numerator, query_raw, kv_state, kmean_state, "query_numerator")
     if kernel == "triton" and _use_triton("memory", query_raw):
         from .linear_memory.triton_kernel import linear_memory_read_triton
 

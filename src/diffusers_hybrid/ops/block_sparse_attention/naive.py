@@ -131,6 +131,54 @@ def select_key_blocks_naive(
     return scores.topk(topk, dim=-1).indices.sort(dim=-1).values
 
 
+def check_key_length(key: torch.Tensor) -> None:
+    """Attention needs at least one key: an empty key sequence is refused (the selection would pick a block that
+    does not exist)."""
+    if key.dim() == 4 and key.shape[1] == 0:
+        raise ValueError(f"key must hold at least one token, got shape {tuple(key.shape)}")
+
+
+def check_pool_out(out: torch.Tensor, key: torch.Tensor, block_size: int) -> None:
+    """Validates the `out` buffer of [`pool_key_blocks_naive`] / `pool_key_blocks_triton` (shared by both kernels):
+    a contiguous float32 `(B, H, ceil(L / block_size), D)` tensor on the key's device."""
+    batch, length, heads, dim = key.shape
+    shape = (batch, heads, -(-length // block_size), dim)
+    if tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous() or out.device != key.device:
+        layout = "" if out.is_contiguous() else " (not contiguous)"
+        raise ValueError(f"`out` must be a contiguous float32 tensor of shape {shape} on {key.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}{layout}")
+
+
+def check_block_index(block_index: torch.Tensor, query: torch.Tensor, key: torch.Tensor, block_size: int,
+                      check_values: bool = True) -> None:
+    """Validates a precomputed selection (shared by the reference and the kernel): an integer tensor of shape exactly
+    `(B, H, ceil(Lq / block_size), topk)` (no batch broadcast), `1 <= topk <= K`, and with `check_values` every index
+    in `[0, K)` and none repeated within a row (the kernel attends to each listed block, a repeat would count a block
+    twice)."""
+    batch, len_q, heads, _ = query.shape
+    num_q_blocks, num_k_blocks = -(-len_q // block_size), -(-key.shape[1] // block_size)
+    if block_index.dim() != 4 or tuple(block_index.shape[:3]) != (batch, heads, num_q_blocks):
+        raise ValueError(f"block_index must have shape (B, H, M, topk) = ({batch}, {heads}, {num_q_blocks}, topk), "
+                         f"got {tuple(block_index.shape)}")
+    if not 1 <= block_index.shape[-1] <= num_k_blocks:
+        raise ValueError(f"block_index must select 1 to {num_k_blocks} key blocks per row, got "
+                         f"{block_index.shape[-1]}")
+    if block_index.dtype.is_floating_point or block_index.dtype.is_complex or block_index.dtype == torch.bool:
+        raise ValueError(f"block_index must be an integer tensor, got {block_index.dtype}")
+    if not check_values or block_index.numel() == 0 or torch.compiler.is_compiling():
+        return
+    # The range and repeats need the values: one device sync. A given `block_index` comes from benchmarks and tests
+    # only (the ops build their own selection and skip this), so the sync is acceptable here.
+    ordered = block_index.long().sort(dim=-1).values
+    repeats = ordered[..., 1:] == ordered[..., :-1]
+    low, high, repeated = torch.stack([ordered[..., 0].min(), ordered[..., -1].max(), repeats.any().long()]).tolist()
+    if low < 0 or high >= num_k_blocks:
+        raise ValueError(f"block_index must hold key blocks in [0, {num_k_blocks}), got {low if low < 0 else high}")
+    if repeated:
+        value = int(ordered[..., 1:][repeats][0])
+        raise ValueError(f"block_index selects key block {value} twice in one row (indices must be unique per row)")
+
+
 def block_mask_from_indices(block_index: torch.Tensor, num_key_blocks: int) -> torch.Tensor:
     """`(B, H, M, topk)` indices -> boolean `(B, H, M, K)` block map."""
     mask = torch.zeros(*block_index.shape[:-1], num_key_blocks, dtype=torch.bool, device=block_index.device)
@@ -144,14 +192,20 @@ def block_sparse_attention_naive(
     block_index: torch.Tensor | None,
     block_size: int = 64,
     scale: float | None = None,
+    *,
+    check_index_values: bool = True,
 ) -> torch.Tensor:
     """
     Softmax attention restricted to the selected key blocks, computed densely with a mask in float32.
 
     Args:
         query (`(B, Lq, H, D)`), key (`(B, Lk, H, D)`), value (`(B, Lk, H, D)`).
-        block_index (`(B, H, ceil(Lq/bs), topk)` or `None`): selected key blocks; `None` means all keys (dense).
+        block_index (`(B, H, ceil(Lq/bs), topk)` integer tensor or `None`): selected key blocks, unique per row and
+            in `[0, K)` (checked as the Triton kernel checks them, see [`check_block_index`]); `None` means all keys
+            (dense).
         scale (`float`, *optional*): defaults to `1/sqrt(D)`.
+        check_index_values (`bool`): check the range and uniqueness of `block_index` (a device sync); the dispatch
+            skips it for the selection it computed itself.
 
     Returns:
         `torch.Tensor` of shape `(B, Lq, H, D)` in the dtype of `query`.
@@ -160,6 +214,7 @@ def block_sparse_attention_naive(
     q, k, v = (t.float().transpose(1, 2) for t in (query, key, value))
     mask = None
     if block_index is not None:
+        check_block_index(block_index, query, key, block_size, check_index_values)
         num_key_blocks = -(-len_k // block_size)
         block_map = block_mask_from_indices(block_index, num_key_blocks)
         mask = block_map.repeat_interleave(block_size, dim=2)[:, :, :len_q]

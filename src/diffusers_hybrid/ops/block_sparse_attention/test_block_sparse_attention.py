@@ -784,3 +784,174 @@ def test_selection_fused_into_attention(name, monkeypatch):
         assert torch.equal(fused, unfused)
     else:
         assert _rel_err(fused, unfused) < 2e-2
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Argument validation: every check raises before any kernel runs (fast on CPU)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _memory_case():
+    """bf16 (B=2, Lq=20, Lk=40, H=2, D=16) queries, keys, values, raw query, state and projection."""
+    q, k, v = _inputs(2, 20, 40, 2, 16, torch.bfloat16)
+    q_raw = torch.randn_like(q)
+    kv, kmean = torch.randn(2, 2, 16, 16) / 16, torch.rand(2, 2, 16)
+    return q, k, v, q_raw, kv, kmean, (torch.randn(16, 16) / 4).bfloat16(), torch.randn(16).bfloat16()
+
+
+@pytest.mark.parametrize("kernel", ["reference", "triton", "triton_level"])
+def test_memory_state_and_raw_query_shapes_are_validated(kernel):
+    """A mis-shaped `query_raw`, `kv_state` or `kmean_state` (batch 1 included: no path broadcasts it, the kernel
+    indexes the state per batch element) is refused with the same ValueError by both kernels and the Triton-level
+    function, with and without gradients (the fused and the unfused Triton branches)."""
+    from diffusers_hybrid.ops import block_sparse_attention_with_memory
+
+    tk = _kernels()
+    q, k, v, q_raw, kv, kmean, weight, bias = _memory_case()
+    if kernel == "triton_level":
+        def call(*args, **kwargs):
+            return tk.block_sparse_attention_with_memory_triton(*args, **kwargs)
+    else:
+        def call(*args, **kwargs):
+            return block_sparse_attention_with_memory(*args, kernel=kernel, **kwargs)
+    cases = [
+        (dict(query_raw=torch.randn(2, 20, 3, 16).bfloat16()),
+         r"query_raw must have the shape of query \(2, 20, 2, 16\), got \(2, 20, 3, 16\)"),
+        (dict(query_raw=torch.randn(2, 21, 2, 16).bfloat16()),
+         r"query_raw must have the shape of query \(2, 20, 2, 16\), got \(2, 21, 2, 16\)"),
+        (dict(kv_state=kv[:1]), r"kv_state must have shape \(B, H, D, D\) = \(2, 2, 16, 16\) .* got \(1, 2, 16, 16\)"),
+        (dict(kmean_state=kmean[:1]), r"kmean_state must have shape \(B, H, D\) = \(2, 2, 16\) .* got \(1, 2, 16\)"),
+        (dict(kmean_state=kmean[..., None]), r"kmean_state must have shape .* got \(2, 2, 16, 1\)"),
+    ]
+    for grad in (False, True):
+        for changes, message in cases:
+            args = {**dict(query=q.clone().requires_grad_(grad), key=k, value=v, query_raw=q_raw, kv_state=kv,
+                           kmean_state=kmean), **changes}
+            with pytest.raises(ValueError, match=message):
+                call(*args.values(), proj_weight=weight, proj_bias=bias, topk_ratio=0.5, block_size=16)
+    # the precomputed denominators: the state is still checked
+    den = torch.rand(2, 20, 2) + 1
+    with pytest.raises(ValueError, match=r"kv_state must have shape .* got \(1, 2, 16, 16\)"):
+        call(q, k, v, None, kv[:1], None, memory_denominator=den, proj_weight=weight, topk_ratio=0.5, block_size=16)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+def test_memory_state_that_requires_grad_is_refused_by_triton(kernel):
+    """The Triton read-out passes no gradient to the memory state: a state that requires grad (with grad enabled) is
+    refused in both Triton branches (fused: only the state wants a gradient; unfused: the queries do too) instead of
+    leaving its `.grad` silently None; the reference differentiates through it; under no_grad it is fine."""
+    from diffusers_hybrid.ops import block_sparse_attention_with_memory
+
+    q, k, v, q_raw, kv, kmean, weight, bias = _memory_case()
+    common = dict(proj_weight=weight, proj_bias=bias, topk_ratio=1.0, block_size=16, kernel=kernel)
+    for query_grad in (False, True):
+        for name in ("kv_state", "kmean_state"):
+            state = dict(kv_state=kv.clone(), kmean_state=kmean.clone())
+            state[name].requires_grad_(True)
+            query = q.clone().requires_grad_(query_grad)
+            if kernel == "triton":
+                with pytest.raises(ValueError, match=f"`{name}` requires grad"):
+                    block_sparse_attention_with_memory(query, k, v, q_raw, state["kv_state"], state["kmean_state"],
+                                                       **common)
+            else:
+                out = block_sparse_attention_with_memory(query, k, v, q_raw, state["kv_state"],
+                                                         state["kmean_state"], **common)
+                (grad,) = torch.autograd.grad(out.float().sum(), state[name])
+                assert grad.abs().sum() > 0
+    if kernel == "triton":
+        with torch.no_grad():
+            out = block_sparse_attention_with_memory(q, k, v, q_raw, kv.clone().requires_grad_(True), kmean, **common)
+        assert out.shape == q.shape and out.isfinite().all()
+
+
+def test_given_block_index_is_validated():
+    """`block_index` of `block_sparse_attention_triton` (benchmarks, tests): exactly (B, H, M, topk) (a batch-1 index
+    is not broadcast), integral, within [0, K) and without repeats in a row; the reference refuses the same indices
+    with the same message (it would broadcast a batch-1 index and merge repeats)."""
+    tk = _kernels()
+    from diffusers_hybrid.ops.block_sparse_attention.naive import select_key_blocks_naive
+
+    q, k, v = _inputs(2, 40, 100, 2, 16, torch.float16)  # M = 3 query blocks, K = 7 key blocks
+    lut = select_key_blocks_naive(q, k, 0.4, 16, "none")  # (2, 2, 3, 2)
+    repeated = lut.clone()
+    repeated[1, 0, 2, 1] = repeated[1, 0, 2, 0]
+    cases = [
+        (lut[:1], r"block_index must have shape \(B, H, M, topk\) = \(2, 2, 3, topk\), got \(1, 2, 3, 2\)"),
+        (lut[0], r"block_index must have shape .* got \(2, 3, 2\)"),
+        (lut[..., :0], r"block_index must select 1 to 7 key blocks per row, got 0"),
+        (lut.float(), r"block_index must be an integer tensor, got torch.float32"),
+        (lut.bool(), r"block_index must be an integer tensor, got torch.bool"),
+        (torch.where(lut == lut.max(), 7, lut), r"block_index must hold key blocks in \[0, 7\), got 7"),
+        (torch.where(lut == lut.min(), -1, lut), r"block_index must hold key blocks in \[0, 7\), got -1"),
+        (repeated, rf"block_index selects key block {int(repeated[1, 0, 2, 0])} twice in one row"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            tk.block_sparse_attention_triton(q, k, v, block_size=16, block_index=bad)
+        with pytest.raises(ValueError, match=message):
+            block_sparse_attention_naive(q, k, v, bad, 16)
+    with poisoned_outputs():  # a valid int32 index in any order is taken as it is
+        out = tk.block_sparse_attention_triton(q, k, v, block_size=16, block_index=lut.flip(-1).int())
+    assert _rel_err(out, _reference(q, k, v, lut, 16)[0]) < 1e-2
+
+
+def test_empty_key_sequence_is_refused():
+    """No keys (Lk = 0): a ValueError from both kernels (the Triton path crashed the process, the reference failed in
+    the selection), with and without the memory read-out."""
+    from diffusers_hybrid.ops import block_sparse_attention_with_memory
+
+    q, k, v, q_raw, kv, kmean, weight, bias = _memory_case()
+    empty = k[:, :0]
+    message = r"key must hold at least one token, got shape \(2, 0, 2, 16\)"
+    for kernel in ("reference", "triton"):
+        for ratio in (1.0, 0.2):
+            with pytest.raises(ValueError, match=message):
+                block_sparse_attention(q, empty, empty, topk_ratio=ratio, block_size=16, kernel=kernel)
+            with torch.no_grad(), pytest.raises(ValueError, match=message):
+                block_sparse_attention_with_memory(q, empty, empty, q_raw, kv, kmean, proj_weight=weight,
+                                                   topk_ratio=ratio, block_size=16, kernel=kernel)
+    with pytest.raises(ValueError, match=message):
+        _kernels().block_sparse_attention_triton(q, empty, empty, block_size=16)
+
+
+def test_pool_key_blocks_out_is_validated_by_both_kernels():
+    """`pool_key_blocks(out=...)`: the reference refuses the buffers the Triton path refuses, with the same message
+    (a bf16 buffer would round the cache's pooled keys, a batch-2 one would be broadcast into)."""
+    from diffusers_hybrid.ops import pool_key_blocks
+    from diffusers_hybrid.ops.block_sparse_attention.naive import pool_key_blocks_naive
+
+    key = torch.randn(1, 40, 2, 16, dtype=torch.bfloat16)  # 3 blocks of 16
+    bad_outs = [torch.empty(1, 2, 3, 16, dtype=torch.bfloat16), torch.empty(2, 2, 3, 16), torch.empty(1, 2, 2, 16),
+                torch.empty(1, 2, 16, 3).transpose(-1, -2)]
+    for out in bad_outs:
+        messages = []
+        for kernel in ("reference", "triton"):
+            with pytest.raises(ValueError, match=r"`out` must be a contiguous float32 tensor of shape \(1, 2, 3, 16\)"
+                                                 r" on cpu") as error:
+                pool_key_blocks(key, 16, "heads", out=out.clone(), kernel=kernel)
+            messages.append(str(error.value))
+        assert messages[0] == messages[1]
+    for kernel in ("reference", "triton"):
+        out = torch.full((1, 2, 3, 16), float("nan"))
+        assert pool_key_blocks(key, 16, "heads", out=out, kernel=kernel) is out
+        torch.testing.assert_close(out, pool_key_blocks_naive(key, 16, "heads"), atol=1e-5, rtol=1e-5)
+
+
+class _NoLaunch:
+    """Stands for a Triton kernel: `kernel[grid](...)` launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def test_poisoned_outputs_reach_this_module(monkeypatch):
+    """Inside `poisoned_outputs()` the launchers' buffers are poisoned: with the kernel launch stubbed out, nothing is
+    written, so the pooled blocks are NaN (the module reads the live flag, not a copy bound at import)."""
+    tk = _kernels()
+    assert not hasattr(tk, "POISON_OUTPUTS")
+    for name in ("_pool_heads_kernel", "_pool_kernel"):
+        monkeypatch.setattr(tk, name, _NoLaunch())
+    q, k, _ = _inputs(1, 20, 40, 2, 16, torch.bfloat16)
+    with poisoned_outputs():
+        pooled_q, pooled_k = tk._pool(q, k, 16, True)
+    assert pooled_q.isnan().all() and pooled_k.isnan().all()

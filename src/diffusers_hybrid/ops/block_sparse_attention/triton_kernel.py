@@ -52,9 +52,16 @@ if not torch.cuda.is_available():  # CPU only: run the kernels through Triton's 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from ..linear_memory.naive import check_memory_query  # noqa: E402
+from ..linear_memory.naive import check_memory_query, check_memory_state, check_state_without_grad  # noqa: E402
 from ..utils import last_contiguous, new_empty, new_empty_like  # noqa: E402
-from .naive import check_pooled_blocks, check_pooled_key_prefix, num_selected_blocks  # noqa: E402
+from .naive import (  # noqa: E402
+    check_block_index,
+    check_key_length,
+    check_pool_out,
+    check_pooled_blocks,
+    check_pooled_key_prefix,
+    num_selected_blocks,
+)
 
 try:  # Hopper bulk-tensor copies (TMA); optional.
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -1096,6 +1103,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size:
                          f"{v.shape}")
     if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"query {tuple(q.shape)} and key {tuple(k.shape)} differ in batch, heads or head_dim")
+    check_key_length(k)
     d = q.shape[-1]
     if d not in (16, 32, 64, 128, 256):
         raise ValueError(f"head_dim must be 16, 32, 64, 128 or 256 for the Triton kernel, got {d}")
@@ -1161,9 +1169,8 @@ def pool_key_blocks_triton(key: torch.Tensor, block_size: int = 64, key_centerin
     key = last_contiguous(key)
     batch, length, heads, dim = key.shape
     shape = (batch, heads, triton.cdiv(length, block_size), dim)
-    if out is not None and (tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous()):
-        raise ValueError(f"`out` must be a contiguous float32 tensor of shape {shape}, got {tuple(out.shape)} "
-                         f"{out.dtype}")
+    if out is not None:
+        check_pool_out(out, key, block_size)
     if length == 0:
         return out if out is not None else key.new_empty(shape, dtype=torch.float32)
     _, pooled = _pool(key[:, :0], key, block_size, key_centering == "heads", out_k=out)
@@ -1733,8 +1740,14 @@ def block_sparse_attention_with_memory_triton(
 
     Returns:
         `(B, Lq, H, D)` in the dtype of `query`.
+
+    Raises:
+        `ValueError`: for a `kv_state` / `kmean_state` that requires grad (with grad enabled): neither branch passes
+            a gradient to the memory state (the callers absorb detached keys and values).
     """
     check_memory_query(query, query_raw, kmean_state, memory_denominator)
+    check_memory_state(query, query_raw, kv_state, kmean_state)
+    check_state_without_grad(kv_state, kmean_state)
     if state_is_projected and proj_weight is not None:
         raise ValueError("`state_is_projected=True` takes the projection folded into `kv_state`; pass no "
                          "`proj_weight`.")
@@ -1800,7 +1813,9 @@ def block_sparse_attention_triton(
         key_centering (`str`): `"heads"` (official) or `"none"`.
         scale (`float`, *optional*): softmax scale, `1/sqrt(D)` by default.
         dense (`bool`): attend to every key (no selection): the dispatch sets it when the ratio keeps every block.
-        block_index (`(B, H, ceil(Lq/bs), topk)` integer tensor, *optional*): precomputed selection (skips ours).
+        block_index (`(B, H, ceil(Lq/bs), topk)` integer tensor, *optional*): precomputed selection (skips ours):
+            exactly that shape (a batch-1 index is not broadcast), every index in `[0, K)` and unique within its row
+            (any order); checked at a device sync (benchmarks and tests pass it, the model never does).
         pooled_key_prefix (`(B, H, P, D)` float32, *optional*): the pooled (centred) key blocks of the first
             `P * block_size` keys ([`pool_key_blocks_triton`]); the selection pools only the remaining keys.
         pooled_blocks (`tuple`, *optional*): `(pooled_query, pooled_key)`, float32: the mean-pooled query blocks
@@ -1815,6 +1830,7 @@ def block_sparse_attention_triton(
     query, key, value = (last_contiguous(t) for t in (query, key, value))
     num_k_blocks = -(-key.shape[1] // block_size)
     if block_index is not None:
+        check_block_index(block_index, query, key, block_size)
         topk = block_index.shape[-1]
         dense = False
     else:

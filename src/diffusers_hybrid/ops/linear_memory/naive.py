@@ -156,6 +156,42 @@ def check_memory_query(query: torch.Tensor, query_raw, kmean_state, memory_denom
                          f"{tuple(memory_denominator.shape)}")
 
 
+def check_memory_state(query: torch.Tensor, query_raw: torch.Tensor | None, kv_state: torch.Tensor,
+                       kmean_state: torch.Tensor | None, query_name: str = "query") -> None:
+    """Validates a read-out's raw query and state against its `(B, S, H, D)` numerator query `query` (shared by the
+    public ops, both kernels): `query_raw` of the query's shape, `kv_state` `(B, H, D, D)` and `kmean_state`
+    `(B, H, D)` exactly; `None` (precomputed denominators) skips a check. A batch-1 state is not broadcast over the
+    batch: the kernels index the state per batch element, so every path refuses it alike. Shapes only (no device
+    sync)."""
+    if query.dim() != 4:
+        raise ValueError(f"{query_name} must be (B, S, H, D), got shape {tuple(query.shape)}")
+    batch, _, heads, dim = query.shape
+    if query_raw is not None and query_raw.shape != query.shape:
+        raise ValueError(f"query_raw must have the shape of {query_name} {tuple(query.shape)}, got "
+                         f"{tuple(query_raw.shape)}")
+    for name, state, want in (("kv_state", kv_state, (batch, heads, dim, dim)),
+                              ("kmean_state", kmean_state, (batch, heads, dim))):
+        if name == "kmean_state" and state is None:
+            continue
+        got = None if state is None else tuple(state.shape)
+        if got != want:
+            form = "(B, H, D, D)" if name == "kv_state" else "(B, H, D)"
+            note = " (a batch-1 state is not broadcast)" if got is not None and got[1:] == want[1:] else ""
+            raise ValueError(f"{name} must have shape {form} = {want} for {query_name} {tuple(query.shape)}{note}, "
+                             f"got {got}")
+
+
+def check_state_without_grad(kv_state: torch.Tensor, kmean_state: torch.Tensor | None) -> None:
+    """The Triton read-outs pass no gradient to the memory state (the callers absorb detached keys and values): a
+    state that requires grad, with grad enabled, is refused instead of silently getting no gradient."""
+    if not torch.is_grad_enabled():
+        return
+    for name, state in (("kv_state", kv_state), ("kmean_state", kmean_state)):
+        if state is not None and state.requires_grad:
+            raise ValueError(f"`{name}` requires grad, but the Triton read-out passes no gradient to the memory "
+                             f"state; detach it, or use kernel=\"reference\" to differentiate through the state")
+
+
 def linear_memory_denominator_naive(query_raw: torch.Tensor, kmean_state: torch.Tensor,
                                     eps: float = 1e-6) -> torch.Tensor:
     """The read-out's denominators `φ(query_raw) · kmean + eps`, `(B, S, H)` float32 (un-RoPE'd query, spec 1.3)."""

@@ -319,3 +319,73 @@ def test_gpu_read_real_shapes():
     assert _rel_err(out, ref) < 1e-4
     assert _rel_err(d_num, ref_num) < 1e-2
     assert _rel_err(d_raw, ref_raw) < 1e-2
+
+
+def test_read_bwd_custom_op_fake_strides():
+    """The fake of `diffusers_hybrid::linear_memory_read_bwd` has the real op's strides, also for a query whose last
+    dimension is not unit-stride (the launcher copies it, so the gradients come out contiguous) and for a permuted
+    but dense one (kept as it is)."""
+    tk = _kernels()
+    kv, kmean = _state(1, 2, 16)
+    grad_out = torch.randn(1, 20, 2, 16)
+    for q_num in (torch.randn(1, 20, 16, 2).transpose(-1, -2), torch.randn(1, 2, 20, 16).transpose(1, 2)):
+        q_raw = q_num.clone()  # the same layout
+        torch.library.opcheck(tk._read_bwd_op, (grad_out, q_num, q_raw, kv, kmean, 1e-6),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_read_state_shapes_are_validated_by_both_kernels():
+    """`linear_memory_read`: a state or raw query that does not match the queries (a batch-1 state included) is
+    refused with the same ValueError by both kernels."""
+    kv, kmean = _state(2, 2, 16)
+    q_num, q_raw = torch.randn(2, 9, 2, 16), torch.randn(2, 9, 2, 16)
+    cases = [
+        (dict(kv_state=kv[:1]), r"kv_state must have shape \(B, H, D, D\) = \(2, 2, 16, 16\) .* got \(1, 2, 16, 16\)"),
+        (dict(kmean_state=kmean[:1]), r"kmean_state must have shape \(B, H, D\) = \(2, 2, 16\) .* got \(1, 2, 16\)"),
+        (dict(query_raw=q_raw[:, :5]), r"query_raw must have the shape of query_numerator \(2, 9, 2, 16\), got "
+                                       r"\(2, 5, 2, 16\)"),
+    ]
+    for changes, message in cases:
+        args = {**dict(query_numerator=q_num, query_raw=q_raw, kv_state=kv, kmean_state=kmean), **changes}
+        for kernel in ("reference", "triton"):
+            with pytest.raises(ValueError, match=message):
+                linear_memory_read(*args.values(), kernel=kernel)
+
+
+def test_read_triton_refuses_state_that_requires_grad():
+    """The Triton read-out passes no gradient to the state: a state that requires grad (grad enabled) is refused,
+    naming it, instead of leaving its `.grad` silently None; the reference differentiates through it, and under
+    no_grad the Triton read-out takes it."""
+    kv, kmean = _state(2, 2, 16)
+    q_num = torch.randn(2, 9, 2, 16, requires_grad=True)
+    q_raw = torch.randn(2, 9, 2, 16)
+    for name in ("kv_state", "kmean_state"):
+        state = dict(kv_state=kv.clone(), kmean_state=kmean.clone())
+        state[name].requires_grad_(True)
+        for query in (q_num, q_num.detach()):  # with and without a gradient for the queries
+            with pytest.raises(ValueError, match=f"`{name}` requires grad"):
+                linear_memory_read(query, q_raw, *state.values(), kernel="triton")
+        ref = linear_memory_read(q_num, q_raw, *state.values(), kernel="reference")
+        assert torch.autograd.grad(ref.sum(), state[name])[0].abs().sum() > 0
+        with torch.no_grad():
+            got = linear_memory_read(q_num, q_raw, *state.values(), kernel="triton")
+        assert _rel_err(got, ref.detach()) < 1e-5
+
+
+class _NoLaunch:
+    """Stands for a Triton kernel: `kernel[grid](...)` launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def test_poisoned_outputs_reach_this_module(monkeypatch):
+    """Inside `poisoned_outputs()` the launchers' buffers are poisoned: with the kernel launch stubbed out, nothing is
+    written, so the read-out is NaN (the module reads the live flag, not a copy bound at import)."""
+    tk = _kernels()
+    assert not hasattr(tk, "POISON_OUTPUTS")
+    monkeypatch.setattr(tk, "_read_kernel", _NoLaunch())
+    kv, kmean = _state(1, 2, 16)
+    with poisoned_outputs():
+        out = tk.linear_memory_read_triton(torch.randn(1, 9, 2, 16), torch.randn(1, 9, 2, 16), kv, kmean)
+    assert out.isnan().all()

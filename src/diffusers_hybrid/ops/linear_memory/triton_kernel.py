@@ -28,7 +28,13 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from ..utils import last_contiguous, new_empty, new_empty_like  # noqa: E402
-from .naive import check_absorb_args, check_absorb_out, project_state  # noqa: E402
+from .naive import (  # noqa: E402
+    check_absorb_args,
+    check_absorb_out,
+    check_memory_state,
+    check_state_without_grad,
+    project_state,
+)
 
 
 def _interpret() -> bool:
@@ -342,13 +348,17 @@ def _read_bwd_kernel(QN, QR, KV, KM, DOUT, DQN, DQR, S, H, eps, blocks_per_prog,
                  dqr.to(DQR.dtype.element_ty), mask=ok[:, None])
 
 
+def _check_head_dim(dim: int) -> None:
+    if dim not in (16, 32, 64, 128):
+        raise ValueError(f"head_dim must be 16, 32, 64 or 128 for the Triton kernel, got {dim}")
+
+
 def _check_state(kv_state: torch.Tensor, kmean_state: torch.Tensor, ref: torch.Tensor):
     batch, _, heads, dim = ref.shape
     if kv_state.shape != (batch, heads, dim, dim) or kmean_state.shape != (batch, heads, dim):
         raise ValueError(f"state shapes {tuple(kv_state.shape)}, {tuple(kmean_state.shape)} do not match tokens "
                          f"{tuple(ref.shape)}")
-    if dim not in (16, 32, 64, 128):
-        raise ValueError(f"head_dim must be 16, 32, 64 or 128 for the Triton kernel, got {dim}")
+    _check_head_dim(dim)
 
 
 _PAIR_WORD = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64}
@@ -544,7 +554,9 @@ def _read_bwd_op(dout: torch.Tensor, query_numerator: torch.Tensor, query_raw: t
 
 @_read_bwd_op.register_fake
 def _(dout, query_numerator, query_raw, kv_state, kmean_state, eps):
-    return torch.empty_like(query_numerator), torch.empty_like(query_raw)
+    # the real op's layout: `empty_like` of the queries after `last_contiguous` (a query whose last dimension is not
+    # unit-stride is copied, so its gradient comes out contiguous)
+    return torch.empty_like(last_contiguous(query_numerator)), torch.empty_like(last_contiguous(query_raw))
 
 
 def _read_setup_context(ctx, inputs, output):
@@ -600,11 +612,12 @@ def linear_memory_read_triton(
     kmean_state: torch.Tensor,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Triton version of `linear_memory_read_naive`: float32 `(B, S, H, D)`; differentiable w.r.t. both queries (the
-    state is treated as a constant)."""
-    _check_state(kv_state, kmean_state, query_numerator)
-    if query_raw.shape != query_numerator.shape:
-        raise ValueError("query_numerator and query_raw must have the same shape")
+    """Triton version of `linear_memory_read_naive`: float32 `(B, S, H, D)`; differentiable w.r.t. both queries. The
+    state is a constant: no gradient reaches `kv_state` / `kmean_state`, so a state that requires grad (with grad
+    enabled) is refused with a ValueError rather than left without its gradient."""
+    check_memory_state(query_numerator, query_raw, kv_state, kmean_state, "query_numerator")
+    _check_head_dim(query_numerator.shape[-1])
+    check_state_without_grad(kv_state, kmean_state)
     direct = not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and (query_numerator.requires_grad or query_raw.requires_grad))
     op = _read_impl if direct else _read_op  # eager inference: skip the dispatcher

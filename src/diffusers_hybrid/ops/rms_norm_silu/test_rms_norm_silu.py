@@ -61,3 +61,24 @@ def test_rms_norm_silu_with_cache_reference_and_errors():
         rms_norm_silu_with_cache(x, weight, cache[:, :3])
     with pytest.raises(ValueError, match="kernel"):
         rms_norm_silu_with_cache(x, weight, cache, kernel="cuda")
+
+
+class _NoLaunch:
+    """Stands for a Triton kernel: `kernel[grid](...)` launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def test_poisoned_outputs_reach_this_module(monkeypatch):
+    """Inside `poisoned_outputs()` the output is poisoned before the launch: with the kernel launch stubbed out,
+    nothing is written after the cache frames, so they are NaN. The module must read the live flag
+    (`utils.POISON_OUTPUTS`), not a copy bound at import (which stayed False and made the poisoning a no-op)."""
+    from diffusers_hybrid.ops.rms_norm_silu import triton_kernel as tk
+
+    assert not hasattr(tk, "POISON_OUTPUTS")
+    monkeypatch.setattr(tk, "_rms_norm_silu_kernel", _NoLaunch())
+    x, weight, cache = _case(1, 6, 2, 3, 4, 1, torch.float32, torch.contiguous_format)
+    with poisoned_outputs():
+        out = tk.rms_norm_silu_with_cache_triton(x, weight, cache)
+    assert torch.equal(out[:, :, :1], cache) and out[:, :, 1:].isnan().all()

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():  # CPU only: run the kernels through Triton's 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from ..utils import POISON_OUTPUTS, _poison  # noqa: E402
+from .. import utils  # noqa: E402  (the live `utils.POISON_OUTPUTS`, which `poisoned_outputs()` switches)
 from .naive import check_rms_norm_silu_args  # noqa: E402
 
 NORM_EPS = 1e-12  # F.normalize's
@@ -70,8 +70,8 @@ def rms_norm_silu_with_cache_triton(
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     out = torch.empty((batch, channels, cache_frames + frames, height, width), dtype=x.dtype, device=x.device,
                       memory_format=memory_format)
-    if POISON_OUTPUTS:
-        _poison(out)
+    if utils.POISON_OUTPUTS:
+        utils._poison(out)
     out[:, :, :cache_frames].copy_(cache)
     weight = weight.reshape(-1).float().contiguous()
     bias_f32 = bias.reshape(-1).float().contiguous() if bias is not None else weight  # unread without a bias

@@ -118,6 +118,11 @@ def test_rope_chunk_into_window_custom_op(pool, kmean):
     memory_kmean = torch.rand(2, 3, 32) if kmean else None
     args = (*inputs, window_key.clone(), window_value.clone(), pool, "heads", 0, memory_kmean, 1e-3)
     torch.library.opcheck(tk._rope_window_op, args, test_utils=("test_schema", "test_faketensor"))
+    # a permuted but dense query ((B, H, L, D) storage seen as (B, L, H, D)): the fake has the real op's strides
+    permuted = inputs[0].transpose(1, 2).contiguous().transpose(1, 2)
+    args_permuted = (permuted, *inputs[1:], window_key.clone(), window_value.clone(), pool, "heads", 0, memory_kmean,
+                     1e-3)
+    torch.library.opcheck(tk._rope_window_op, args_permuted, test_utils=("test_schema", "test_faketensor"))
 
     def step(window_key, window_value):
         # the cache passes views of its buffers: the op writes through them
@@ -255,3 +260,24 @@ def test_rope_chunk_into_window_real_shape_gpu():
     assert torch.equal(wv_got, wv_ref) and torch.equal(wk_got[:, :9360], window_key[:, :9360])
     torch.testing.assert_close(pq_got, mean_pool_blocks(q_got, 64), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pk_got, pool_key_blocks_naive(wk_got[:, 146 * 64 :], 64), rtol=1e-5, atol=1e-5)
+
+
+class _NoLaunch:
+    """Stands for a Triton kernel: `kernel[grid](...)` launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def test_poisoned_outputs_reach_this_module(monkeypatch):
+    """Inside `poisoned_outputs()` the launchers' buffers are poisoned: with the kernel launch stubbed out, nothing is
+    written, so every output is NaN (the module reads the live flag, not a copy bound at import)."""
+    from diffusers_hybrid.ops.rotary import triton_kernel as tk
+
+    assert not hasattr(tk, "POISON_OUTPUTS")
+    monkeypatch.setattr(tk, "_rope_window_kernel", _NoLaunch())
+    inputs, window_key, window_value = _case(1, 20, 40, 2, 16, torch.float32)
+    with poisoned_outputs():
+        outputs = tk.rope_chunk_into_window_triton(*inputs, window_key, window_value, 16,
+                                                   memory_kmean=torch.rand(1, 2, 16))
+    assert len(outputs) == 4 and all(t.isnan().all() for t in outputs)

@@ -248,7 +248,11 @@ def _(query, key, value, cos, sin, window_key, window_value, pool_block_size, ke
       memory_kmean, memory_eps):
     shapes = _window_result_shapes(query, window_key, pool_block_size, first_pooled_key_block, memory_kmean)
     dtypes = (query.dtype, torch.float32, torch.float32, torch.float32)
-    return tuple(query.new_empty(0 if shape is None else shape, dtype=dtype) for shape, dtype in zip(shapes, dtypes))
+    others = tuple(query.new_empty(0 if shape is None else shape, dtype=dtype)
+                   for shape, dtype in zip(shapes[1:], dtypes[1:]))
+    # the RoPE'd query has the real launcher's layout: `empty_like` of the query after `last_contiguous` (a permuted
+    # but dense query keeps its strides)
+    return (torch.empty_like(last_contiguous(query)), *others)
 
 
 @torch.no_grad()
