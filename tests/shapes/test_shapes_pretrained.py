@@ -157,3 +157,20 @@ def test_sampling_shift_override():
         with_sampling_shift(euler, 0.0)
     with pytest.raises(ValueError, match="no sampling shift"):
         with_sampling_shift(DDIMScheduler(), 2.0)
+
+
+def test_shipped_student_three_blob_video_scores_clearly_worse_than_real(shipped):
+    """#1: the student's video for a one-object prompt shows a cyan, a green and a blue blob touching each other; the
+    contact used to make shape, size, count, direction, speed and persistence vanish (adherence 0.96)."""
+    from diffusers_hybrid.shapes.domain import SceneSpec, render_video
+    from diffusers_hybrid.shapes.evaluate import generate, load_pipeline
+    from diffusers_hybrid.shapes.metrics import score_video
+
+    prompt = "a large cyan star bouncing quickly toward the lower right on a black checkered background"
+    pipe = load_pipeline(os.path.join(shipped, "student"), "cpu")
+    video = generate(pipe, [prompt], 9, 128, 128, seed=1, batch_size=1)[0]
+    s = score_video(video, prompt)["scores"]
+    real = score_video(render_video(SceneSpec.from_prompt(prompt, 1), 9).numpy(), prompt)["scores"]
+    assert {"shape", "size", "count", "direction", "speed", "persistence"} <= set(s), sorted(s)
+    assert real["adherence"] >= 0.95 and s["adherence"] <= real["adherence"] - 0.2
+    assert s["count"] <= 0.5 and s["overall"] <= real["overall"] - 0.2

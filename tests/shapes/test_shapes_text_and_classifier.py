@@ -84,3 +84,44 @@ def test_labels_and_tiny_classifier_round_trip(tmp_path):
     assert {"classifier_adherence", "fd", "distribution"} <= set(rep["scores"])
     assert all(0 <= v <= 1 for v in rep["scores"].values())
     assert load_classifier(str(tmp_path / "missing")) is None
+
+
+def _tiny_classifier():
+    torch.manual_seed(0)
+    model = ShapesVideoClassifier(width=8, feature_dim=16).eval()
+    model.register_to_config(fd_floor=0.0, fd_scale=1.0)
+    return model
+
+
+def test_fd_reference_seeds_are_never_a_videos_own(monkeypatch):
+    """#12: the FD's reference renders use seeds no default render uses (2**31 on; `scene_specs` draws below 2**31,
+    renders default to small seeds); they used to be seeds 1..K, so a render with seed 1 was its own reference."""
+    from diffusers_hybrid.shapes import classifier as cls_module
+
+    seeds = []
+    real_render = cls_module.render_video
+
+    def spy(spec, *args, **kwargs):
+        seeds.append(spec.seed)
+        return real_render(spec, *args, **kwargs)
+
+    monkeypatch.setattr(cls_module, "render_video", spy)
+    attrs = parse_caption("a small yellow square bouncing slowly to the right on a gray checkered background")
+    model = _tiny_classifier()
+    fd = model.video_fd(render_video(SceneSpec(attrs, 1), 20), attrs, num_reference=3)
+    assert np.isfinite(fd) and fd >= 0
+    assert sorted(set(seeds)) == [2**31, 2**31 + 1, 2**31 + 2] == cls_module.fd_reference_seeds(3)
+
+
+def test_classifier_features_are_computed_in_bounded_batches():
+    """#9: clip features of a long video (and the references rendered batch by batch) equal the one-batch result."""
+    model = _tiny_classifier()
+    attrs = parse_caption(PROMPT)
+    video = render_video(SceneSpec(attrs, 2), 60)
+    whole = model.video_features(video, batch_size=1000)
+    assert whole.shape == (len(model.clip_starts(60)), 16)
+    np.testing.assert_allclose(model.video_features(video, batch_size=3), whole, rtol=1e-5, atol=1e-6)
+    bounds = [(0, 16), (16, 32), (32, 48), (48, 60)]
+    assert model.window_adherence(video, attrs, bounds, batch_size=1) == model.window_adherence(video, attrs, bounds)
+    short = render_video(SceneSpec(attrs, 2), 5)  # shorter than a clip: the last frame repeats
+    assert model.clips(short, [0]).shape[2] == 16

@@ -18,6 +18,17 @@ import os
 import sys
 
 
+def _seed(text: str) -> int:
+    """argparse type of a --seed: a non-negative integer (numpy's and the renderer's seeds cannot be negative)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: expected a non-negative integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid seed {value}: expected a non-negative integer")
+    return value
+
+
 def _pretrained(name: str) -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     return os.path.normpath(os.path.join(here, "..", "..", "..", "pretrained", "shapes", name))
@@ -208,7 +219,7 @@ def main(argv=None):
     r = sub.add_parser("render", help="render a ground-truth video")
     r.add_argument("--prompt", type=str, default=None, help="caption from the grammar (default: a random one)")
     r.add_argument("--frames", type=int, default=33)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--height", type=int, default=128)
     r.add_argument("--width", type=int, default=128)
     r.add_argument("--start-frame", type=int, default=0)
@@ -234,9 +245,11 @@ def main(argv=None):
     g.add_argument("--frames", type=int, default=33)
     g.add_argument("--height", type=int, default=128)
     g.add_argument("--width", type=int, default=128)
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--guidance-scale", type=float, default=5.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=None, help="WanPipeline sampling steps (default 50; a student: ignored)")
+    g.add_argument(
+        "--guidance-scale", type=float, default=None, help="WanPipeline guidance (default 5.0; a student: ignored)"
+    )
+    g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--device", type=str, default="cpu")
     g.add_argument("--score", action="store_true", help="also print the evaluation suite's scores")
     g.add_argument("--progress", action="store_true")
@@ -246,13 +259,13 @@ def main(argv=None):
     q = sub.add_parser("prompts", help="print captions of a split")
     q.add_argument("--split", type=str, default="heldout")
     q.add_argument("--num", type=int, default=10)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=_seed, default=0)
     q.set_defaults(fn=cmd_prompts)
 
     b = sub.add_parser("build-text", help="write tokenizer/ and text_encoder/ (fresh UMT5) under a folder")
     b.add_argument("--out", type=str, required=True)
     b.add_argument("--tiny", action="store_true")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=_seed, default=0)
     b.set_defaults(fn=cmd_build_text)
 
     c = sub.add_parser("train-classifier", help="train the FD / adherence classifier")
@@ -264,7 +277,7 @@ def main(argv=None):
     c.add_argument("--feature-dim", type=int, default=128)
     c.add_argument("--calibration-prompts", type=int, default=32)
     c.add_argument("--device", type=str, default=None)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=_seed, default=0)
     c.add_argument("--log-every", type=int, default=100)
     c.set_defaults(fn=cmd_train_classifier)
 
@@ -274,15 +287,17 @@ def main(argv=None):
     e.add_argument("--num-prompts", type=int, default=64)
     e.add_argument("--frames", type=int, default=33)
     e.add_argument("--resolution", type=int, default=128)
-    e.add_argument("--steps", type=int, default=50)
-    e.add_argument("--guidance-scale", type=float, default=5.0)
+    e.add_argument("--steps", type=int, default=None, help="WanPipeline sampling steps (default 50; a student: ignored)")
+    e.add_argument(
+        "--guidance-scale", type=float, default=None, help="WanPipeline guidance (default 5.0; a student: ignored)"
+    )
     e.add_argument("--flow-shift", type=float, default=None, help="sampling shift of a WanPipeline (default: its own)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--dtype", type=str, default="fp32", choices=["fp32", "bf16", "fp16"])
     e.add_argument("--classifier", type=str, default=None)
     e.add_argument("--save-videos", type=str, default=None)
     e.add_argument("--device", type=str, default=None)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=_seed, default=0)
     e.add_argument("--no-baselines", action="store_true")
     e.add_argument("--out", type=str, default=None)
     e.set_defaults(fn=cmd_evaluate)
@@ -290,7 +305,7 @@ def main(argv=None):
     k = sub.add_parser("selfcheck", help="score real renders (the suite's own check), optionally VAE reconstructions")
     k.add_argument("--num", type=int, default=60, help="videos (two thirds train split, one third held-out)")
     k.add_argument("--frames", type=int, default=48)
-    k.add_argument("--seed", type=int, default=100)
+    k.add_argument("--seed", type=_seed, default=100)
     k.add_argument("--mp4", type=int, default=12, help="how many of them also go through an mp4 round trip")
     k.add_argument("--vae", type=str, default=None, help="a VAE folder: also score its reconstructions")
     k.add_argument("--vae-videos", type=int, default=6)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from .analysis import release_freed_memory
 from .domain import (
     AXES,
     BACKGROUND_COLORS,
@@ -40,6 +41,28 @@ from .domain import (
 
 CLIP_FRAMES = 16
 CLIP_STRIDE = 4
+CLIP_BATCH = 64  # clips per forward pass (bounds memory on long videos)
+# The FD's reference renders use seeds FD_REFERENCE_SEED, FD_REFERENCE_SEED + 1, ...: `scene_specs` draws seeds below
+# 2**31 and renders default to small seeds, so a video to score is never one of its own references.
+FD_REFERENCE_SEED = 2**31
+
+
+def fd_reference_seeds(num_reference: int) -> list[int]:
+    """The seeds of the FD's reference renders of a caption."""
+    return [FD_REFERENCE_SEED + k for k in range(num_reference)]
+
+
+class _Rendered:
+    """A video rendered on demand: `shape` and slicing [a:b] like a [T, H, W, 3] array."""
+
+    def __init__(self, render, t: int, h: int, w: int):
+        self.render, self.shape = render, (t, h, w, 3)
+
+    def __getitem__(self, sl: slice):
+        a, b, _ = sl.indices(self.shape[0])
+        return self.render(a, b)
+
+
 SLOT_HEADS = {
     "color": list(OBJECT_COLORS),
     "shape": list(SHAPES),
@@ -141,13 +164,19 @@ class ShapesVideoClassifier(ModelMixin, ConfigMixin):
     # -- clips ----------------------------------------------------------------------------------------------------
 
     def clips(self, video, starts) -> torch.Tensor:
-        """[N, 3, 16, r, r] clips of `video` [T, H, W, 3] starting at `starts` (short videos: last frame repeated)."""
-        x = self.preprocess(video)[0]  # [3, T, r, r]
-        t = x.shape[1]
+        """[N, 3, 16, r, r] clips of `video` [T, H, W, 3] starting at `starts` (short videos: last frame repeated).
+        Only the frames the clips cover are converted (a long video is never converted whole)."""
+        t = video.shape[0]
         n = self.config.clip_frames
-        if t < n:
-            x = torch.cat([x, x[:, -1:].expand(-1, n - t, -1, -1)], 1)
-        return torch.stack([x[:, s : s + n] for s in starts])
+        starts = list(starts)
+        if not starts:
+            r = self.config.resolution
+            return torch.zeros(0, 3, n, r, r, device=self.device)
+        lo, hi = min(starts), min(t, max(starts) + n)
+        x = self.preprocess(video[lo:hi])[0]  # [3, hi - lo, r, r]
+        if hi - lo < max(starts) - lo + n:  # short video: repeat the last frame
+            x = torch.cat([x, x[:, -1:].expand(-1, max(starts) - lo + n - (hi - lo), -1, -1)], 1)
+        return torch.stack([x[:, s - lo : s - lo + n] for s in starts])
 
     def clip_starts(self, num_frames: int, stride: int = CLIP_STRIDE) -> list[int]:
         n = self.config.clip_frames
@@ -159,40 +188,52 @@ class ShapesVideoClassifier(ModelMixin, ConfigMixin):
         return starts
 
     @torch.no_grad()
-    def video_features(self, video, stride: int = CLIP_STRIDE) -> np.ndarray:
-        """Features [N, D] of a video's sliding clips (16 frames, stride 4)."""
-        t = video.shape[0]
-        clips = self.clips(video, self.clip_starts(t, stride))
-        return torch.cat([self.features(c) for c in clips.split(64)]).float().cpu().numpy()
+    def video_features(self, video, stride: int = CLIP_STRIDE, batch_size: int = CLIP_BATCH) -> np.ndarray:
+        """Features [N, D] of a video's sliding clips (16 frames, stride 4), `batch_size` clips at a time: only the
+        frames of one batch are converted at once, so memory is bounded by the batch, not by the video's length.
+        `video`: [T, H, W, 3] (anything with `shape` that slices along frames)."""
+        starts = self.clip_starts(video.shape[0], stride)
+        out = []
+        for i in range(0, len(starts), batch_size):
+            out.append(self.features(self.clips(video, starts[i : i + batch_size])).float().cpu())
+            release_freed_memory()
+        return torch.cat(out).numpy()
 
     # -- scores ---------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def window_adherence(self, video, attrs: SceneAttrs, bounds, device=None) -> list[float]:
+    def window_adherence(self, video, attrs: SceneAttrs, bounds, device=None, batch_size: int = CLIP_BATCH) -> list[float]:
         """Per window (start, end): fraction of heads whose prediction matches the caption, on the window's clip
         (its first 16 frames, or the 16 frames ending at its end if it is shorter)."""
         t = video.shape[0]
         n = self.config.clip_frames
         starts = [max(0, min(s, t - n)) for s, _ in bounds]
-        logits = self(self.clips(video, starts))
         labels = labels_of(attrs)
         acc = np.zeros(len(bounds))
-        for name, lg in logits.items():
-            acc += (lg.argmax(-1).cpu().numpy() == labels[name]).astype(float)
-        return list(acc / len(logits))
+        for i in range(0, len(starts), batch_size):
+            logits = self(self.clips(video, starts[i : i + batch_size]))
+            for name, lg in logits.items():
+                acc[i : i + batch_size] += (lg.argmax(-1).cpu().numpy() == labels[name]).astype(float)
+            del logits
+            release_freed_memory()
+        return list(acc / len(HEADS))
 
     def video_fd(self, video, attrs: SceneAttrs, num_reference: int = 6, device=None) -> float:
-        """FD between the video's clip features and those of `num_reference` real renders of the same caption (seeds
-        1..K) of the same size and length."""
+        """FD between the video's clip features and those of `num_reference` real renders of the same caption, of
+        the same size and length, with the seeds `fd_reference_seeds(num_reference)` (2**31, 2**31 + 1, ...): seeds
+        that `scene_specs` (below 2**31) and the default render seeds never use, so that a video is never compared
+        with a reference set that contains itself. The references are rendered clip batch by clip batch."""
         t, h, w = video.shape[0], video.shape[1], video.shape[2]
         gen = self.video_features(video)
-        ref = np.concatenate(
-            [
-                self.video_features(render_video(SceneSpec(attrs, seed=s), t, h, w, device=self.device))
-                for s in range(1, num_reference + 1)
-            ]
-        )
-        return frechet_distance(gen, ref)
+        ref = []
+        for seed in fd_reference_seeds(num_reference):
+            spec = SceneSpec(attrs, seed=seed)
+
+            def render(a, b, spec=spec):
+                return render_video(spec, b - a, h, w, start_frame=a, device=self.device)
+
+            ref.append(self.video_features(_Rendered(render, t, h, w)))
+        return frechet_distance(gen, np.concatenate(ref))
 
     def fd_score(self, fd: float) -> float:
         """exp(-max(FD - floor, 0) / scale): ~1 for real videos of the caption, ~exp(-1) for a video of another one."""

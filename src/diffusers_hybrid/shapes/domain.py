@@ -311,6 +311,8 @@ class SceneSpec:
 
     def __post_init__(self):
         if not self.starts:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+                raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
             # Start positions from the seed; two objects start apart (their circumscribed circles do not meet at
             # 128x128), so that objects moving alike do not overlap for a whole video.
             rng = np.random.default_rng([self.seed, 7919])
@@ -524,6 +526,8 @@ def render_batch(
 
 def scene_specs(split: str, count: int, base_seed: int = 0, two_object_prob: float = 0.5) -> list[SceneSpec]:
     """`count` deterministic specs of a split: spec i draws its attributes and positions from seed (base_seed, i)."""
+    if isinstance(base_seed, bool) or not isinstance(base_seed, (int, np.integer)) or base_seed < 0:
+        raise ValueError(f"base_seed must be a non-negative integer, got {base_seed!r}")
     specs = []
     offset = 0 if split == "train" else 1_000_003
     for i in range(count):

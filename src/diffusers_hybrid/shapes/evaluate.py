@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -18,6 +19,8 @@ from .domain import SceneSpec, render_video, scene_specs
 from .metrics import METRICS, score_video
 from .video_io import ffmpeg_available, try_write_video
 
+DEFAULT_STEPS = 50  # a WanPipeline's sampling steps and guidance scale when none are given
+DEFAULT_GUIDANCE_SCALE = 5.0
 ATTRIBUTE_METRICS = (
     "background_color",
     "background_texture",
@@ -55,14 +58,29 @@ def load_pipeline(path: str, device=None, dtype=torch.float32):
 
 
 @torch.no_grad()
-def generate(pipe, prompts, num_frames=33, height=128, width=128, steps=50, guidance_scale=5.0, seed=0, batch_size=16):
-    """uint8 videos [N, T, H, W, 3], one per prompt (seed + index for prompt index). A streaming student samples
-    with its own few-step schedule and no guidance: `steps` and `guidance_scale` apply to a `WanPipeline` only."""
+def generate(
+    pipe, prompts, num_frames=33, height=128, width=128, steps=None, guidance_scale=None, seed=0, batch_size=16
+):
+    """uint8 videos [N, T, H, W, 3], one per prompt (seed + index for prompt index). A `WanPipeline` samples with
+    `steps` (default 50) and `guidance_scale` (default 5.0). A streaming student samples with its own few-step
+    schedule and no guidance: it ignores both, and says so with a warning when either is given."""
     from ..pipelines.pipeline_streaming_hybrid import StreamingHybridPipeline
 
-    sampling = {} if isinstance(pipe, StreamingHybridPipeline) else {
-        "num_inference_steps": steps, "guidance_scale": guidance_scale
-    }
+    if isinstance(pipe, StreamingHybridPipeline):
+        given = {k: v for k, v in (("steps", steps), ("guidance_scale", guidance_scale)) if v is not None}
+        if given:
+            warnings.warn(
+                f"{', '.join(f'{k}={v}' for k, v in given.items())} ignored: a StreamingHybridPipeline samples with "
+                f"its own denoising_step_list ({len(pipe.config.denoising_step_list)} steps) and no guidance.",
+                UserWarning,
+                stacklevel=2,
+            )
+        sampling = {}
+    else:
+        sampling = {
+            "num_inference_steps": DEFAULT_STEPS if steps is None else steps,
+            "guidance_scale": DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale,
+        }
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
@@ -93,13 +111,21 @@ def vae_reconstruct(vae, videos: np.ndarray, batch_size: int = 8) -> np.ndarray:
 
 
 def summarize(reports: list[dict]) -> dict:
-    """Mean of each score over videos, plus `attribute_accuracy` (mean of the eight adherence metrics)."""
+    """Mean of each score over videos, plus `attribute_accuracy` (mean of the eight adherence metrics) and `coverage`
+    (per metric, the mean fraction of its units judged). A metric that could not be judged anywhere in a video scores
+    0 there (`score_video`), so videos whose objects merge for good do not drop out of these means."""
     out = {}
     for name in list(METRICS) + ["adherence", "temporal", "distribution", "overall"]:
         vals = [r["scores"][name] for r in reports if name in r["scores"]]
         if vals:
             out[name] = float(np.mean(vals))
     out["attribute_accuracy"] = float(np.mean([out[m] for m in ATTRIBUTE_METRICS if m in out]))
+    coverage = {}
+    for name in METRICS:
+        vals = [r["coverage"][name] for r in reports if name in r.get("coverage", {})]
+        if vals:
+            coverage[name] = float(np.mean(vals))
+    out["coverage"] = coverage
     one = [r for r in reports if r.get("num_objects") == 1]
     two = [r for r in reports if r.get("num_objects") == 2]
     for tag, group in (("one_object", one), ("two_objects", two)):
@@ -120,7 +146,7 @@ def summarize_windows(reports: list[dict]) -> list[dict]:
     for i in sorted(by_index):
         ws = by_index[i]
         row = {"start": ws[0]["start"], "end": ws[0]["end"], "num_videos": len(ws)}
-        for name in ws[0]["scores"]:
+        for name in dict.fromkeys(k for w in ws for k in w["scores"]):  # a window may leave an unjudged metric out
             vals = [w["scores"][name] for w in ws if name in w["scores"]]
             row[name] = float(np.mean(vals))
         out.append(row)
@@ -149,8 +175,8 @@ def evaluate_pipeline(
     num_prompts: int = 64,
     num_frames: int = 33,
     resolution: int = 128,
-    steps: int = 50,
-    guidance_scale: float = 5.0,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
     batch_size: int = 16,
     device=None,
     dtype: str = "fp32",
@@ -163,9 +189,10 @@ def evaluate_pipeline(
     flow_shift: float | None = None,
 ) -> dict:
     """Generates one video per held-out prompt with the pipeline folder `pipeline_path` and scores them (and, with
-    `baselines`, the VAE's reconstructions of the real renders). `flow_shift` replaces the sampling scheduler's
-    `shift` of a `WanPipeline` (None: the folder's own); a streaming student samples with its fixed step list, so
-    the option is refused for one."""
+    `baselines`, the VAE's reconstructions of the real renders). `steps` / `guidance_scale`: a `WanPipeline`'s
+    sampling (None: 50 and 5.0); a streaming student ignores them (with a warning if given). `flow_shift` replaces the
+    sampling scheduler's `shift` of a `WanPipeline` (None: the folder's own); a streaming student samples with its
+    fixed step list, so the option is refused for one."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     t0 = time.time()
@@ -194,8 +221,8 @@ def evaluate_pipeline(
         "num_prompts": num_prompts,
         "num_frames": num_frames,
         "resolution": resolution,
-        "steps": len(pipe.config.denoising_step_list) if streaming else steps,
-        "guidance_scale": None if streaming else guidance_scale,
+        "steps": len(pipe.config.denoising_step_list) if streaming else (DEFAULT_STEPS if steps is None else steps),
+        "guidance_scale": None if streaming else (DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale),
         "flow_shift": None if streaming else float(pipe.scheduler.config[_shift_key(pipe.scheduler)]),
         "dtype": dtype,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
