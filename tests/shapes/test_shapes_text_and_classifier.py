@@ -125,3 +125,34 @@ def test_classifier_features_are_computed_in_bounded_batches():
     assert model.window_adherence(video, attrs, bounds, batch_size=1) == model.window_adherence(video, attrs, bounds)
     short = render_video(SceneSpec(attrs, 2), 5)  # shorter than a clip: the last frame repeats
     assert model.clips(short, [0]).shape[2] == 16
+
+
+def test_train_classifier_on_all_combinations(tmp_path, monkeypatch):
+    """`train_split="all"` puts held-out (colour, shape) pairs in every batch; the default never does."""
+    from diffusers_hybrid.shapes import classifier as cls_mod
+    from diffusers_hybrid.shapes.domain import HELD_OUT_PAIRS
+
+    seen = []
+    real_batch = cls_mod._batch
+
+    def recording_batch(specs, starts, device, resolution=128):
+        seen.append([any((o.color, o.shape) in HELD_OUT_PAIRS for o in s.attrs.objects) for s in specs])
+        return real_batch(specs, starts, device, resolution=resolution)
+
+    monkeypatch.setattr(cls_mod, "_batch", recording_batch)
+    kwargs = dict(steps=2, batch_size=6, width=8, feature_dim=16, device="cpu", calibration_prompts=2,
+                  calibration_frames=17, log_every=0, heldout_clips=3)
+    m = cls_mod.train_classifier(str(tmp_path / "all"), train_split="all", **kwargs)
+    train_batches, heldout_batch = seen[:2], seen[2]
+    assert all(sum(b) >= 3 for b in train_batches)  # the second half of each batch is of the held-out split
+    assert all(heldout_batch) and m["train_split"] == "all" and m["heldout_clips"] == 3
+    card = (tmp_path / "all" / "README.md").read_text()
+    assert "--train-split all" in card and "were seen in training" in card
+    assert load_classifier(str(tmp_path / "all")) is not None
+
+    seen.clear()
+    m = cls_mod.train_classifier(str(tmp_path / "train"), **kwargs)
+    assert not any(any(b) for b in seen[:2]) and m["train_split"] == "train"
+    assert "never seen in training" in (tmp_path / "train" / "README.md").read_text()
+    with pytest.raises(ValueError, match="train_split"):
+        cls_mod.train_classifier(str(tmp_path / "bad"), train_split="heldout", **kwargs)

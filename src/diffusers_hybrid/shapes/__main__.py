@@ -129,6 +129,7 @@ def cmd_train_classifier(a):
         seed=a.seed,
         calibration_prompts=a.calibration_prompts,
         log_every=a.log_every,
+        train_split=a.train_split,
     )
     print(json.dumps(m, indent=2))
 
@@ -279,6 +280,12 @@ def main(argv=None):
     c.add_argument("--device", type=str, default=None)
     c.add_argument("--seed", type=_seed, default=0)
     c.add_argument("--log-every", type=int, default=100)
+    c.add_argument(
+        "--train-split",
+        choices=("train", "all"),
+        default="train",
+        help="'all' trains on every attribute combination (for judging held-out prompts)",
+    )
     c.set_defaults(fn=cmd_train_classifier)
 
     e = sub.add_parser("evaluate", help="held-out evaluation of a WanPipeline folder")

@@ -301,9 +301,22 @@ def train_classifier(
     calibration_frames: int = 33,
     log_every: int = 100,
     max_start_frame: int = 256,
+    train_split: str = "train",
+    heldout_clips: int = 256,
 ) -> dict:
-    """Train the classifier on rendered training-split clips (random start frames), calibrate the FD score, save in
-    diffusers format (config.json + safetensors) with a model card, and return the measurements."""
+    """Train the classifier on rendered clips (random start frames), calibrate the FD score, save in diffusers format
+    (config.json + safetensors) with a model card, and return the measurements.
+
+    Args:
+        train_split (`str`, defaults to `"train"`):
+            `"train"`: clips of the training split only, so the held-out accuracy measures generalisation to unseen
+            (colour, shape) pairs. `"all"`: half of every batch from each split, so that the classifier knows every
+            attribute combination; this is the choice for an *evaluator* of held-out prompts (a classifier that never
+            saw a held-out pair reads its shape from its colour). Its held-out accuracy is then on new clips of seen
+            combinations.
+    """
+    if train_split not in ("train", "all"):
+        raise ValueError(f"train_split must be 'train' or 'all', got {train_split!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     model = ShapesVideoClassifier(width=width, feature_dim=feature_dim).to(device)
@@ -314,7 +327,12 @@ def train_classifier(
     t0 = time.time()
     model.train()
     for step in range(steps):
-        specs = scene_specs("train", batch_size, base_seed=int(rng.integers(2**31)))
+        base_seed = int(rng.integers(2**31))
+        if train_split == "all":
+            held = batch_size // 2
+            specs = scene_specs("train", batch_size - held, base_seed) + scene_specs("heldout", held, base_seed)
+        else:
+            specs = scene_specs("train", batch_size, base_seed=base_seed)
         starts = rng.integers(0, max_start_frame, size=batch_size).tolist()
         x = _augment(model.preprocess(_batch(specs, starts, device)), gen)
         labels = [labels_of(s.attrs) for s in specs]
@@ -332,9 +350,9 @@ def train_classifier(
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"[classifier] step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
     model.eval()
-    metrics = {"train_steps": steps, "train_seconds": time.time() - t0}
+    metrics = {"train_steps": steps, "train_seconds": time.time() - t0, "train_split": train_split}
     # Held-out accuracy per head (clips of the held-out split at random times).
-    specs = scene_specs("heldout", 256, base_seed=12345)
+    specs = scene_specs("heldout", heldout_clips, base_seed=12345)
     starts = np.random.default_rng(1).integers(0, max_start_frame, size=len(specs)).tolist()
     correct = {n: 0 for n in HEADS}
     with torch.no_grad():
@@ -344,6 +362,7 @@ def train_classifier(
             for n, lg in logits.items():
                 pred = lg.argmax(-1).cpu().numpy()
                 correct[n] += int(sum(int(p == labels_of(s.attrs)[n]) for p, s in zip(pred, sp)))
+    metrics["heldout_clips"] = len(specs)
     metrics["heldout_accuracy"] = {n: c / len(specs) for n, c in correct.items()}
     metrics["heldout_accuracy_mean"] = float(np.mean(list(metrics["heldout_accuracy"].values())))
     # FD calibration: a real render of the caption (another seed) vs. the reference set, and a render of another
@@ -379,6 +398,18 @@ def train_classifier(
 
 def write_classifier_card(output_dir: str, metrics: dict) -> None:
     acc = metrics.get("heldout_accuracy", {})
+    split = metrics.get("train_split", "train")
+    trained_on = (
+        "rendered clips of both splits of the *shapes* domain (every attribute combination, the held-out (colour, "
+        "shape) pairs included, so that it can judge held-out prompts)"
+        if split == "all"
+        else "rendered clips of the training split of the *shapes* domain"
+    )
+    heldout_note = (
+        "new clips of the held-out split (their attribute combinations were seen in training)"
+        if split == "all"
+        else "attribute combinations never seen in training"
+    )
     rows = "\n".join(f"| {n} | {a:.3f} |" for n, a in acc.items())
     card = f"""---
 library_name: diffusers
@@ -389,18 +420,18 @@ tags: [diffusers-hybrid, shapes, video-classification, evaluation]
 # Shapes video classifier
 
 A small 3D CNN (`ShapesVideoClassifier` in `diffusers_hybrid.shapes.classifier`) trained on
-rendered clips of the training split of the *shapes* domain (16 frames, resized to 64x64). Its pooled features are
+{trained_on} (16 frames, resized to 64x64). Its pooled features are
 the space of the domain's Frechet distance (the analogue of FVD), and its attribute predictions are a second, learned
 adherence check (`classifier_adherence` in `python -m diffusers_hybrid.shapes score`).
 
-- Trained with `python -m diffusers_hybrid.shapes train-classifier` ({metrics.get("train_steps")} steps,
+- Trained with `python -m diffusers_hybrid.shapes train-classifier --train-split {split}` ({metrics.get("train_steps")} steps,
   {metrics.get("train_seconds", 0):.0f} s).
 - FD score calibration ({metrics.get("fd_calibration_frames", 33)}-frame videos vs. 6 real renders of the caption):
   floor {metrics.get("fd_floor", 0):.3f} (90th percentile over real videos), scale {metrics.get("fd_scale", 0):.3f}
   (median over videos of another caption, minus the floor). Real videos score {metrics.get("fd_score_real_mean", 0):.3f}
   on average, videos of another caption {metrics.get("fd_score_other_caption_mean", 0):.3f}.
 
-Held-out split accuracy per head (256 clips at random times, attribute combinations never seen in training):
+Held-out split accuracy per head ({metrics.get("heldout_clips", 256)} clips at random times, {heldout_note}):
 
 | head | accuracy |
 | --- | --- |
