@@ -130,6 +130,7 @@ def cmd_train_classifier(a):
         calibration_prompts=a.calibration_prompts,
         log_every=a.log_every,
         train_split=a.train_split,
+        heldout_clips=a.heldout_clips,
     )
     print(json.dumps(m, indent=2))
 
@@ -286,6 +287,7 @@ def main(argv=None):
         default="train",
         help="'all' trains on every attribute combination (for judging held-out prompts)",
     )
+    c.add_argument("--heldout-clips", type=int, default=256, help="held-out clips that measure the accuracy per head")
     c.set_defaults(fn=cmd_train_classifier)
 
     e = sub.add_parser("evaluate", help="held-out evaluation of a WanPipeline folder")
