@@ -88,3 +88,15 @@ def test_cli_generate_warns_for_a_student(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="steps=8 ignored"):
         main(["generate", "--pipeline", str(folder), "--prompt", PROMPT, "--frames", "5", "--steps", "8", "--out", out])
     assert np.load(out).shape == (5, 128, 128, 3)
+
+
+def test_missing_local_folders_are_named_not_looked_up_on_the_hub(tmp_path):
+    """A path that is not a folder must fail naming it; diffusers would otherwise take it for a Hub id."""
+    from diffusers_hybrid.shapes.__main__ import main
+    from diffusers_hybrid.shapes.evaluate import load_pipeline
+
+    missing = str(tmp_path / "no-such-vae")
+    with pytest.raises(SystemExit, match="no-such-vae.*not a VAE folder"):
+        main(["selfcheck", "--num", "1", "--frames", "5", "--mp4", "0", "--vae", missing])
+    with pytest.raises(FileNotFoundError, match="no-such-pipeline"):
+        load_pipeline(str(tmp_path / "no-such-pipeline"))

@@ -198,6 +198,8 @@ def cmd_selfcheck(a):
     if a.vae:
         from diffusers import AutoencoderKLWan
 
+        if not os.path.isfile(os.path.join(a.vae, "config.json")):  # not a Hub id: nothing is downloaded here
+            raise SystemExit(f"selfcheck: --vae {a.vae!r} is not a VAE folder (no config.json there)")
         vae = AutoencoderKLWan.from_pretrained(a.vae, torch_dtype=torch.float32).eval()
         sub = specs[: a.vae_videos]
         n = 1 + 4 * ((a.frames - 1) // 4)  # the VAE codes 1 + 4k frames

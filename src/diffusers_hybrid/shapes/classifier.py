@@ -400,13 +400,13 @@ def write_classifier_card(output_dir: str, metrics: dict) -> None:
     acc = metrics.get("heldout_accuracy", {})
     split = metrics.get("train_split", "train")
     trained_on = (
-        "rendered clips of both splits of the *shapes* domain (every attribute combination, the held-out (colour, "
-        "shape) pairs included, so that it can judge held-out prompts)"
+        "rendered clips of both splits of the *shapes* domain, so that it knows every attribute combination (the "
+        "held-out colour-shape pairs included) and can judge held-out prompts;"
         if split == "all"
-        else "rendered clips of the training split of the *shapes* domain"
+        else "rendered clips of the training split of the *shapes* domain;"
     )
     heldout_note = (
-        "new clips of the held-out split (their attribute combinations were seen in training)"
+        "new clips of the held-out split, whose attribute combinations were seen in training"
         if split == "all"
         else "attribute combinations never seen in training"
     )
@@ -420,7 +420,7 @@ tags: [diffusers-hybrid, shapes, video-classification, evaluation]
 # Shapes video classifier
 
 A small 3D CNN (`ShapesVideoClassifier` in `diffusers_hybrid.shapes.classifier`) trained on
-{trained_on} (16 frames, resized to 64x64). Its pooled features are
+{trained_on} 16 frames, resized to 64x64. Its pooled features are
 the space of the domain's Frechet distance (the analogue of FVD), and its attribute predictions are a second, learned
 adherence check (`classifier_adherence` in `python -m diffusers_hybrid.shapes score`).
 

@@ -46,6 +46,9 @@ def is_streaming_pipeline(path: str) -> bool:
 
 def load_pipeline(path: str, device=None, dtype=torch.float32):
     """A `WanPipeline` (the teacher) or a `StreamingHybridPipeline` (a student), from its folder's model_index.json."""
+    # A local folder only: diffusers would take any other string for a Hub repository and try to download it.
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(f"no pipeline folder at {path!r}: {os.path.join(path, 'model_index.json')} is missing")
     if is_streaming_pipeline(path):
         from ..pipelines.pipeline_streaming_hybrid import StreamingHybridPipeline as cls
     else:
