@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from diffusers_hybrid.training_utils import str2bool  # the boolean flags' type, shared with the shapes scripts
+from diffusers_hybrid.utils.torch_utils import cast_keeping_fp32_modules
 
 logger = logging.getLogger("train_hybrid_forcing")
 
@@ -890,17 +891,6 @@ def prepare_model(accelerator, model, frozen: bool = False, wrap_blocks: bool = 
     if frozen:
         accelerator._models.remove(prepared)  # never checkpoint frozen models
     return prepared
-
-
-def cast_keeping_fp32_modules(model, dtype) -> None:
-    """Casts floating-point parameters to `dtype` except those of the model's `_keep_in_fp32_modules` (what
-    `from_pretrained(torch_dtype=...)` would keep in float32)."""
-    if dtype == torch.float32:
-        return
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    for name, param in model.named_parameters():
-        if param.is_floating_point() and not keep.intersection(name.split(".")):
-            param.data = param.data.to(dtype)
 
 
 def unwrap(accelerator, model):

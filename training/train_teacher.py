@@ -50,6 +50,7 @@ check_min_version("0.42.0")
 from diffusers_hybrid.shapes.domain import DIRECTIONS, SceneSpec, render_batch, scene_specs  # noqa: E402
 from diffusers_hybrid.shapes.text import encode_prompts  # noqa: E402
 from diffusers_hybrid.shapes.video_io import ffmpeg_available, try_write_video  # noqa: E402
+from diffusers_hybrid.utils.torch_utils import cast_keeping_fp32_modules  # noqa: E402
 from diffusers_hybrid.training_utils import (  # noqa: E402
     TrainingBudget,
     deepen_transformer,
@@ -780,12 +781,13 @@ def main(args):
         pipe = pipeline_for_validation()
         validation = log_validation(pipe, args, accelerator, val_prompts, global_step, weight_dtype, final=True)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_dtype]
-        # Save a copy in the storage dtype; the VAE folder is copied as it is (the VAE script chose its dtype).
+        # Save a copy in the storage dtype, the modules Wan and UMT5 keep in float32 left there (a plain `.to(dtype)`
+        # would round them for good); the VAE folder is copied as it is (the VAE script chose its dtype).
         export = WanPipeline(
             tokenizer=tokenizer,
-            text_encoder=copy.deepcopy(te).to("cpu", dtype),
+            text_encoder=cast_keeping_fp32_modules(copy.deepcopy(te).to("cpu"), dtype),
             vae=vae,
-            transformer=copy.deepcopy(tr).to("cpu", dtype),
+            transformer=cast_keeping_fp32_modules(copy.deepcopy(tr).to("cpu"), dtype),
             scheduler=FlowMatchEulerDiscreteScheduler(shift=args.flow_shift),
         )
         export.save_pretrained(args.output_dir, max_shard_size=args.max_shard_size)

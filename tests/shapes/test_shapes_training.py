@@ -51,6 +51,18 @@ def _launch(repo_root, accelerate_config, script, args):
     return r
 
 
+def _stored_dtypes(folder: str) -> dict[str, str]:
+    """{tensor name: safetensors dtype} over every safetensors file of a model folder."""
+    from safetensors import safe_open
+
+    out = {}
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), "pt") as f:
+                out.update({k: f.get_slice(k).get_dtype() for k in f.keys()})
+    return out
+
+
 def test_train_teacher_two_steps_checkpoints_and_resume(repo_root, accelerate_config, tiny_base, tmp_path):
     from diffusers import WanPipeline
 
@@ -88,6 +100,15 @@ def test_train_teacher_two_steps_checkpoints_and_resume(repo_root, accelerate_co
     assert os.path.isfile(os.path.join(out, "README.md"))
     m = json.load(open(os.path.join(out, "measurements.json")))
     assert m["steps"] == 2 and m["validation"] == []
+    # stored in bf16 except the modules Wan / UMT5 keep in float32 (a plain `.to(bf16)` used to round those too)
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    for sub, cls in (("transformer", WanTransformer3DModel), ("text_encoder", UMT5EncoderModel)):
+        dtypes = _stored_dtypes(os.path.join(out, sub))
+        kept = {k: v for k, v in dtypes.items() if set(k.split(".")) & set(cls._keep_in_fp32_modules)}
+        assert kept and set(kept.values()) == {"F32"}, (sub, kept)
+        assert {v for k, v in dtypes.items() if k not in kept} == {"BF16"}, sub
     assert json.load(open(os.path.join(out, "model_index.json")))["tokenizer"] == [
         "transformers",
         "PreTrainedTokenizerFast",

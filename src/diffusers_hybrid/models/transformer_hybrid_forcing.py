@@ -41,6 +41,7 @@ from ..cache import (
     _normalize_device,
 )
 from ..ops import KERNELS, triton_available
+from ..utils.torch_utils import cast_keeping_fp32_modules
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -480,11 +481,7 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
 
     def _cast_keeping_fp32_modules(self, dtype: torch.dtype) -> "HybridForcingTransformer3DModel":
         """`self.to(dtype)` leaving `_keep_in_fp32_modules` in float32, as `from_pretrained(torch_dtype=...)` does."""
-        keep = set(self._keep_in_fp32_modules)
-        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
-            if tensor.is_floating_point():
-                tensor.data = tensor.data.to(torch.float32 if keep.intersection(name.split(".")) else dtype)
-        return self
+        return cast_keeping_fp32_modules(self, dtype)
 
     def _load_checked(self, state_dict: dict[str, torch.Tensor], allow_missing_new: bool) -> None:
         """`load_state_dict` that raises on unknown keys and on missing keys other than the new parameters (which are
