@@ -477,11 +477,7 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
         model._load_checked(state_dict, allow_missing_new=True)
         # `wan.dtype` skips the modules Wan keeps in float32 (its first parameter is one of them)
         model = model.to(wan.device)
-        return model._cast_keeping_fp32_modules(torch_dtype if torch_dtype is not None else wan.dtype)
-
-    def _cast_keeping_fp32_modules(self, dtype: torch.dtype) -> "HybridForcingTransformer3DModel":
-        """`self.to(dtype)` leaving `_keep_in_fp32_modules` in float32, as `from_pretrained(torch_dtype=...)` does."""
-        return cast_keeping_fp32_modules(self, dtype)
+        return cast_keeping_fp32_modules(model, torch_dtype if torch_dtype is not None else wan.dtype)
 
     def _load_checked(self, state_dict: dict[str, torch.Tensor], allow_missing_new: bool) -> None:
         """`load_state_dict` that raises on unknown keys and on missing keys other than the new parameters (which are
@@ -536,7 +532,7 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
         base = cls._resolve_config(config, state_dict, hybrid_config.get("attention_head_dim", 128))
         model = cls.from_config({**base, **hybrid_config})
         model._load_checked(state_dict, allow_missing_new=True)
-        return model if torch_dtype is None else model._cast_keeping_fp32_modules(torch_dtype)
+        return model if torch_dtype is None else cast_keeping_fp32_modules(model, torch_dtype)
 
     @staticmethod
     def _read_original_state_dict(source, use_ema: bool) -> dict[str, torch.Tensor]:
