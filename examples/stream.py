@@ -110,7 +110,7 @@ def _load(args):
     from diffusers_hybrid import HybridForcingTransformer3DModel, StreamingHybridPipeline
 
     dtype = DTYPES[args.dtype]
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {"dtype": dtype}  # the pipeline's `torch_dtype` is deprecated in diffusers 0.42
     if args.trust_remote_code:
         kwargs["trust_remote_code"] = True
     overrides = {"attention_mode": args.mode} if args.mode else {}

@@ -11,6 +11,19 @@ flags override it), `Accelerator(ProjectConfiguration)`, diffusers-format save/l
 rotation with `--checkpoints_total_limit`, `--resume_from_checkpoint latest`, validation videos and a progress bar.
 Videos are rendered on the fly on the training device (`diffusers_hybrid.shapes`). Output: `{output_dir}/vae/`
 (diffusers format, with a model card) and `{output_dir}/measurements.json`.
+
+Long streams (`--stream_frames N`): a causal VAE trained on clips of `num_frames` sees the start of the video in
+every frame it is trained on, and need not code what the first frame already holds in later latent frames. The shipped
+VAE (33-frame clips) codes dark blue, dark green and brown backgrounds almost only in the first latent frame; its
+decoder carries the colour from there for ~39 frames, then turns those backgrounds dark green (session 15 of
+`benchmarks/RESULTS.md`). In this mode the VAE trains on whole streams of N frames, coded as the pipeline codes them:
+from the first frame on, `--stream_segment_latents` latent frames per optimiser step, with the encoder's and the
+decoder's causal caches carried across steps and detached (truncated backpropagation through time), so frames far
+from the start are trained too. `--decoder_only` freezes the encoder (and keeps `latents_mean` / `latents_std`), so
+that models trained on its latents stay valid; it cannot add what the encoder does not code.
+
+    accelerate launch training/train_shapes_vae.py --config training/configs/teacher/vae_long.yaml \
+        --pretrained_model_name_or_path pretrained/shapes/teacher/vae --output_dir out/vae_long
 """
 
 import argparse
@@ -26,6 +39,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils import check_min_version
 from tqdm.auto import tqdm
 
@@ -67,6 +81,26 @@ def parse_args(input_args=None):
     parser.add_argument("--max_start_frame", type=int, default=256, help="Clips start at a random frame below this.")
     parser.add_argument(
         "--crop_size", type=int, default=None, help="Train on random square crops of this size (multiple of 8)."
+    )
+    parser.add_argument(
+        "--decoder_only",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="Train only the decoder (and post_quant_conv) of --pretrained_model_name_or_path; the encoder and the "
+        "latent statistics stay as they are.",
+    )
+    parser.add_argument(
+        "--stream_frames",
+        type=int,
+        default=0,
+        help="Train on streams of this many frames (1 + 4k), coded from their first frame on, "
+        "--stream_segment_latents latent frames per optimiser step, with the causal caches carried across steps "
+        "(0: clips of --num_frames).",
+    )
+    parser.add_argument(
+        "--stream_segment_latents", type=int, default=2, help="Latent frames coded per optimiser step of a stream."
     )
     # optimisation
     parser.add_argument("--output_dir", type=str, default="shapes-vae")
@@ -121,6 +155,13 @@ def parse_args(input_args=None):
     parser.add_argument("--num_stats_videos", type=int, default=256, help="Videos for latents_mean / latents_std.")
     parser.add_argument("--num_eval_videos", type=int, default=32, help="Held-out videos for the final PSNR.")
     parser.add_argument("--eval_frames", type=int, default=33)
+    parser.add_argument(
+        "--eval_long_frames",
+        type=int,
+        default=0,
+        help="Also measure the held-out PSNR on videos of this many frames (1 + 4k), for frames before and from "
+        "--eval_frames on (0: not measured).",
+    )
     parser.add_argument("--save_dtype", type=str, default="bf16", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--max_shard_size", type=str, default="10MB")
 
@@ -144,6 +185,20 @@ def parse_args(input_args=None):
         raise ValueError("--num_frames must be 1 + 4k (the VAE's temporal compression)")
     if (args.eval_frames - 1) % 4:
         raise ValueError("--eval_frames must be 1 + 4k")
+    if args.eval_long_frames and ((args.eval_long_frames - 1) % 4 or args.eval_long_frames <= args.eval_frames):
+        raise ValueError(
+            f"--eval_long_frames must be 1 + 4k and longer than --eval_frames ({args.eval_frames}), got "
+            f"{args.eval_long_frames}"
+        )
+    if args.decoder_only and not args.pretrained_model_name_or_path:
+        raise ValueError("--decoder_only fine-tunes a pretrained VAE: give --pretrained_model_name_or_path")
+    if args.stream_frames:
+        if (args.stream_frames - 1) % 4 or args.stream_frames < 5:
+            raise ValueError(f"--stream_frames must be 1 + 4k with k >= 1, got {args.stream_frames}")
+        if args.stream_segment_latents < 1:
+            raise ValueError(f"--stream_segment_latents must be >= 1, got {args.stream_segment_latents}")
+        if args.crop_size:
+            raise ValueError("--crop_size is not supported with --stream_frames (streams are decoded whole)")
     args.local_rank = env_local_rank
     return args
 
@@ -159,13 +214,85 @@ class VAEWithLoss(nn.Module):
         self.vae = vae
         self.posterior_noise = posterior_noise
 
-    def forward(self, x):
+    def forward(self, x=None, *, segment=None, first_chunk=False):
+        """`x` [B, 3, T, H, W] -> (reconstruction, KL); or, with `segment`, the next pixel frames of a stream
+        through `reconstruct_segment`."""
+        if segment is not None:
+            return self.reconstruct_segment(segment, first_chunk)
         posterior = self.vae.encode(x).latent_dist
+        z = self.sample_latents(posterior)
+        recon = self.vae.decode(z).sample
+        return recon, posterior.kl().mean()
+
+    def sample_latents(self, posterior):
         z = posterior.mean
         if self.posterior_noise:
             z = z + self.posterior_noise * posterior.std * torch.randn_like(z)
-        recon = self.vae.decode(z).sample
-        return recon, posterior.kl().mean()
+        return z
+
+    def reconstruct_segment(self, segment: torch.Tensor, first_chunk: bool):
+        """
+        Encode and decode the next frames of a stream as `AutoencoderKLWan.encode` / `decode` do a whole video (one
+        latent frame at a time through the causal caches) but keeping both caches between calls: `first_chunk`
+        starts a new stream. The caches that earlier segments left are detached (truncated backpropagation through
+        time).
+
+        Args:
+            segment: `[B, 3, T, H, W]` in [-1, 1], the pixel frames of the stream's next latent frames: T = 1 + 4k
+                for the first segment (frame 0 is a latent frame of its own), 4k after.
+        Returns:
+            `(reconstruction [B, 3, T, H, W] in [-1, 1], KL of the segment's posterior)`.
+        """
+        vae = self.vae
+        scale = vae.config.scale_factor_temporal
+        if vae.config.patch_size is not None:
+            raise NotImplementedError("streamed training of a patchified (Wan2.2) VAE")
+        if (segment.shape[2] - (1 if first_chunk else 0)) % scale:
+            raise ValueError(f"a {'first ' if first_chunk else ''}segment of {segment.shape[2]} frames does not cover "
+                             f"whole latent frames of {scale}")
+        if first_chunk:
+            vae.clear_cache()
+        else:
+            vae._feat_map = [f.detach() if torch.is_tensor(f) else f for f in vae._feat_map]
+            vae._enc_feat_map = [f.detach() if torch.is_tensor(f) else f for f in vae._enc_feat_map]
+        bounds = ([0, 1] if first_chunk else [0]) + list(range(1 if first_chunk else scale, segment.shape[2] + 1, scale))
+        bounds = sorted(set(bounds))
+        encoded = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            vae._enc_conv_idx = [0]
+            encoded.append(vae.encoder(segment[:, :, lo:hi], feat_cache=vae._enc_feat_map,
+                                       feat_idx=vae._enc_conv_idx))
+        posterior = DiagonalGaussianDistribution(vae.quant_conv(torch.cat(encoded, dim=2)))
+        h = vae.post_quant_conv(self.sample_latents(posterior))
+        frames = []
+        for i in range(h.shape[2]):
+            vae._conv_idx = [0]
+            frames.append(
+                vae.decoder(h[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                            first_chunk=first_chunk and i == 0)
+            )
+        return torch.cat(frames, dim=2).clamp(-1.0, 1.0), posterior.kl().mean()
+
+
+class _Stream:
+    """One batch of training streams (rendered frames and their object coverage) and the next latent frame to code."""
+
+    def __init__(self, x, coverage, temporal_scale: int):
+        self.x, self.coverage, self.temporal_scale = x, coverage, temporal_scale
+        self.num_latents = 1 + (x.shape[2] - 1) // temporal_scale
+        self.next_latent = 0
+
+    @property
+    def done(self) -> bool:
+        return self.next_latent >= self.num_latents
+
+    def take(self, count: int):
+        """The pixel frames and coverage of the next `count` latent frames, and whether they start the stream."""
+        start, end = self.next_latent, min(self.next_latent + count, self.num_latents)
+        self.next_latent = end
+        scale = self.temporal_scale
+        pixels = slice(0 if start == 0 else 1 + scale * (start - 1), 1 + scale * (end - 1))
+        return self.x[:, :, pixels], self.coverage[:, :, pixels], start == 0
 
 
 def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, coverage: torch.Tensor, args) -> torch.Tensor:
@@ -213,7 +340,35 @@ def specs_for_step(step: int, batch: int, rank: int, seed: int):
     return scene_specs("train", batch, base_seed=hash((seed, step, rank)) % (2**31))
 
 
+def _new_stream(micro_step: int, rank: int, rng, args, device, temporal_scale: int) -> _Stream:
+    """Render the next batch of training streams: training-split scenes from random start frames."""
+    specs = specs_for_step(micro_step, args.train_batch_size, rank, args.seed)
+    starts = rng.integers(0, args.max_start_frame, size=len(specs)).tolist()
+    x, coverage = render_batch(
+        specs, args.stream_frames, args.resolution, args.resolution, device=device, start_frames=starts,
+        return_coverage=True,
+    )
+    return _Stream(x, coverage, temporal_scale)
+
+
 def save_model_card(folder: str, args, measurements: dict):
+    long_rows = ""
+    if "psnr_heldout_long_tail" in measurements:
+        long_rows = (
+            f"| held-out PSNR over {args.eval_long_frames}-frame videos: frames 0-{args.eval_frames - 1} / from frame "
+            f"{args.eval_frames} on | {measurements['psnr_heldout_long_head']:.2f} / "
+            f"{measurements['psnr_heldout_long_tail']:.2f} dB |\n"
+        )
+    stream_note = ""
+    if args.stream_frames:
+        trained = ("its decoder alone (encoder and latent statistics unchanged)" if args.decoder_only
+                   else "encoder and decoder")
+        start = f" from `{args.pretrained_model_name_or_path}`" if args.pretrained_model_name_or_path else ""
+        stream_note = (
+            f"Trained{start} on whole {args.stream_frames}-frame streams coded as the pipeline codes them ({trained}; "
+            f"{args.stream_segment_latents} latent frame(s) per step, the causal caches carried across steps), so "
+            "that frames far from the start are trained as well as the first ones.\n\n"
+        )
     card = f"""---
 library_name: diffusers
 license: apache-2.0
@@ -236,8 +391,8 @@ were measured on {args.num_stats_videos} training-split videos, as in Wan2.1 (th
 | reconstruction loss weight on object pixels (`--foreground_weight`) | 1 + {args.foreground_weight:g} |
 | training steps / seconds | {measurements.get("steps")} / {measurements.get("train_seconds", 0):.0f} |
 | parameters | {measurements.get("parameters")} |
-
-Weights are stored in {args.save_dtype}; load with `torch_dtype=torch.float32` on CPU.
+{long_rows}
+{stream_note}Weights are stored in {args.save_dtype}; load with `torch_dtype=torch.float32` on CPU.
 """
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write(card)
@@ -280,6 +435,11 @@ def main(args):
             num_res_blocks=args.num_res_blocks,
             temperal_downsample=[False, True, True],
         )
+    if args.decoder_only:
+        decoder_modules = (vae.decoder, vae.post_quant_conv)
+        trainable = {id(p) for m in decoder_modules for p in m.parameters()}
+        for p in vae.parameters():
+            p.requires_grad_(id(p) in trainable)
     model = VAEWithLoss(vae, args.posterior_noise)
     model.train()
 
@@ -300,7 +460,7 @@ def main(args):
     accelerator.register_load_state_pre_hook(load_model_hook)
 
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -345,28 +505,39 @@ def main(args):
     rng = np.random.default_rng([args.seed, rank, global_step])
     stopped_early = False
     micro_step = global_step * args.gradient_accumulation_steps
+    stream = None  # --stream_frames: the streams being decoded (a resumed run starts new ones)
+    temporal_scale = vae.config.scale_factor_temporal
     budget.start()
     while global_step < args.max_train_steps:
         with accelerator.accumulate(model):
-            specs = specs_for_step(micro_step, args.train_batch_size, rank, args.seed)
-            micro_step += 1
-            starts = rng.integers(0, args.max_start_frame, size=len(specs)).tolist()
-            x, coverage = render_batch(
-                specs,
-                args.num_frames,
-                args.resolution,
-                args.resolution,
-                device=device,
-                start_frames=starts,
-                return_coverage=True,
-            )
-            if args.crop_size and args.crop_size < args.resolution:
-                x, coverage = random_crops(torch.cat([x, coverage], dim=1), args.crop_size, rng).split([3, 1], dim=1)
-            recon, kl = model(x)
+            if args.stream_frames:
+                if stream is None or stream.done:
+                    stream = _new_stream(micro_step, rank, rng, args, device, temporal_scale)
+                micro_step += 1
+                x, coverage, first = stream.take(args.stream_segment_latents)
+                recon, kl = model(segment=x, first_chunk=first)
+            else:
+                specs = specs_for_step(micro_step, args.train_batch_size, rank, args.seed)
+                micro_step += 1
+                starts = rng.integers(0, args.max_start_frame, size=len(specs)).tolist()
+                x, coverage = render_batch(
+                    specs,
+                    args.num_frames,
+                    args.resolution,
+                    args.resolution,
+                    device=device,
+                    start_frames=starts,
+                    return_coverage=True,
+                )
+                if args.crop_size and args.crop_size < args.resolution:
+                    x, coverage = random_crops(torch.cat([x, coverage], dim=1), args.crop_size, rng).split(
+                        [3, 1], dim=1
+                    )
+                recon, kl = model(x)
             loss = reconstruction_loss(recon.float(), x, coverage, args) + args.kl_weight * kl
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -382,6 +553,7 @@ def main(args):
                         accelerator, args.output_dir, global_step, args.checkpoints_total_limit))
                 if args.validation_steps and global_step % args.validation_steps == 0:
                     _validate(accelerator.unwrap_model(model).vae, val_specs, args, global_step, accelerator)
+                    stream = None  # the validation's decode cleared the streams' causal cache: start new ones
             if budget.out_of_time():
                 stopped_early = global_step < args.max_train_steps
                 break
@@ -398,25 +570,10 @@ def main(args):
             "parameters": sum(p.numel() for p in vae.parameters()),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         }
-        # Latent statistics (per channel, over videos, frames and positions), as Wan2.1's config holds.
-        stats_specs = scene_specs("train", args.num_stats_videos, base_seed=args.seed + 4242)
-        s1 = torch.zeros(args.z_dim, dtype=torch.float64, device=device)
-        s2 = torch.zeros_like(s1)
-        count = 0
-        with torch.no_grad():
-            for i in range(0, len(stats_specs), 8):
-                x = render_batch(
-                    stats_specs[i : i + 8], args.eval_frames, args.resolution, args.resolution, device=device
-                )
-                z = vae.encode(x).latent_dist.mode().double()
-                s1 += z.sum(dim=(0, 2, 3, 4))
-                s2 += (z * z).sum(dim=(0, 2, 3, 4))
-                count += z.numel() // args.z_dim
-        mean = s1 / count
-        std = (s2 / count - mean * mean).clamp(min=1e-8).sqrt()
-        vae.register_to_config(
-            latents_mean=[round(float(v), 5) for v in mean], latents_std=[round(float(v), 5) for v in std]
-        )
+        if args.decoder_only:
+            measurements["decoder_only_from"] = args.pretrained_model_name_or_path
+        else:
+            _measure_latent_statistics(vae, args, device)  # the encoder changed
         measurements["latents_mean"] = vae.config.latents_mean
         measurements["latents_std"] = vae.config.latents_std
         # Held-out reconstruction PSNR (full precision, then as stored).
@@ -427,6 +584,14 @@ def main(args):
         y = reconstruct(vae, x)
         measurements["psnr_heldout"] = psnr_uint8(y, x)
         measurements["object_color_error_heldout"] = object_color_error(y, x, coverage)
+        if args.eval_long_frames:
+            long_x = render_batch(eval_specs, args.eval_long_frames, args.resolution, args.resolution, device=device)
+            long_y = reconstruct(vae, long_x)
+            head = slice(0, args.eval_frames)
+            tail = slice(args.eval_frames, None)
+            measurements["psnr_heldout_long_head"] = psnr_uint8(long_y[:, :, head], long_x[:, :, head])
+            measurements["psnr_heldout_long_tail"] = psnr_uint8(long_y[:, :, tail], long_x[:, :, tail])
+            del long_x, long_y
         out = os.path.join(args.output_dir, "vae")
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_dtype]
         vae.to(dtype).save_pretrained(out, max_shard_size=args.max_shard_size)
@@ -444,6 +609,26 @@ def main(args):
             f" object colour error {measurements['object_color_error_heldout']:.1f} RGB units"
         )
     accelerator.end_training()
+
+
+@torch.no_grad()
+def _measure_latent_statistics(vae, args, device) -> None:
+    """Per-channel latent mean / std over videos, frames and positions (as Wan2.1's config holds), into the config."""
+    stats_specs = scene_specs("train", args.num_stats_videos, base_seed=args.seed + 4242)
+    s1 = torch.zeros(args.z_dim, dtype=torch.float64, device=device)
+    s2 = torch.zeros_like(s1)
+    count = 0
+    for i in range(0, len(stats_specs), 8):
+        x = render_batch(stats_specs[i : i + 8], args.eval_frames, args.resolution, args.resolution, device=device)
+        z = vae.encode(x).latent_dist.mode().double()
+        s1 += z.sum(dim=(0, 2, 3, 4))
+        s2 += (z * z).sum(dim=(0, 2, 3, 4))
+        count += z.numel() // args.z_dim
+    mean = s1 / count
+    std = (s2 / count - mean * mean).clamp(min=1e-8).sqrt()
+    vae.register_to_config(
+        latents_mean=[round(float(v), 5) for v in mean], latents_std=[round(float(v), 5) for v in std]
+    )
 
 
 def _validate(vae, specs, args, step, accelerator, final=False):

@@ -458,7 +458,7 @@ import torch
 from diffusers import WanPipeline
 from diffusers_hybrid.shapes.video_io import write_video
 
-pipe = WanPipeline.from_pretrained("pretrained/shapes/teacher", torch_dtype=torch.float32)
+pipe = WanPipeline.from_pretrained("pretrained/shapes/teacher", dtype=torch.float32)
 video = pipe("a large red circle bouncing quickly to the left on a dark blue background",
              height={args.resolution}, width={args.resolution}, num_frames={args.num_frames}, num_inference_steps=50,
              guidance_scale={args.guidance_scale}).frames[0]

@@ -2,6 +2,7 @@
 """The models shipped under pretrained/shapes load and produce outputs of the right shape (CPU)."""
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -95,7 +96,12 @@ def test_shipped_student_streams_and_evaluates(shipped):
 
     folder = os.path.join(shipped, "student")
     assert is_streaming_pipeline(folder) and not is_streaming_pipeline(os.path.join(shipped, "teacher"))
-    pipe = StreamingHybridPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = StreamingHybridPipeline.from_pretrained(folder, dtype=torch.float32)
+    # diffusers 0.42 deprecates the pipelines' `torch_dtype`: the README's loading code uses `dtype`
+    assert not [w for w in caught if "torch_dtype" in str(w.message)], [str(w.message) for w in caught]
+    assert pipe.transformer.dtype == torch.float32
     config = pipe.transformer.config
     assert config.attention_mode == "hybrid" and config.rope_mode == "relative"
     window = config.sink_frames + config.local_attn_frames
@@ -174,3 +180,30 @@ def test_shipped_student_three_blob_video_scores_clearly_worse_than_real(shipped
     assert {"shape", "size", "count", "direction", "speed", "persistence"} <= set(s), sorted(s)
     assert real["adherence"] >= 0.95 and s["adherence"] <= real["adherence"] - 0.2
     assert s["count"] <= 0.5 and s["overall"] <= real["overall"] - 0.2
+
+
+def test_vae_horizon_benchmark_on_the_shipped_vae(shipped, repo_root, tmp_path):
+    """`benchmarks/shapes_vae_horizon.py`: every background colour's reconstruction and the latents' separation per
+    background pair. Within the first frames the shipped VAE gets every background right; in its later latent frames
+    dark blue and dark green are its closest pair (session 15: it codes them almost only in frame 0)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "shapes_vae_horizon", os.path.join(repo_root, "benchmarks", "shapes_vae_horizon.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "horizon.json"
+    vae = os.path.join(shipped, "teacher", "vae")
+    module.main([vae, "--frames", "13", "--every", "4", "--out", str(out)])
+    result = json.loads(out.read_text())["vaes"][vae]
+    assert result["frames"] == [0, 4, 8, 12] and len(result["reconstruction"]) == 6
+    for background, rec in result["reconstruction"].items():
+        assert rec["nearest_background"] == [background] * 4 and min(rec["psnr"]) > 20, (background, rec)
+    separation = result["latent_separation"]
+    assert len(separation) == 15 and all(len(v) == 4 for v in separation.values())
+    closest = min(separation, key=lambda pair: separation[pair][-1])
+    assert closest == "dark blue / dark green" and separation[closest][-1] < separation[closest][0] / 4
+    with pytest.raises(SystemExit):
+        module.main([vae, "--frames", "12"])

@@ -610,3 +610,97 @@ def test_boolean_flags_set_in_yaml_can_be_switched_off(repo_root, tmp_path):
     assert vae.parse_args(["--config", str(yaml_path)]).allow_tf32 is True
     assert vae.parse_args(["--config", str(yaml_path), "--allow_tf32", "false"]).allow_tf32 is False
     assert vae.parse_args(["--allow_tf32"]).allow_tf32 is True and vae.parse_args([]).allow_tf32 is False
+
+
+def test_vae_stream_segments_code_like_the_whole_video(repo_root):
+    """`--stream_frames`: a stream encoded and decoded segment by segment through the kept causal caches gives the
+    frames of `AutoencoderKLWan.encode` + `decode` of the whole video, and each segment's targets are the pixel frames
+    it codes."""
+    from diffusers import AutoencoderKLWan
+
+    script = _load_script(repo_root, "train_shapes_vae")
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1).eval()
+    model = script.VAEWithLoss(vae, posterior_noise=0.0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 25, 40, 48, generator=g) * 2 - 1  # 7 latent frames: segments of 3 leave a last one of 1
+    with torch.no_grad():
+        whole = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        stream = script._Stream(x, x[:, :1], vae.config.scale_factor_temporal)
+        parts, targets, firsts = [], [], []
+        while not stream.done:
+            segment, coverage, first = stream.take(3)
+            parts.append(model(segment=segment, first_chunk=first)[0])
+            targets.append(segment)
+            firsts.append(first)
+            assert parts[-1].shape == segment.shape and coverage.shape[2] == segment.shape[2]
+    assert firsts == [True, False, False] and [p.shape[2] for p in parts] == [9, 12, 4]
+    assert torch.equal(torch.cat(targets, 2), x)
+    torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="whole latent frames"):
+        model(segment=x[:, :, :6], first_chunk=True)
+
+
+def test_vae_stream_backpropagates_through_the_segment_only(repo_root):
+    """Truncated backpropagation through time: the second segment's loss reaches the encoder and the decoder through
+    its own frames; the caches that the first segment left are detached (a second backward through them would
+    raise)."""
+    from diffusers import AutoencoderKLWan
+
+    script = _load_script(repo_root, "train_shapes_vae")
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    model = script.VAEWithLoss(vae, posterior_noise=0.0)
+    x = torch.rand(1, 3, 13, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    model(segment=x[:, :, :5], first_chunk=True)[0].square().mean().backward()
+    vae.zero_grad()
+    model(segment=x[:, :, 5:], first_chunk=False)[0].square().mean().backward()
+    for part in (vae.encoder, vae.decoder):
+        grads = [p.grad for p in part.parameters()]
+        assert all(gr is not None for gr in grads) and sum(gr.abs().sum() for gr in grads) > 0
+
+
+def test_train_shapes_vae_decoder_only_streams(repo_root, tmp_path):
+    """`--decoder_only` (here with `--stream_frames`): the decoder learns, the encoder and the latent statistics that
+    models were trained with stay exactly as they were; the long-video PSNR is measured and on the card."""
+    from diffusers import AutoencoderKLWan
+
+    script = _load_script(repo_root, "train_shapes_vae")
+    torch.manual_seed(0)
+    base = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                            latents_mean=[0.1 * i for i in range(16)], latents_std=[1.0 + 0.1 * i for i in range(16)])
+    base.save_pretrained(str(tmp_path / "base"))
+    out = str(tmp_path / "out")
+    args = script.parse_args(
+        ["--output_dir", out, "--pretrained_model_name_or_path", str(tmp_path / "base"), "--decoder_only",
+         "--stream_frames", "13", "--stream_segment_latents", "2", "--train_batch_size", "1", "--max_train_steps", "3",
+         "--learning_rate", "1e-2", "--lr_warmup_steps", "0", "--checkpointing_steps", "0", "--validation_steps", "0",
+         "--num_validation_videos", "1", "--num_eval_videos", "1", "--eval_frames", "5", "--eval_long_frames", "13",
+         "--posterior_noise", "0", "--save_dtype", "fp32"]
+    )
+    script.main(args)
+    m = json.load(open(os.path.join(out, "measurements.json")))
+    assert m["steps"] == 3 and np.isfinite(m["psnr_heldout_long_head"]) and np.isfinite(m["psnr_heldout_long_tail"])
+    tuned = AutoencoderKLWan.from_pretrained(os.path.join(out, "vae"))
+    assert tuned.config.latents_mean == base.config.latents_mean
+    assert tuned.config.latents_std == base.config.latents_std
+    before, after = base.state_dict(), tuned.state_dict()
+    frozen = [n for n in before if not n.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("decoder."))
+    card = open(os.path.join(out, "vae", "README.md")).read()
+    assert "13-frame streams" in card and "decoder alone" in card and "from frame 5 on" in card
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--decoder_only"], "give --pretrained_model_name_or_path"),
+        (["--stream_frames", "12"], "1 \\+ 4k"),
+        (["--eval_long_frames", "5"], "longer than --eval_frames"),
+    ],
+)
+def test_train_shapes_vae_stream_arguments(repo_root, extra, message):
+    script = _load_script(repo_root, "train_shapes_vae")
+    with pytest.raises(ValueError, match=message):
+        script.parse_args(["--eval_frames", "9", *extra])

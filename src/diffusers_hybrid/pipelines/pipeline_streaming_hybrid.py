@@ -75,7 +75,7 @@ EXAMPLE_DOC_STRING = """
         >>> # a saved Hybrid Forcing pipeline (see `save_pretrained`), or a stock Wan repo plus a converted transformer:
         >>> # transformer = HybridForcingTransformer3DModel.from_pretrained("path/to/converted", torch_dtype=torch.bfloat16)
         >>> # pipe = StreamingHybridPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", transformer=transformer)
-        >>> pipe = StreamingHybridPipeline.from_pretrained("path/to/hybrid-forcing", torch_dtype=torch.bfloat16)
+        >>> pipe = StreamingHybridPipeline.from_pretrained("path/to/hybrid-forcing", dtype=torch.bfloat16)
         >>> pipe.to("cuda")
 
         >>> prompt = "A cat and a dog baking a cake together in a sunny kitchen"

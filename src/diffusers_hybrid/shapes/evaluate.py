@@ -54,7 +54,7 @@ def load_pipeline(path: str, device=None, dtype=torch.float32):
     else:
         from diffusers import WanPipeline as cls
 
-    pipe = cls.from_pretrained(path, torch_dtype=dtype)
+    pipe = cls.from_pretrained(path, dtype=dtype)
     pipe.to(device or "cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -285,7 +285,7 @@ def usage_snippet(repo_id: str, num_frames: int = 81) -> str:
         from diffusers import DiffusionPipeline
         from diffusers.utils import export_to_video
 
-        pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True, torch_dtype=torch.bfloat16)
+        pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True, dtype=torch.bfloat16)
         pipe.to("cuda")
 
         prompt = "A red panda walks through a bamboo forest, cinematic lighting"
@@ -301,7 +301,7 @@ def stream_snippet(repo_id: str) -> str:
         import torch
         from diffusers_hybrid import StreamingHybridPipeline
 
-        pipe = StreamingHybridPipeline.from_pretrained("{repo_id}", trust_remote_code=True, torch_dtype=torch.bfloat16)
+        pipe = StreamingHybridPipeline.from_pretrained("{repo_id}", trust_remote_code=True, dtype=torch.bfloat16)
         pipe.to("cuda")
 
         with pipe.stream("A sailing boat on a calm sea at sunset", num_frames=None) as session:  # no end
