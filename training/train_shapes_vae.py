@@ -47,6 +47,7 @@ check_min_version("0.42.0")
 
 from diffusers_hybrid.shapes.domain import render_batch, scene_specs  # noqa: E402
 from diffusers_hybrid.shapes.video_io import ffmpeg_available, try_write_video  # noqa: E402
+from diffusers_hybrid.video.streaming_vae import StreamingWanDecoder, _causal_conv_count  # noqa: E402
 from diffusers_hybrid.training_utils import (  # noqa: E402
     TrainingBudget,
     save_rotated_checkpoint,
@@ -213,6 +214,8 @@ class VAEWithLoss(nn.Module):
         super().__init__()
         self.vae = vae
         self.posterior_noise = posterior_noise
+        self._encoder_cache: list = []  # a stream's causal caches (`reconstruct_segment`)
+        self._decoder = None
 
     def forward(self, x=None, *, segment=None, first_chunk=False):
         """`x` [B, 3, T, H, W] -> (reconstruction, KL); or, with `segment`, the next pixel frames of a stream
@@ -235,7 +238,7 @@ class VAEWithLoss(nn.Module):
         Encode and decode the next frames of a stream as `AutoencoderKLWan.encode` / `decode` do a whole video (one
         latent frame at a time through the causal caches) but keeping both caches between calls: `first_chunk`
         starts a new stream. The caches that earlier segments left are detached (truncated backpropagation through
-        time).
+        time); the decoder's is the pipeline's own streaming decoder ([`StreamingWanDecoder`]).
 
         Args:
             segment: `[B, 3, T, H, W]` in [-1, 1], the pixel frames of the stream's next latent frames: T = 1 + 4k
@@ -251,27 +254,18 @@ class VAEWithLoss(nn.Module):
             raise ValueError(f"a {'first ' if first_chunk else ''}segment of {segment.shape[2]} frames does not cover "
                              f"whole latent frames of {scale}")
         if first_chunk:
-            vae.clear_cache()
+            self._encoder_cache = [None] * _causal_conv_count(vae.encoder)
+            self._decoder = StreamingWanDecoder(vae, enable_grad=True)
         else:
-            vae._feat_map = [f.detach() if torch.is_tensor(f) else f for f in vae._feat_map]
-            vae._enc_feat_map = [f.detach() if torch.is_tensor(f) else f for f in vae._enc_feat_map]
-        bounds = ([0, 1] if first_chunk else [0]) + list(range(1 if first_chunk else scale, segment.shape[2] + 1, scale))
-        bounds = sorted(set(bounds))
-        encoded = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            vae._enc_conv_idx = [0]
-            encoded.append(vae.encoder(segment[:, :, lo:hi], feat_cache=vae._enc_feat_map,
-                                       feat_idx=vae._enc_conv_idx))
+            self._encoder_cache = [f.detach() if torch.is_tensor(f) else f for f in self._encoder_cache]
+        bounds = [0] + list(range(1, segment.shape[2] + 1, scale)) if first_chunk else list(
+            range(0, segment.shape[2] + 1, scale))
+        encoded = [
+            vae.encoder(segment[:, :, lo:hi], feat_cache=self._encoder_cache, feat_idx=[0])
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
         posterior = DiagonalGaussianDistribution(vae.quant_conv(torch.cat(encoded, dim=2)))
-        h = vae.post_quant_conv(self.sample_latents(posterior))
-        frames = []
-        for i in range(h.shape[2]):
-            vae._conv_idx = [0]
-            frames.append(
-                vae.decoder(h[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                            first_chunk=first_chunk and i == 0)
-            )
-        return torch.cat(frames, dim=2).clamp(-1.0, 1.0), posterior.kl().mean()
+        return self._decoder.decode(self.sample_latents(posterior)), posterior.kl().mean()
 
 
 class _Stream:
@@ -436,10 +430,9 @@ def main(args):
             temperal_downsample=[False, True, True],
         )
     if args.decoder_only:
-        decoder_modules = (vae.decoder, vae.post_quant_conv)
-        trainable = {id(p) for m in decoder_modules for p in m.parameters()}
-        for p in vae.parameters():
-            p.requires_grad_(id(p) in trainable)
+        vae.requires_grad_(False)
+        vae.decoder.requires_grad_(True)
+        vae.post_quant_conv.requires_grad_(True)
     model = VAEWithLoss(vae, args.posterior_noise)
     model.train()
 
@@ -553,7 +546,6 @@ def main(args):
                         accelerator, args.output_dir, global_step, args.checkpoints_total_limit))
                 if args.validation_steps and global_step % args.validation_steps == 0:
                     _validate(accelerator.unwrap_model(model).vae, val_specs, args, global_step, accelerator)
-                    stream = None  # the validation's decode cleared the streams' causal cache: start new ones
             if budget.out_of_time():
                 stopped_early = global_step < args.max_train_steps
                 break
@@ -615,7 +607,8 @@ def main(args):
 def _measure_latent_statistics(vae, args, device) -> None:
     """Per-channel latent mean / std over videos, frames and positions (as Wan2.1's config holds), into the config."""
     stats_specs = scene_specs("train", args.num_stats_videos, base_seed=args.seed + 4242)
-    s1 = torch.zeros(args.z_dim, dtype=torch.float64, device=device)
+    z_dim = vae.config.z_dim
+    s1 = torch.zeros(z_dim, dtype=torch.float64, device=device)
     s2 = torch.zeros_like(s1)
     count = 0
     for i in range(0, len(stats_specs), 8):
@@ -623,7 +616,7 @@ def _measure_latent_statistics(vae, args, device) -> None:
         z = vae.encode(x).latent_dist.mode().double()
         s1 += z.sum(dim=(0, 2, 3, 4))
         s2 += (z * z).sum(dim=(0, 2, 3, 4))
-        count += z.numel() // args.z_dim
+        count += z.numel() // z_dim
     mean = s1 / count
     std = (s2 / count - mean * mean).clamp(min=1e-8).sqrt()
     vae.register_to_config(

@@ -205,3 +205,24 @@ def test_fused_decoder_options_and_fallback():
         for _ in range(3):
             decoder.decode(torch.randn(1, 16, 3, 4, 4))
     assert decoder._steady is None
+
+
+def test_decode_with_grad_truncates_at_each_call():
+    """`enable_grad=True` (stream training of a decoder): the output of each call backpropagates into the decoder, the
+    cache of earlier calls is detached, and the frames equal the inference path's; the default decodes without a
+    graph, also where the caller has grad enabled."""
+    vae = _vae(next(iter(VAE_CONFIGS)))
+    latents = torch.randn(1, vae.config.z_dim, 5, 4, 4, generator=torch.Generator().manual_seed(3))
+    plain = StreamingWanDecoder(vae)
+    expected = torch.cat([plain.decode(c) for c in _chunks(latents, [2, 3])], dim=2)
+    assert not expected.requires_grad
+    trained = StreamingWanDecoder(vae, enable_grad=True)
+    first = trained.decode(latents[:, :, :2])
+    first.square().mean().backward()
+    vae.zero_grad()
+    second = trained.decode(latents[:, :, 2:])
+    second.square().mean().backward()  # would raise if the cache still held the first call's graph
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.decoder.parameters())
+    torch.testing.assert_close(torch.cat([first, second], dim=2).detach(), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="fused"):
+        StreamingWanDecoder(vae, fused=True, enable_grad=True)

@@ -239,6 +239,10 @@ class StreamingWanDecoder:
         memory_format (`torch.memory_format`, *optional*): the fused path's activation and weight layout:
             `torch.channels_last_3d` (the default on CUDA, faster cuDNN convolutions) or `torch.contiguous_format`
             (the default elsewhere).
+        enable_grad (`bool`, defaults to `False`): decode in the caller's grad mode instead of under `no_grad`, for
+            training a decoder on streams (`training/train_shapes_vae.py --stream_frames`): each call's output
+            backpropagates into the decoder, and the cache that earlier calls left is detached (truncated
+            backpropagation through time). Not with `fused=True`.
 
     Example:
 
@@ -251,7 +255,7 @@ class StreamingWanDecoder:
     """
 
     def __init__(self, vae, frames_per_call: int | None = 1, fused: bool = False, norm_kernel: str | None = None,
-                 memory_format: torch.memory_format | None = None):
+                 memory_format: torch.memory_format | None = None, enable_grad: bool = False):
         if frames_per_call is not None and frames_per_call < 1:
             raise ValueError(f"`frames_per_call` must be >= 1 or None, got {frames_per_call}.")
         if getattr(vae, "use_tiling", False):
@@ -261,8 +265,11 @@ class StreamingWanDecoder:
         if memory_format not in (None, torch.contiguous_format, torch.channels_last_3d):
             raise ValueError(f"`memory_format` must be None, torch.contiguous_format or torch.channels_last_3d, got "
                              f"{memory_format}.")
+        if enable_grad and fused:
+            raise ValueError("`enable_grad` trains through diffusers' decoder modules; the fused path is inference only.")
         self.vae = vae
         self.frames_per_call = frames_per_call
+        self.enable_grad = bool(enable_grad)
         self.fused = bool(fused)
         self.norm_kernel = norm_kernel
         self.memory_format = memory_format
@@ -322,10 +329,10 @@ class StreamingWanDecoder:
             calls.append((s, min(num_frames, s + step)))
         return calls
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """
-        Decodes the next latent frames of the stream.
+        Decodes the next latent frames of the stream (under `no_grad` unless the decoder was built with
+        `enable_grad=True`).
 
         Args:
             latents (`torch.Tensor` of shape `(batch_size, z_dim, num_frames, height, width)`): de-normalised latents
@@ -335,6 +342,13 @@ class StreamingWanDecoder:
             `torch.Tensor` of shape `(batch_size, 3, num_output_frames, 8·height, 8·width)`, clamped to [-1, 1], in
             the VAE's dtype and device.
         """
+        if not self.enable_grad:
+            with torch.no_grad():
+                return self._decode(latents)
+        self._feat_cache = [f.detach() if isinstance(f, torch.Tensor) else f for f in self._feat_cache]
+        return self._decode(latents)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.vae
         if latents.ndim != 5 or latents.shape[1] != vae.config.z_dim:
             raise ValueError(
@@ -375,7 +389,7 @@ class StreamingWanDecoder:
             from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
             out = unpatchify(out, patch_size=vae.config.patch_size)
-        return out.clamp_(-1.0, 1.0)
+        return out.clamp(-1.0, 1.0) if self.enable_grad else out.clamp_(-1.0, 1.0)
 
     def _move_cache(self, device) -> None:
         if self._steady is not None:
