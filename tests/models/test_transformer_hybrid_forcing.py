@@ -599,6 +599,35 @@ def test_cuda_graph_signature_follows_lora_state_and_scale():
     assert not cache.text_is_cached(text, weights_state=None) and not graphs.steady(3, text)
 
 
+def test_lora_layers_found_again_when_adapters_change():
+    """`_lora_state` walks the module tree once per set of adapters; adding, deleting or reloading one under the same
+    name must find the layers again (a stale list would keep a CUDA graph of the old adapters)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = _hybrid("hybrid")
+
+    def walked(text_only=False):
+        modules = model.modules() if not text_only else [
+            *model.condition_embedder.text_embedder.modules(),
+            *(p for b in model.blocks for p in (b.attn2.to_k, b.attn2.to_v))]
+        return [m for m in modules if isinstance(m, BaseTunerLayer)]
+
+    def config(targets):
+        return LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+
+    model.add_adapter(config(["to_q"]), adapter_name="a")
+    first = model._lora_state()
+    assert len(first) == len(walked()) > 0 and model._lora_state(text_only=True) == ()
+    assert model._lora_layers(False) is model._lora_layers(False)  # cached between passes
+    model.add_adapter(config(["attn2.to_k", "ffn.net.2"]), adapter_name="b")
+    assert model._lora_layers(False) == walked() and model._lora_layers(True) == walked(True) != []
+    assert len(model._lora_state()) > len(first)
+    model.delete_adapters("b")
+    model.add_adapter(config(["attn2.to_v"]), adapter_name="b")  # same names, other layers
+    assert model._lora_layers(False) == walked() and model._lora_layers(True) == walked(True) != []
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_write_pass_with_gradients_in_every_mode(mode):
     model = _hybrid(mode).train()

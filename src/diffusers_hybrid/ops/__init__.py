@@ -193,12 +193,9 @@ def block_sparse_attention_with_memory(
     """
     _check_kernel(kernel)
     check_key_length(key)
-    check_memory_query(query, query_raw, kmean_state, memory_denominator)
-    check_memory_state(query, query_raw, kv_state, kmean_state)
-    if state_is_projected and proj_weight is not None:
-        raise ValueError("`state_is_projected=True` takes `kv_state` with the projection folded in; pass no `proj_weight`.")
     if (kernel == "triton" and _use_triton("attention", query, block_size) and _use_triton("memory", query)
             and kv_state is not None):
+        # the fused op validates the memory arguments itself: checked once per call
         from .block_sparse_attention.triton_kernel import block_sparse_attention_with_memory_triton
 
         num_key_blocks = -(-key.shape[1] // block_size)
@@ -209,6 +206,10 @@ def block_sparse_attention_with_memory(
             pooled_key_prefix=pooled_key_prefix, state_is_projected=state_is_projected, pooled_blocks=pooled_blocks,
             memory_denominator=memory_denominator,
         )
+    check_memory_query(query, query_raw, kmean_state, memory_denominator)
+    check_memory_state(query, query_raw, kv_state, kmean_state)
+    if state_is_projected and proj_weight is not None:
+        raise ValueError("`state_is_projected=True` takes `kv_state` with the projection folded in; pass no `proj_weight`.")
     out = block_sparse_attention(query, key, value, topk_ratio=topk_ratio, block_size=block_size,
                                  key_centering=key_centering, scale=scale, pooled_key_prefix=pooled_key_prefix,
                                  pooled_blocks=pooled_blocks, kernel=kernel)
