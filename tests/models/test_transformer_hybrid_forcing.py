@@ -647,9 +647,13 @@ def test_dtype_casts_keep_float32_modules_and_rope_tables(tmp_path):
     wan_bf16 = WanTransformer3DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
     loaded = HybridForcingTransformer3DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16, **TINY_HYBRID)
     converted = HybridForcingTransformer3DModel.from_wan(wan_bf16, **TINY_HYBRID)  # dtype from the bf16 Wan
-    explicit = HybridForcingTransformer3DModel.from_wan(wan, torch_dtype=torch.bfloat16, **TINY_HYBRID)
+    explicit = HybridForcingTransformer3DModel.from_wan(wan, dtype=torch.bfloat16, **TINY_HYBRID)
+    old_name = HybridForcingTransformer3DModel.from_wan(wan, torch_dtype=torch.bfloat16, **TINY_HYBRID)
+    assert old_name.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="pass only `dtype`"):
+        HybridForcingTransformer3DModel.from_wan(wan, dtype=torch.bfloat16, torch_dtype=torch.float16, **TINY_HYBRID)
     original = HybridForcingTransformer3DModel.from_original_checkpoint(
-        _to_original(wan.state_dict()), attention_head_dim=12, torch_dtype=torch.bfloat16, **TINY_HYBRID
+        _to_original(wan.state_dict()), attention_head_dim=12, dtype=torch.bfloat16, **TINY_HYBRID
     )
     expected = {name: p.dtype for name, p in loaded.named_parameters()}
     assert expected["blocks.0.attn1.to_q.weight"] == torch.bfloat16

@@ -110,6 +110,13 @@ def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _resolve_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+    """`dtype`, or its older name `torch_dtype` (diffusers 0.42 takes both); giving two different ones is an error."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"Got `dtype={dtype}` and `torch_dtype={torch_dtype}`; pass only `dtype`.")
+    return dtype if dtype is not None else torch_dtype
+
+
 def _modulation(table: torch.Tensor, temb: torch.Tensor, num: int) -> list[torch.Tensor]:
     """`table` `(1, num, C)` + per-frame `temb` `(B, F', num, C)` -> `num` tensors `(B, F', 1, C)`, float32."""
     return list((table.unsqueeze(0) + temb.float()).chunk(num, dim=2))
@@ -450,8 +457,8 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
     # construction from other checkpoints
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_wan(cls, wan_model_or_path, subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
-                 **hybrid_config) -> "HybridForcingTransformer3DModel":
+    def from_wan(cls, wan_model_or_path, subfolder: str | None = None, dtype: torch.dtype | None = None,
+                 torch_dtype: torch.dtype | None = None, **hybrid_config) -> "HybridForcingTransformer3DModel":
         """
         Builds the model from a [`~diffusers.WanTransformer3DModel`] (an instance, or a path / repo id loadable by
         its `from_pretrained`), copying every Wan weight and explicitly zeroing the new `linear_proj` parameters.
@@ -459,10 +466,13 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
         Args:
             wan_model_or_path: the Wan transformer or where to load it from.
             subfolder (`str`, *optional*): e.g. `"transformer"` for a pipeline folder.
+            dtype (`torch.dtype`, *optional*): the weights' dtype (the modules Wan keeps in float32 stay so); defaults
+                to the Wan model's. `torch_dtype` is accepted as its older name, as diffusers' `from_pretrained` does.
             **hybrid_config: Hybrid Forcing config values (`attention_mode`, `sink_frames`, ...).
         """
         from diffusers import WanTransformer3DModel
 
+        dtype = _resolve_dtype(dtype, torch_dtype)
         if isinstance(wan_model_or_path, (str, os.PathLike)):
             kwargs = {"subfolder": subfolder} if subfolder else {}
             wan = WanTransformer3DModel.from_pretrained(wan_model_or_path, **kwargs)
@@ -477,7 +487,7 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
         model._load_checked(state_dict, allow_missing_new=True)
         # `wan.dtype` skips the modules Wan keeps in float32 (its first parameter is one of them)
         model = model.to(wan.device)
-        return cast_keeping_fp32_modules(model, torch_dtype if torch_dtype is not None else wan.dtype)
+        return cast_keeping_fp32_modules(model, dtype if dtype is not None else wan.dtype)
 
     def _load_checked(self, state_dict: dict[str, torch.Tensor], allow_missing_new: bool) -> None:
         """`load_state_dict` that raises on unknown keys and on missing keys other than the new parameters (which are
@@ -509,6 +519,7 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
         path_or_state_dict: str | os.PathLike | dict[str, torch.Tensor],
         config: dict[str, Any] | str | os.PathLike | None = None,
         use_ema: bool = False,
+        dtype: torch.dtype | None = None,
         torch_dtype: torch.dtype | None = None,
         **hybrid_config,
     ) -> "HybridForcingTransformer3DModel":
@@ -525,14 +536,17 @@ class HybridForcingTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin,
                 `attention_head_dim` is given).
             use_ema (`bool`, defaults to `False`): take `generator_ema` when the checkpoint holds both; the default
                 takes `generator` first, as the official inference does.
+            dtype (`torch.dtype`, *optional*): cast the weights (the float32 modules stay so); by default they keep
+                the checkpoint's dtype. `torch_dtype` is accepted as its older name.
             **hybrid_config: config overrides (`attention_mode`, ...).
         """
+        dtype = _resolve_dtype(dtype, torch_dtype)
         state_dict = cls._read_original_state_dict(path_or_state_dict, use_ema)
         state_dict = {_rename_original_key(k): v for k, v in state_dict.items()}
         base = cls._resolve_config(config, state_dict, hybrid_config.get("attention_head_dim", 128))
         model = cls.from_config({**base, **hybrid_config})
         model._load_checked(state_dict, allow_missing_new=True)
-        return model if torch_dtype is None else cast_keeping_fp32_modules(model, torch_dtype)
+        return model if dtype is None else cast_keeping_fp32_modules(model, dtype)
 
     @staticmethod
     def _read_original_state_dict(source, use_ema: bool) -> dict[str, torch.Tensor]:
