@@ -5,11 +5,19 @@
 
 Per VAE and per background colour of the domain, one real render ("a large red circle bouncing slowly to the right
 on a {colour} background", seed 0) is encoded and decoded whole; reported every `--every` frames: the 8-bit PSNR of
-the reconstruction and the palette background nearest to its median colour. Then the encoder alone: for each pair of
+the reconstruction and the palette background nearest to its median colour ("none" farther than the evaluation
+suite's tolerance). Then the encoder alone: for each pair of
 background colours, the mean absolute difference between the latents of the same scene on the two backgrounds, per
 latent frame, next to the latents' standard deviation. A VAE that codes a colour only in the first latent frame shows
 it twice: a pair whose later latents barely differ, and reconstructions that lose that colour past the decoder's
 reach (the shipped VAE: dark blue and brown turn dark green from frame ~39). Runs on a CPU in about a minute per VAE.
+
+    python benchmarks/shapes_vae_horizon.py VAE --pipeline pretrained/shapes/student --require-all-backgrounds
+
+`--pipeline DIR` also generates the same prompt on every background with a pipeline folder (a streaming student, seed
+0) and reports the nearest palette background of its frames alike: what a user of the model sees. With
+`--require-all-backgrounds` the script exits with status 1, naming each failure, unless every VAE and pipeline keeps
+every background right in every reported frame (a gate for `training/run_shapes_vae_fix.sh`).
 """
 
 import argparse
@@ -20,11 +28,18 @@ import numpy as np
 import torch
 
 from diffusers_hybrid.shapes import BACKGROUND_COLORS, SceneSpec, render_video
+from diffusers_hybrid.shapes.analysis import BACKGROUND_MATCH_THRESHOLD
+
+
+PROMPT = "a large red circle bouncing slowly to the right on a {} background"
 
 
 def _nearest_background(frame: np.ndarray) -> str:
+    """The palette background nearest to the frame's median colour; "none" past the suite's tolerance."""
     median = np.median(frame.reshape(-1, 3), axis=0)
-    return min(BACKGROUND_COLORS, key=lambda name: float(np.sum((np.array(BACKGROUND_COLORS[name]) - median) ** 2)))
+    distance = {name: float(np.linalg.norm(np.array(rgb) - median)) for name, rgb in BACKGROUND_COLORS.items()}
+    name = min(distance, key=distance.get)
+    return name if distance[name] <= BACKGROUND_MATCH_THRESHOLD else "none"
 
 
 @torch.no_grad()
@@ -35,7 +50,7 @@ def measure(vae_path: str, num_frames: int, every: int) -> dict:
     frames = list(range(0, num_frames, every))
     reconstruction, latents = {}, {}
     for background in BACKGROUND_COLORS:
-        spec = SceneSpec.from_prompt(f"a large red circle bouncing slowly to the right on a {background} background", 0)
+        spec = SceneSpec.from_prompt(PROMPT.format(background), 0)
         real = render_video(spec, num_frames)  # [T, H, W, 3] uint8
         x = real.float().permute(3, 0, 1, 2)[None] / 127.5 - 1
         z = vae.encode(x).latent_dist.mode()
@@ -60,32 +75,76 @@ def measure(vae_path: str, num_frames: int, every: int) -> dict:
             "latent_std": spread}
 
 
-def main(argv=None) -> None:
+@torch.no_grad()
+def measure_pipeline(path: str, num_frames: int, every: int, device: str) -> dict:
+    """The nearest palette background every `every` frames of a pipeline's video of `PROMPT` on each background."""
+    from diffusers_hybrid.shapes.evaluate import generate, load_pipeline
+
+    pipe = load_pipeline(path, device=device)
+    frames = list(range(0, num_frames, every))
+    backgrounds = list(BACKGROUND_COLORS)
+    videos = [generate(pipe, [PROMPT.format(b)], num_frames=num_frames, seed=0)[0] for b in backgrounds]
+    nearest = {b: [_nearest_background(np.asarray(video[t])) for t in frames] for b, video in zip(backgrounds, videos)}
+    return {"frames": frames, "nearest_background": nearest}
+
+
+def _wrong_backgrounds(frames: list[int], nearest: dict[str, list[str]]) -> dict[str, int]:
+    """Background -> the first reported frame whose nearest palette background is another one."""
+    wrong = {}
+    for background, names in nearest.items():
+        bad = [t for t, name in zip(frames, names) if name != background]
+        if bad:
+            wrong[background] = bad[0]
+    return wrong
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("vae", nargs="+", help="VAE folders (AutoencoderKLWan)")
     parser.add_argument("--frames", type=int, default=81, help="video length, 1 + 4k")
     parser.add_argument("--every", type=int, default=8, help="report every this many frames")
+    parser.add_argument("--pipeline", nargs="*", default=[], help="pipeline folders to generate with (students)")
+    parser.add_argument("--device", default="cpu", help="device of the pipelines' generation")
+    parser.add_argument("--require-all-backgrounds", action="store_true",
+                        help="exit with status 1 unless every background stays right in every reported frame")
     parser.add_argument("--out", default=None, help="JSON to write")
     a = parser.parse_args(argv)
     if a.frames < 5 or (a.frames - 1) % 4:
         parser.error(f"--frames must be 1 + 4k with k >= 1, got {a.frames}")
-    result = {"num_frames": a.frames, "vaes": {}}
+    result = {"num_frames": a.frames, "vaes": {}, "pipelines": {}}
+    failures = []
     for path in a.vae:
         r = measure(path, a.frames, a.every)
         result["vaes"][path] = r
         print(f"{path}: frames {r['frames']}")
+        wrong = _wrong_backgrounds(r["frames"], {b: rec["nearest_background"] for b, rec in r["reconstruction"].items()})
+        failures += [f"VAE {path}: {b} wrong from frame {t}" for b, t in wrong.items()]
         for background, rec in r["reconstruction"].items():
-            wrong = [t for t, name in zip(r["frames"], rec["nearest_background"]) if name != background]
             print(f"  {background:>10}: PSNR {min(rec['psnr']):.1f}-{max(rec['psnr']):.1f} dB; "
-                  f"{'wrong background from frame ' + str(wrong[0]) if wrong else 'background right throughout'}")
+                  + (f"wrong background from frame {wrong[background]}" if background in wrong
+                     else "background right throughout"))
         last = -1
         closest = sorted(r["latent_separation"].items(), key=lambda kv: kv[1][last])[:3]
         print("  closest background pairs in the last latent frame (mean |dz|; latent std "
               f"{r['latent_std'][last]:.3f}): " + ", ".join(f"{k} {v[last]:.3f} (frame 0: {v[0]:.3f})" for k, v in closest))
+    for path in a.pipeline:
+        r = measure_pipeline(path, a.frames, a.every, a.device)
+        result["pipelines"][path] = r
+        wrong = _wrong_backgrounds(r["frames"], r["nearest_background"])
+        failures += [f"pipeline {path}: {b} wrong from frame {t}" for b, t in wrong.items()]
+        print(f"{path} (generated, seed 0): frames {r['frames']}")
+        for background, names in r["nearest_background"].items():
+            print(f"  {background:>10}: " + (f"wrong background from frame {wrong[background]} ({names})"
+                                             if background in wrong else "background right throughout"))
+    result["failures"] = failures
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)
+    if a.require_all_backgrounds and failures:
+        print("not every background stays right:\n  " + "\n  ".join(failures))
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

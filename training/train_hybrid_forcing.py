@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", type=str, default=None)
     g.add_argument("--final_output_dir", type=str, default=None, help="Default: OUTPUT_DIR/final.")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--checkpointing_steps", type=int, default=100)
+    g.add_argument("--checkpointing_steps", type=int, default=100,
+                   help="Save a checkpoint every this many steps; 0: only the last step's (always saved).")
     g.add_argument("--checkpoints_total_limit", type=int, default=None)
     g.add_argument("--resume_from_checkpoint", type=str, default=None, help='A checkpoint folder or "latest".')
     g.add_argument("--save_dtype", type=str, default=None, choices=[None, "fp32", "bf16", "fp16"],
@@ -607,6 +608,9 @@ def preflight(args) -> Preflight:
         raise TrainingSetupError("--train_batch_size must be >= 1.")
     if args.dfake_gen_update_ratio < 1:
         raise TrainingSetupError("--dfake_gen_update_ratio must be >= 1.")
+    if args.checkpointing_steps < 0:
+        raise TrainingSetupError(f"--checkpointing_steps must be >= 0 (0: only the last step's), got "
+                                 f"{args.checkpointing_steps}.")
     if args.report_to == "wandb" and args.hub_token is not None:
         raise TrainingSetupError("Do not pass --hub_token together with --report_to=wandb (token leak); use "
                                  "`huggingface-cli login`.")
@@ -1803,7 +1807,8 @@ class Trainer:
             if acc.is_main_process:
                 with open(self.log_path(), "a") as f:
                     f.write(json.dumps({"step": global_step, **logs}) + "\n")
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            if (args.checkpointing_steps and global_step % args.checkpointing_steps == 0
+                    or global_step == args.max_train_steps):
                 self.save_checkpoint(global_step)
             if (args.validation_steps and global_step % args.validation_steps == 0
                     and global_step != args.max_train_steps):

@@ -76,6 +76,22 @@ def test_wrong_colour_is_caught_by_object_color(real_scores):
     assert s["background_color"] == 0.0
 
 
+def test_off_palette_background_is_caught_by_background_color():
+    """A background far from every palette colour is wrong even where the caption's colour is its nearest one: the
+    shipped student's first chunk of "gray" is a bright green (74, 197, 77) that is nearer gray than dark green."""
+    prompt = ONE.replace("dark blue", "gray")
+    video = render(prompt)
+    background = (video == np.array([110, 110, 110], dtype=np.uint8)).all(-1)
+    green = video.copy()
+    green[background] = (74, 197, 77)
+    s = score_video(green, prompt)
+    assert s["scores"]["background_color"] == 0.0 and s["measurements"]["background"] == ["none"]
+    assert score_video(video, prompt)["scores"]["background_color"] >= 0.95
+    tinted = video.copy()  # within the tolerance: still gray
+    tinted[background] = (100, 122, 98)
+    assert score_video(tinted, prompt)["scores"]["background_color"] >= 0.95
+
+
 def test_frozen_object_is_caught_by_speed_and_direction(real_scores):
     video = render(ONE)
     frozen = np.repeat(video[:1], T, axis=0)

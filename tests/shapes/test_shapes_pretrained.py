@@ -196,7 +196,8 @@ def test_vae_horizon_benchmark_on_the_shipped_vae(shipped, repo_root, tmp_path):
     spec.loader.exec_module(module)
     out = tmp_path / "horizon.json"
     vae = os.path.join(shipped, "teacher", "vae")
-    module.main([vae, "--frames", "13", "--every", "4", "--out", str(out)])
+    assert module.main([vae, "--frames", "13", "--every", "4", "--out", str(out), "--require-all-backgrounds"]) == 0
+    assert json.loads(out.read_text())["failures"] == []
     result = json.loads(out.read_text())["vaes"][vae]
     assert result["frames"] == [0, 4, 8, 12] and len(result["reconstruction"]) == 6
     for background, rec in result["reconstruction"].items():
@@ -207,3 +208,36 @@ def test_vae_horizon_benchmark_on_the_shipped_vae(shipped, repo_root, tmp_path):
     assert closest == "dark blue / dark green" and separation[closest][-1] < separation[closest][0] / 4
     with pytest.raises(SystemExit):
         module.main([vae, "--frames", "12"])
+
+    # the gate: one background lost at one reported frame fails it, naming the background and the frame
+    def measured(path, num_frames, every):
+        lost = {**result, "reconstruction": {**result["reconstruction"]}}
+        lost["reconstruction"]["brown"] = {**result["reconstruction"]["brown"],
+                                           "nearest_background": ["brown", "brown", "dark green", "none"]}
+        return lost
+
+    module.measure = measured
+    assert module.main([vae, "--frames", "13", "--every", "4", "--out", str(out)]) == 0  # reported only
+    assert module.main([vae, "--frames", "13", "--every", "4", "--out", str(out), "--require-all-backgrounds"]) == 1
+    assert json.loads(out.read_text())["failures"] == [f"VAE {vae}: brown wrong from frame 8"]
+
+
+def test_vae_fix_chain_refuses_missing_inputs_and_unknown_stages(repo_root, tmp_path):
+    """`training/run_shapes_vae_fix.sh`: a stage whose inputs an earlier stage makes says which stage to run first."""
+    import subprocess
+
+    script = os.path.join(repo_root, "training", "run_shapes_vae_fix.sh")
+
+    def run(stages):
+        env = {**os.environ, "STAGES": stages}
+        return subprocess.run(["bash", script, str(tmp_path / "out")], env=env, capture_output=True, text=True)
+
+    for stage, earlier in (("check", "vae"), ("teacher", "vae"), ("student", "teacher"), ("eval", "student")):
+        proc = run(stage)
+        assert proc.returncode == 2 and f"run stage {earlier} first" in proc.stderr, (stage, proc.stderr)
+    proc = run("pack")
+    assert proc.returncode == 2 and "nothing to pack" in proc.stderr
+    proc = run("vea")
+    assert proc.returncode == 2 and "unknown stage 'vea'" in proc.stderr
+    proc = subprocess.run(["bash", script], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage" in proc.stderr

@@ -2,7 +2,8 @@
 """Frame analysis: background colour and texture, object detections with colour, shape, size and position.
 
 Plain image analysis, no learning: the domain is rendered by `domain.py`, so its truth is simple to read back.
-- background: per-frame median colour -> nearest background palette colour; texture: correlation of the residual
+- background: per-frame median colour -> nearest background palette colour (none if farther than
+  `BACKGROUND_MATCH_THRESHOLD`); texture: correlation of the residual
   with the renderer's (fixed) checker pattern;
 - objects: each pixel goes to the nearest palette colour among the frame's background model and the 8 object
   colours (within a distance threshold), or to the "unknown" colour if it is far from the background but no object
@@ -51,6 +52,10 @@ TEXTURE_THRESHOLD = CHECKER_AMPLITUDE / 2  # checker amplitude above which the b
 # A pixel farther than this (RGB units) from the background model, and not an object pixel, is of an "unknown" colour:
 # salient blobs of such pixels are objects in a colour outside the palette (a generator's pink or grey object).
 UNKNOWN_THRESHOLD = 60.0
+# A background farther than this from every palette background is none of them (a bright green for "gray"), however
+# close the nearest one is: the same tolerance as for unknown-colour pixels. A global brightness change of +-25
+# (34-43 units) stays within it; the palette's two closest backgrounds are 80 units apart.
+BACKGROUND_MATCH_THRESHOLD = UNKNOWN_THRESHOLD
 # A pixel within this RGB distance of the segment between the background and an object colour, next to an object of
 # that colour, is that object's soft edge (anti-aliasing, blur), not of an unknown colour.
 MIX_TOLERANCE = 40.0
@@ -86,7 +91,7 @@ class VideoAnalysis:
 
     height: int
     width: int
-    bg_index: np.ndarray  # [T] index into BG_NAMES
+    bg_index: np.ndarray  # [T] index into BG_NAMES; -1: no palette background (see BACKGROUND_MATCH_THRESHOLD)
     bg_rgb: np.ndarray  # [T, 3]
     texture_amplitude: np.ndarray  # [T]
     # Detections, one row per object-like component kept (see `_select`): columns of `DET_COLUMNS`.
@@ -407,7 +412,8 @@ def _background(video: torch.Tensor):
     dark = flat[:, sign < 0].median(dim=1).values
     bg_rgb = (light + dark) / 2
     amp = ((light - dark).mean(-1) / 2).clamp(min=0)
-    bg_index = torch.cdist(bg_rgb, BG_PALETTE.to(video.device)).argmin(1)
+    distance, bg_index = torch.cdist(bg_rgb, BG_PALETTE.to(video.device)).min(1)
+    bg_index = torch.where(distance <= BACKGROUND_MATCH_THRESHOLD, bg_index, -1)
     model = bg_rgb.view(t, 1, 1, 3) + (amp.view(t, 1) * sign).view(t, h, w, 1)
     return bg_index, bg_rgb, amp, model
 

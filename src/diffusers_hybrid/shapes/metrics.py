@@ -4,7 +4,8 @@
 Every score is in [0, 1], higher is better:
 
 prompt adherence (from `analysis.py`):
-- `background_color`, `background_texture`: fraction of frames whose background matches the caption;
+- `background_color`, `background_texture`: fraction of frames whose background matches the caption (a background
+  farther than `BACKGROUND_MATCH_THRESHOLD` from every palette background matches none);
 - `object_color`: fraction of (frame, object) pairs where an object of the caption's colour is seen;
 - `shape`, `size`: fraction of (frame, object) pairs with the right shape / size (a missing object counts as wrong);
 - `count`: fraction of frames with exactly the caption's number of objects (unknown-colour blobs included);
@@ -455,8 +456,9 @@ def score_video(
         if has.any():
             coverage[name] = float(weights[has].sum() / frames_w[has].sum())
     measurements = {
-        "background": [
-            BG_NAMES[i] for i in np.bincount(analysis.bg_index, minlength=len(BG_NAMES)).argsort()[::-1][:1]
+        "background": [  # the most frequent palette background, "none" for frames that match none
+            (BG_NAMES + ["none"])[i]
+            for i in np.bincount(analysis.bg_index % (len(BG_NAMES) + 1), minlength=len(BG_NAMES) + 1).argsort()[::-1][:1]
         ],
         "texture_amplitude": float(np.median(analysis.texture_amplitude)),
         "flicker_mad": float(flicker_mad.mean()) if len(flicker_mad) else 0.0,
