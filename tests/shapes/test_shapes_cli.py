@@ -31,6 +31,17 @@ def test_negative_seed_is_a_clear_usage_error(argv, capsys):
     assert "invalid seed" in err and argv[argv.index("--seed") + 1] in err
 
 
+@pytest.mark.parametrize("command", [["prompts"], ["evaluate"], ["render", "--prompt", PROMPT, "--out", "x.npy"]])
+def test_unknown_split_is_a_clear_usage_error(command, capsys):
+    from diffusers_hybrid.shapes import __main__ as cli
+    from diffusers_hybrid.shapes.domain import SPLITS
+
+    assert cli._SPLITS == SPLITS  # the CLI's copy (kept to start without torch) follows the domain's
+    with pytest.raises(SystemExit) as e:
+        main(command + ["--split", "held-out"])
+    assert e.value.code == 2 and "invalid choice: 'held-out'" in capsys.readouterr().err
+
+
 def test_negative_seed_is_a_clear_value_error():
     with pytest.raises(ValueError, match="non-negative integer, got -1"):
         SceneSpec.from_prompt(PROMPT, -1)

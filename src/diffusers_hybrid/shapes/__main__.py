@@ -17,6 +17,8 @@ import json
 import os
 import sys
 
+_SPLITS = ("train", "heldout")  # domain.SPLITS, not imported here: `--help` should not wait for torch
+
 
 def _seed(text: str) -> int:
     """argparse type of a --seed: a non-negative integer (numpy's and the renderer's seeds cannot be negative)."""
@@ -227,7 +229,7 @@ def main(argv=None):
     r.add_argument("--height", type=int, default=128)
     r.add_argument("--width", type=int, default=128)
     r.add_argument("--start-frame", type=int, default=0)
-    r.add_argument("--split", type=str, default="train", help="for a random prompt")
+    r.add_argument("--split", type=str, default="train", choices=_SPLITS, help="for a random prompt")
     r.add_argument("--out", type=str, required=True)
     r.set_defaults(fn=cmd_render)
 
@@ -261,7 +263,7 @@ def main(argv=None):
     g.set_defaults(fn=cmd_generate)
 
     q = sub.add_parser("prompts", help="print captions of a split")
-    q.add_argument("--split", type=str, default="heldout")
+    q.add_argument("--split", type=str, default="heldout", choices=_SPLITS)
     q.add_argument("--num", type=int, default=10)
     q.add_argument("--seed", type=_seed, default=0)
     q.set_defaults(fn=cmd_prompts)
@@ -292,25 +294,30 @@ def main(argv=None):
     c.add_argument("--heldout-clips", type=int, default=256, help="held-out clips that measure the accuracy per head")
     c.set_defaults(fn=cmd_train_classifier)
 
-    e = sub.add_parser("evaluate", help="held-out evaluation of a WanPipeline folder")
-    e.add_argument("--pipeline", type=str, default=_pretrained("teacher"))
-    e.add_argument("--split", type=str, default="heldout")
-    e.add_argument("--num-prompts", type=int, default=64)
-    e.add_argument("--frames", type=int, default=33)
-    e.add_argument("--resolution", type=int, default=128)
+    e = sub.add_parser("evaluate", help="held-out evaluation of a pipeline folder (a WanPipeline teacher or a student)")
+    e.add_argument("--pipeline", type=str, default=_pretrained("teacher"),
+                   help="a local WanPipeline or StreamingHybridPipeline folder (default: the shipped teacher)")
+    e.add_argument("--split", type=str, default="heldout", choices=_SPLITS,
+                   help="prompts of attribute combinations seen in training, or never seen (default)")
+    e.add_argument("--num-prompts", type=int, default=64, help="one video per prompt (prompt seed 2024)")
+    e.add_argument("--frames", type=int, default=33, help="video frames, 1 + 4k (a student: whole chunks)")
+    e.add_argument("--resolution", type=int, default=128, help="square side in pixels, a multiple of 16 in [128, 256]")
     e.add_argument("--steps", type=int, default=None, help="WanPipeline sampling steps (default 50; a student: ignored)")
     e.add_argument(
         "--guidance-scale", type=float, default=None, help="WanPipeline guidance (default 5.0; a student: ignored)"
     )
     e.add_argument("--flow-shift", type=float, default=None, help="sampling shift of a WanPipeline (default: its own)")
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--dtype", type=str, default="fp32", choices=["fp32", "bf16", "fp16"])
-    e.add_argument("--classifier", type=str, default=None)
-    e.add_argument("--save-videos", type=str, default=None)
-    e.add_argument("--device", type=str, default=None)
-    e.add_argument("--seed", type=_seed, default=0)
-    e.add_argument("--no-baselines", action="store_true")
-    e.add_argument("--out", type=str, default=None)
+    e.add_argument("--batch-size", type=int, default=16, help="videos generated at a time")
+    e.add_argument("--dtype", type=str, default="fp32", choices=["fp32", "bf16", "fp16"], help="the pipeline's dtype")
+    e.add_argument("--classifier", type=str, default=None,
+                   help="the suite's classifier folder, for classifier adherence and FD (default: the shipped one; "
+                        "without one those metrics are left out)")
+    e.add_argument("--save-videos", type=str, default=None, help="a folder to write the first 8 videos to (mp4; gif without ffmpeg)")
+    e.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
+    e.add_argument("--seed", type=_seed, default=0, help="noise seed of the first video (seed + index for the others)")
+    e.add_argument("--no-baselines", action="store_true",
+                   help="skip scoring the real renders and the VAE's reconstructions of them")
+    e.add_argument("--out", type=str, default=None, help="also write the full report (per video) to this JSON")
     e.set_defaults(fn=cmd_evaluate)
 
     k = sub.add_parser("selfcheck", help="score real renders (the suite's own check), optionally VAE reconstructions")
