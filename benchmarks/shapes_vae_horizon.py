@@ -5,8 +5,8 @@
 
 Per VAE and per background colour of the domain, one real render ("a large red circle bouncing slowly to the right
 on a {colour} background", seed 0) is encoded and decoded whole; reported every `--every` frames: the 8-bit PSNR of
-the reconstruction and the palette background nearest to its median colour ("none" farther than the evaluation
-suite's tolerance). Then the encoder alone: for each pair of
+the reconstruction and the background the evaluation suite reads in it (`analysis.background_names`: the nearest
+palette colour, "none" past the suite's tolerance). Then the encoder alone: for each pair of
 background colours, the mean absolute difference between the latents of the same scene on the two backgrounds, per
 latent frame, next to the latents' standard deviation. A VAE that codes a colour only in the first latent frame shows
 it twice: a pair whose later latents barely differ, and reconstructions that lose that colour past the decoder's
@@ -15,7 +15,7 @@ reach (the shipped VAE: dark blue and brown turn dark green from frame ~39). Run
     python benchmarks/shapes_vae_horizon.py VAE --pipeline pretrained/shapes/student --require-all-backgrounds
 
 `--pipeline DIR` also generates the same prompt on every background with a pipeline folder (a streaming student, seed
-0) and reports the nearest palette background of its frames alike: what a user of the model sees. With
+0) and reports the backgrounds the suite reads in its frames alike: what a user of the model sees. With
 `--require-all-backgrounds` the script exits with status 1, naming each failure, unless every VAE and pipeline keeps
 every background right in every reported frame (a gate for `training/run_shapes_vae_fix.sh`).
 """
@@ -28,18 +28,10 @@ import numpy as np
 import torch
 
 from diffusers_hybrid.shapes import BACKGROUND_COLORS, SceneSpec, render_video
-from diffusers_hybrid.shapes.analysis import BACKGROUND_MATCH_THRESHOLD
+from diffusers_hybrid.shapes.analysis import background_names
 
 
 PROMPT = "a large red circle bouncing slowly to the right on a {} background"
-
-
-def _nearest_background(frame: np.ndarray) -> str:
-    """The palette background nearest to the frame's median colour; "none" past the suite's tolerance."""
-    median = np.median(frame.reshape(-1, 3), axis=0)
-    distance = {name: float(np.linalg.norm(np.array(rgb) - median)) for name, rgb in BACKGROUND_COLORS.items()}
-    name = min(distance, key=distance.get)
-    return name if distance[name] <= BACKGROUND_MATCH_THRESHOLD else "none"
 
 
 @torch.no_grad()
@@ -62,7 +54,7 @@ def measure(vae_path: str, num_frames: int, every: int) -> dict:
         psnr = 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
         reconstruction[background] = {
             "psnr": [round(float(psnr[t]), 2) for t in frames],
-            "nearest_background": [_nearest_background(recon[t]) for t in frames],
+            "nearest_background": background_names(recon[frames]),
         }
     separation = {
         f"{a} / {b}": [round(float((latents[a][:, f] - latents[b][:, f]).abs().mean()), 4)
@@ -77,19 +69,19 @@ def measure(vae_path: str, num_frames: int, every: int) -> dict:
 
 @torch.no_grad()
 def measure_pipeline(path: str, num_frames: int, every: int, device: str) -> dict:
-    """The nearest palette background every `every` frames of a pipeline's video of `PROMPT` on each background."""
+    """The background the suite reads every `every` frames of a pipeline's video of `PROMPT` on each background."""
     from diffusers_hybrid.shapes.evaluate import generate, load_pipeline
 
     pipe = load_pipeline(path, device=device)
     frames = list(range(0, num_frames, every))
     backgrounds = list(BACKGROUND_COLORS)
     videos = [generate(pipe, [PROMPT.format(b)], num_frames=num_frames, seed=0)[0] for b in backgrounds]
-    nearest = {b: [_nearest_background(np.asarray(video[t])) for t in frames] for b, video in zip(backgrounds, videos)}
+    nearest = {b: background_names(np.asarray(video)[frames]) for b, video in zip(backgrounds, videos)}
     return {"frames": frames, "nearest_background": nearest}
 
 
 def _wrong_backgrounds(frames: list[int], nearest: dict[str, list[str]]) -> dict[str, int]:
-    """Background -> the first reported frame whose nearest palette background is another one."""
+    """Background -> the first reported frame where the suite reads another one (or none)."""
     wrong = {}
     for background, names in nearest.items():
         bad = [t for t, name in zip(frames, names) if name != background]

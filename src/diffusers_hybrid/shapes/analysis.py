@@ -400,6 +400,16 @@ def _shape_templates(side: int) -> tuple[np.ndarray, np.ndarray]:
     return means, np.sqrt((residuals**2).mean(0)) + 0.01
 
 
+NO_BACKGROUND = "none"  # the name of a frame whose background matches no palette background
+
+
+def background_names(video: np.ndarray | torch.Tensor) -> list[str]:
+    """The palette background the suite reads in each frame of `video` `[T, H, W, 3]` (0..255), or `NO_BACKGROUND`
+    farther than `BACKGROUND_MATCH_THRESHOLD` from every one."""
+    frames = torch.as_tensor(np.asarray(video), dtype=torch.float32)
+    return [BG_NAMES[i] if i >= 0 else NO_BACKGROUND for i in _background(frames)[0].tolist()]
+
+
 def _background(video: torch.Tensor):
     """video float [T, H, W, 3] (0..255) -> bg_index [T], bg_rgb [T, 3], texture amplitude [T], bg model [T,H,W,3].
 

@@ -38,6 +38,7 @@ window's group means.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 
@@ -46,6 +47,7 @@ from .analysis import (
     CHUNK_FRAMES,
     COL,
     COLOR_NAMES,
+    NO_BACKGROUND,
     TEXTURE_THRESHOLD,
     analyze_video,
     size_of,
@@ -456,9 +458,8 @@ def score_video(
         if has.any():
             coverage[name] = float(weights[has].sum() / frames_w[has].sum())
     measurements = {
-        "background": [  # the most frequent palette background, "none" for frames that match none
-            (BG_NAMES + ["none"])[i]
-            for i in np.bincount(analysis.bg_index % (len(BG_NAMES) + 1), minlength=len(BG_NAMES) + 1).argsort()[::-1][:1]
+        "background": [  # the most frequent palette background (NO_BACKGROUND: frames that match none)
+            Counter(BG_NAMES[i] if i >= 0 else NO_BACKGROUND for i in analysis.bg_index).most_common(1)[0][0]
         ],
         "texture_amplitude": float(np.median(analysis.texture_amplitude)),
         "flicker_mad": float(flicker_mad.mean()) if len(flicker_mad) else 0.0,
